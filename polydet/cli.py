@@ -1,0 +1,175 @@
+"""The ``polydet`` command line: thin wrappers over the stage functions (one code path).
+
+Each subcommand parses its arguments, loads ``params.yaml`` (``--params``, ``--set
+section.key=value`` overrides) and calls one library function. Data and configuration
+problems end with a one-line error naming the file (and line), exit code 2, no traceback.
+Imports are lazy so that ``polydet --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from polydet.config import Config, load_config
+from polydet.errors import PolydetError
+
+
+class UserError(PolydetError):
+    """A problem with the command line's options."""
+
+
+def _cfg(args: argparse.Namespace) -> Config:
+    return load_config(args.params, args.set)
+
+
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# --- subcommands -------------------------------------------------------------------------
+# Each _cmd_* is owned by the module it calls; keep them a few lines long.
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    from polydet.data.synth import generate
+
+    cfg = _cfg(args)
+    out = generate(cfg.synth, Path(args.out) if args.out else None)
+    print(f"synthetic dataset written to {out}")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from polydet.data.prepare import prepare
+
+    summary = prepare(_cfg(args))
+    _print_json(summary)
+
+
+def _cmd_anchors(args: argparse.Namespace) -> None:
+    from polydet.anchors import configure_anchors
+
+    _print_json(configure_anchors(_cfg(args)))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from polydet.engine import train
+
+    result = train(_cfg(args), resume=args.resume)
+    _print_json(result)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from polydet import evaluate
+
+    if args.format:
+        if not (args.detections and args.annotations):
+            raise UserError("--format dota needs --detections DIR and --annotations DIR")
+        classes = args.classes.split(",") if args.classes else None
+        result = evaluate.evaluate_dota_dirs(
+            Path(args.detections), Path(args.annotations), classes=classes,
+            iou_threshold=args.iou_threshold,
+        )
+        _print_json(result)
+        return
+    _print_json(evaluate.evaluate_model(_cfg(args), model=args.model))
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from polydet.predict import predict_paths
+
+    cfg = _cfg(args)
+    result = predict_paths(
+        cfg, Path(args.input), model=args.model, out_dir=Path(args.out),
+        score_thresh=args.score_thresh,
+    )
+    _print_json(result)
+
+
+def _cmd_debug(args: argparse.Namespace) -> None:
+    from polydet.debug import debug_report
+
+    _print_json(debug_report(_cfg(args), model=args.model))
+
+
+def _cmd_promote(args: argparse.Namespace) -> None:
+    from polydet.tracking import promote
+
+    _print_json(promote(_cfg(args), version=args.version, reason=args.reason))
+
+
+def _cmd_rollback(args: argparse.Namespace) -> None:
+    from polydet.tracking import rollback
+
+    _print_json(rollback(_cfg(args), reason=args.reason))
+
+
+def _cmd_pipeline(args: argparse.Namespace) -> None:
+    from flows.pipeline import polydet_pipeline
+
+    _print_json(polydet_pipeline(params=args.params, overrides=list(args.set)))
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polydet", description="Two-stage quadrilateral (polybox) object detection."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("--params", default="params.yaml", help="settings file (params.yaml)")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            help="override one setting (repeatable), e.g. --set train.lr=0.01",
+        )
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("synth", _cmd_synth, "write the synthetic dataset (DOTA format) from params.synth")
+    p.add_argument("--out", help="output directory (default: synth.out)")
+    add("prepare", _cmd_prepare, "read, validate, tile and split the raw dataset")
+    add("anchors", _cmd_anchors, "fit anchor sizes/ratios to the data; coverage report")
+    p = add("train", _cmd_train, "train the detector (CUDA if present, else CPU)")
+    p.add_argument("--resume", help="checkpoint to resume from ('last' = train.out's last)")
+    p = add("evaluate", _cmd_evaluate, "polygon-IoU mAP of a model or of DOTA Task1 files")
+    p.add_argument("--model", help="model file or MLflow models:/ URI (default: train.out)")
+    p.add_argument("--format", choices=["dota"], help="evaluate result files of any detector")
+    p.add_argument("--detections", help="directory of Task1_<class>.txt files")
+    p.add_argument("--annotations", help="directory of DOTA labelTxt files")
+    p.add_argument("--classes", help="comma-separated classes (default: those found)")
+    p.add_argument("--iou-threshold", type=float, default=0.5)
+    p = add("predict", _cmd_predict, "detect polyboxes in an image or a directory of images")
+    p.add_argument("input", help="an image file or a directory of images")
+    p.add_argument("--model", required=True, help="model file or models:/NAME@ALIAS URI")
+    p.add_argument("--out", default="outputs/predict", help="output directory")
+    p.add_argument("--score-thresh", type=float, default=0.3)
+    p = add("debug", _cmd_debug, "loss / matching / IoU debugging report for a model")
+    p.add_argument("--model", help="model file (default: train.out)")
+    p = add("promote", _cmd_promote, "give a registered model version the champion alias")
+    p.add_argument("version", help="model version number")
+    p.add_argument("--reason", default="promoted by hand")
+    p = add("rollback", _cmd_rollback, "give champion back to the previous champion")
+    p.add_argument("--reason", default="rolled back by hand")
+    add("pipeline", _cmd_pipeline, "run the whole Prefect pipeline once")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PolydetError as e:
+        print(f"polydet {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

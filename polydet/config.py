@@ -1,0 +1,336 @@
+"""Typed, strict, frozen configuration loaded from ``params.yaml``.
+
+One frozen dataclass per pipeline stage (``cfg.data``, ``cfg.synth``, ``cfg.anchors``,
+``cfg.model``, ``cfg.train``, ``cfg.evaluate``, ``cfg.debug``, ``cfg.tracking``). Every key
+is required and no unknown key is accepted: an error names the dotted key and the file.
+Lists become tuples (frozen all the way down). ``overrides`` (``"train.lr=0.01"``, the value
+parsed as YAML) serve the command line and the tests; nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from polydet.errors import PolydetError
+
+
+class ConfigError(PolydetError, ValueError):
+    """A configuration file or override that does not fit the schema."""
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    train: float
+    val: float
+    test: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    enabled: bool
+    size: int  # tile side in pixels
+    overlap: int  # pixels shared by neighbouring tiles
+    min_visible: float  # keep an object cut by a tile edge if this share of its area is inside
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    format: Literal["dota", "yolo_obb", "coco", "icdar15"]
+    root: str  # raw dataset, tracked by data.dvc
+    classes: tuple[str, ...]  # label i+1 is classes[i]; 0 is background
+    on_error: Literal["stop", "skip"]  # policy for bad records on import
+    split: SplitConfig
+    tile: TileConfig
+    out: str  # prepared dataset directory
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    out: str
+    num_images: int
+    image_width: int
+    image_height: int
+    min_objects: int
+    max_objects: int
+    empty_fraction: float  # share of images with no object at all
+    scale_range: tuple[float, float]  # object size as a share of the image's shorter side
+    max_aspect: float
+    perspective: float  # 0 = parallelograms only, 1 = strong perspective warps
+    occlusion: float  # probability that a clutter patch is drawn over an object
+    truncation: float  # probability that an object is allowed to cross the border
+    classes: tuple[str, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class AnchorsConfig:
+    fit: bool  # fit sizes/ratios to the data (else use the values below as they are)
+    sizes: tuple[tuple[int, ...], ...]  # per FPN level
+    aspect_ratios: tuple[float, ...]  # h / w, shared by all levels
+    num_ratios: int  # how many ratios the fit chooses
+    out: str
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    pre_nms_top_n_train: int
+    post_nms_top_n_train: int
+    pre_nms_top_n_test: int
+    post_nms_top_n_test: int
+    nms_thresh: float
+    fg_iou_thresh: float
+    bg_iou_thresh: float
+    batch_size_per_image: int
+    positive_fraction: float
+    score_thresh: float
+
+
+@dataclass(frozen=True)
+class RoIConfig:
+    representation_size: int
+    batch_size_per_image: int
+    positive_fraction: float
+    fg_iou_thresh: float
+    bg_iou_thresh: float
+    score_thresh: float
+    nms_thresh: float
+    detections_per_img: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: Literal["resnet18_fpn", "resnet50_fpn", "mobilenet_v3_fpn"]
+    weights: str | None  # None = from scratch; a torchvision weights name or a file path
+    trainable_layers: int
+    fpn_channels: int
+    num_classes: int  # including background
+    min_size: int
+    max_size: int
+    anchor_sizes: tuple[tuple[int, ...], ...]  # used when no anchors file is given
+    aspect_ratios: tuple[float, ...]
+    coder_weights: tuple[float, ...]  # 10 per-term weights of PolyBoxCoder
+    rpn: RPNConfig
+    roi: RoIConfig
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    hflip: float
+    vflip: float
+    rot90: float
+    color_jitter: float
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    device: str  # "auto", "cpu", "cuda", "cuda:1"
+    amp: bool  # mixed precision on CUDA
+    epochs: int
+    max_steps: int  # 0 = no cap
+    batch_size: int
+    num_workers: int
+    optimizer: Literal["sgd", "adamw"]
+    lr: float
+    momentum: float
+    weight_decay: float
+    warmup_steps: int
+    schedule: Literal["cosine", "step", "constant"]
+    step_milestones: tuple[int, ...]
+    step_gamma: float
+    grad_clip: float  # 0 = off
+    checkpoint_every: int  # steps; 0 = only at the end
+    seed: int
+    augment: AugmentConfig
+    out: str
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    split: Literal["train", "val", "test"]
+    iou_threshold: float
+    out: str
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    split: Literal["train", "val", "test"]
+    num_images: int
+    top_n_proposals: int
+    out: str
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment: str
+    model_name: str
+    promote_margin: float  # champion replaced only if test AP50 beats it by this much
+    default_uri: str  # used when MLFLOW_TRACKING_URI is not set
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig
+    synth: SynthConfig
+    anchors: AnchorsConfig
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    debug: DebugConfig
+    tracking: TrackingConfig
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    """Check/convert a YAML value to the annotated type ``tp``; errors name ``key``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+        return tuple(_convert(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def _build(cls: type, raw: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + '.' if prefix else ''}{unknown[0]}")
+    kwargs = {}
+    for name in names:
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in raw:
+            raise ConfigError(f"missing key {key}")
+        kwargs[name] = _convert(hints[name], raw[name], key)
+    return cls(**kwargs)
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    dotted, text = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            raise ConfigError(f"unknown key {dotted}")
+        node = node[p]
+    if parts[-1] not in node:
+        raise ConfigError(f"unknown key {dotted}")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def config_from_dict(raw: dict, overrides: typing.Iterable[str] = ()) -> Config:
+    """Build a :class:`Config` from a plain mapping (a parsed ``params.yaml``)."""
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types only
+    for item in overrides:
+        _apply_override(raw, item)
+    cfg = _build(Config, raw, "")
+    _cross_check(cfg)
+    return cfg
+
+
+def _cross_check(cfg: Config) -> None:
+    if cfg.model.num_classes != len(cfg.data.classes) + 1:
+        raise ConfigError(
+            f"model.num_classes is {cfg.model.num_classes} but data.classes has "
+            f"{len(cfg.data.classes)} classes (+1 for background = {len(cfg.data.classes) + 1})"
+        )
+    if len(cfg.model.coder_weights) != 10:
+        raise ConfigError("model.coder_weights: expected 10 weights, one per polybox term")
+    s = cfg.data.split
+    if abs(s.train + s.val + s.test - 1.0) > 1e-6:
+        raise ConfigError("data.split: train + val + test must be 1")
+
+
+def load_config(path: str | Path = "params.yaml", overrides: typing.Iterable[str] = ()) -> Config:
+    """Load and validate ``params.yaml``; a bad file raises :class:`ConfigError` naming it."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return config_from_dict(raw, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict (lists for tuples) of a config or section, e.g. for checkpoints."""
+    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def flatten(cfg: Any) -> dict[str, Any]:
+    """``{"train.lr": 0.01, ...}``: the config as flat dotted keys (for MLflow params)."""
+    return flatten_dict(to_dict(cfg))
+
+
+def flatten_dict(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested mapping into dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
