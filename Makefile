@@ -26,6 +26,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The whole pipeline on the embedded default (synthetic data, CPU, SQLite MLflow in mlruns/,
+# ephemeral Prefect); ends by printing where to look.
 demo: $(STAMP)
 	$(BIN)/python -m flows.pipeline
 
@@ -40,8 +42,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# The MLflow UI on the demo's store (runs, metrics, artifacts, registered models and aliases).
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000
+	mkdir -p mlruns
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 
 clean:
 	rm -rf outputs .prefect .torch .pytest_cache

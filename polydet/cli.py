@@ -39,14 +39,15 @@ def _cmd_synth(args: argparse.Namespace) -> None:
 
     cfg = _cfg(args)
     out = generate(cfg.synth, Path(args.out) if args.out else None)
-    print(f"synthetic dataset written to {out}")
+    print(f"synthetic dataset ({cfg.synth.num_images} images, DOTA labels) written to {out}")
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from polydet.data.prepare import prepare
+    from polydet.data.prepare import format_summary, prepare
 
-    summary = prepare(_cfg(args))
-    _print_json(summary)
+    result = prepare(_cfg(args))
+    print(format_summary(result))
+    print(f"  details: {Path(result['out']) / 'import_summary.json'}, stats.md")
 
 
 def _cmd_anchors(args: argparse.Namespace) -> None:
@@ -56,10 +57,13 @@ def _cmd_anchors(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    import os
+
     from polydet.engine import train
 
     result = train(_cfg(args), resume=args.resume)
-    _print_json(result)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary (rank 0's)
+        _print_json(result)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
@@ -107,6 +111,12 @@ def _cmd_rollback(args: argparse.Namespace) -> None:
     _print_json(rollback(_cfg(args), reason=args.reason))
 
 
+def _cmd_register(args: argparse.Namespace) -> None:
+    from polydet.tracking import record_and_register
+
+    _print_json(record_and_register(_cfg(args)))
+
+
 def _cmd_pipeline(args: argparse.Namespace) -> None:
     from flows.pipeline import polydet_pipeline
 
@@ -152,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.3)
     p = add("debug", _cmd_debug, "loss / matching / IoU debugging report for a model")
     p.add_argument("--model", help="model file (default: train.out)")
+    add("register", _cmd_register, "log the outputs to MLflow, register the model, apply the gate")
     p = add("promote", _cmd_promote, "give a registered model version the champion alias")
     p.add_argument("version", help="model version number")
     p.add_argument("--reason", default="promoted by hand")

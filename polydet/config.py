@@ -47,9 +47,21 @@ class DataConfig:
     root: str  # raw dataset, tracked by data.dvc
     classes: tuple[str, ...]  # label i+1 is classes[i]; 0 is background
     on_error: Literal["stop", "skip"]  # policy for bad records on import
+    min_inside: float  # share of a quad's area inside the image to keep it (clipped) at all
     split: SplitConfig
     tile: TileConfig
     out: str  # prepared dataset directory
+
+    def __post_init__(self) -> None:
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ConfigError(f"data.classes: expected distinct names, got {list(self.classes)}")
+        if not 0.0 < self.min_inside <= 1.0:
+            raise ConfigError(f"data.min_inside: expected a share in (0, 1], got {self.min_inside}")
+        t = self.tile
+        if t.size < 1 or not 0 <= t.overlap < t.size or not 0.0 < t.min_visible <= 1.0:
+            raise ConfigError(
+                "data.tile: expected size >= 1, 0 <= overlap < size and min_visible in (0, 1]"
+            )
 
 
 @dataclass(frozen=True)
@@ -66,8 +78,29 @@ class SynthConfig:
     perspective: float  # 0 = parallelograms only, 1 = strong perspective warps
     occlusion: float  # probability that a clutter patch is drawn over an object
     truncation: float  # probability that an object is allowed to cross the border
-    classes: tuple[str, ...]
+    clutter: float  # density of distractors (lines, blobs, stains); 0 = textured background only
+    classes: tuple[str, ...]  # each one of polydet.data.synth.SHAPES (card, plate, kite)
     seed: int
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale_range
+        checks = {
+            "num_images": self.num_images >= 0,
+            "image_width": self.image_width >= 16,
+            "image_height": self.image_height >= 16,
+            "min_objects": 0 <= self.min_objects <= self.max_objects,
+            "empty_fraction": 0.0 <= self.empty_fraction <= 1.0,
+            "scale_range": 0.0 < lo <= hi <= 1.0,
+            "max_aspect": self.max_aspect >= 1.0,
+            "perspective": 0.0 <= self.perspective <= 1.0,
+            "occlusion": 0.0 <= self.occlusion <= 1.0,
+            "truncation": 0.0 <= self.truncation <= 1.0,
+            "clutter": self.clutter >= 0.0,
+            "classes": len(self.classes) > 0 and len(set(self.classes)) == len(self.classes),
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"synth.{key}: value {getattr(self, key)!r} is out of range")
 
 
 @dataclass(frozen=True)
@@ -81,52 +114,87 @@ class AnchorsConfig:
 
 @dataclass(frozen=True)
 class RPNConfig:
-    pre_nms_top_n_train: int
-    post_nms_top_n_train: int
+    pre_nms_top_n_train: int  # per FPN level, before NMS
+    post_nms_top_n_train: int  # per image, after NMS
     pre_nms_top_n_test: int
     post_nms_top_n_test: int
-    nms_thresh: float
-    fg_iou_thresh: float
-    bg_iou_thresh: float
-    batch_size_per_image: int
+    nms_thresh: float  # box IoU of proposal hulls
+    fg_iou_thresh: float  # anchor vs ground-truth hull IoU for a positive
+    bg_iou_thresh: float  # below this an anchor is a negative
+    batch_size_per_image: int  # sampled anchors per image for the losses
     positive_fraction: float
-    score_thresh: float
+    score_thresh: float  # objectness probability a proposal needs
+    # 10 per-term weights of PolyBoxCoder; (1, 1, 2, ..., 2) matches torchvision's RPN (1, 1, 1, 1)
+    # because a corner term is about -weight/2 * log(size ratio).
+    coder_weights: tuple[float, ...]
 
 
 @dataclass(frozen=True)
 class RoIConfig:
-    representation_size: int
-    batch_size_per_image: int
+    pool_size: int  # MultiScaleRoIAlign output side (torchvision: 7)
+    representation_size: int  # width of the TwoMLPHead
+    batch_size_per_image: int  # sampled proposals per image for the losses
     positive_fraction: float
-    fg_iou_thresh: float
+    fg_iou_thresh: float  # proposal vs ground-truth hull IoU for a positive
     bg_iou_thresh: float
-    score_thresh: float
-    nms_thresh: float
+    score_thresh: float  # class probability a detection needs
+    nms_thresh: float  # polygon IoU, per class
     detections_per_img: int
+    # 10 per-term weights of PolyBoxCoder; all 10 match torchvision's box head (10, 10, 5, 5).
+    coder_weights: tuple[float, ...]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     backbone: Literal["resnet18_fpn", "resnet50_fpn", "mobilenet_v3_fpn"]
     weights: str | None  # None = from scratch; a torchvision weights name or a file path
-    trainable_layers: int
+    trainable_layers: int  # backbone stages left trainable with pretrained weights (0-5)
+    # Backbone stages feeding the FPN (ResNet layer k / MobileNetV3 stage k: stride 2**(k+1));
+    # the FPN adds one max-pooled level, so anchor_sizes needs len(returned_layers) + 1 levels.
+    returned_layers: tuple[int, ...]
     fpn_channels: int
     num_classes: int  # including background
     min_size: int
     max_size: int
     anchor_sizes: tuple[tuple[int, ...], ...]  # used when no anchors file is given
     aspect_ratios: tuple[float, ...]
-    coder_weights: tuple[float, ...]  # 10 per-term weights of PolyBoxCoder
     rpn: RPNConfig
     roi: RoIConfig
 
 
+def check_model_config(model: ModelConfig) -> None:
+    """Cross-field checks of the model section; a :class:`ConfigError` names the key."""
+    for name, weights in (("rpn", model.rpn.coder_weights), ("roi", model.roi.coder_weights)):
+        if len(weights) != 10:
+            raise ConfigError(f"model.{name}.coder_weights: expected 10 weights, one per term")
+    levels = len(model.returned_layers) + 1
+    if len(model.anchor_sizes) != levels:
+        raise ConfigError(
+            f"model.anchor_sizes: {len(model.anchor_sizes)} levels, but returned_layers "
+            f"{list(model.returned_layers)} + the pooled level give {levels} FPN levels"
+        )
+
+
+def model_config_from_dict(raw: dict) -> ModelConfig:
+    """A :class:`ModelConfig` from a plain mapping (e.g. the ``model`` entry of a model file)."""
+    model = _build(ModelConfig, raw, "model")
+    check_model_config(model)
+    return model
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
-    hflip: float
-    vflip: float
-    rot90: float
-    color_jitter: float
+    hflip: float  # probability of a left-right flip
+    vflip: float  # probability of a top-bottom flip
+    rot90: float  # probability of a rotation by a random multiple of 90 degrees (k = 1..3)
+    color_jitter: float  # strength: brightness/contrast/saturation factors in [1 - s, 1 + s]
+
+    def __post_init__(self) -> None:
+        for key in ("hflip", "vflip", "rot90"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"train.augment.{key}: expected a probability in [0, 1]")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ConfigError("train.augment.color_jitter: expected a strength in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -146,6 +214,7 @@ class TrainConfig:
     step_milestones: tuple[int, ...]
     step_gamma: float
     grad_clip: float  # 0 = off
+    log_every: int  # steps per 'train' row of history.csv (loss averaged over them)
     checkpoint_every: int  # steps; 0 = only at the end
     seed: int
     augment: AugmentConfig
@@ -155,8 +224,24 @@ class TrainConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     split: Literal["train", "val", "test"]
-    iou_threshold: float
+    iou_threshold: float  # DOTA Task1 AP counts IoU > this (0.5)
+    batch_size: int  # images per predict call
+    score_thresh: float  # operating point of the confusion summary
+    size_bounds: tuple[float, float]  # sides (px) of the areas parting small/medium/large
+    precision_targets: tuple[float, ...]  # report the recall reached at these precisions
     out: str
+
+    def __post_init__(self) -> None:
+        lo, hi = self.size_bounds
+        checks = {
+            "iou_threshold": 0.0 < self.iou_threshold < 1.0,
+            "batch_size": self.batch_size >= 1,
+            "size_bounds": 0.0 < lo < hi,
+            "precision_targets": all(0.0 < p <= 1.0 for p in self.precision_targets),
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"evaluate.{key}: value {getattr(self, key)!r} is out of range")
 
 
 @dataclass(frozen=True)
@@ -173,6 +258,7 @@ class TrackingConfig:
     model_name: str
     promote_margin: float  # champion replaced only if test AP50 beats it by this much
     default_uri: str  # used when MLFLOW_TRACKING_URI is not set
+    out: str  # registration.json: the model version and aliases of the last pipeline run
 
 
 @dataclass(frozen=True)
@@ -285,8 +371,7 @@ def _cross_check(cfg: Config) -> None:
             f"model.num_classes is {cfg.model.num_classes} but data.classes has "
             f"{len(cfg.data.classes)} classes (+1 for background = {len(cfg.data.classes) + 1})"
         )
-    if len(cfg.model.coder_weights) != 10:
-        raise ConfigError("model.coder_weights: expected 10 weights, one per polybox term")
+    check_model_config(cfg.model)
     s = cfg.data.split
     if abs(s.train + s.val + s.test - 1.0) > 1e-6:
         raise ConfigError("data.split: train + val + test must be 1")

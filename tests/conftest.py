@@ -15,3 +15,20 @@ for key, value in {
     "GIT_PYTHON_REFRESH": "quiet",
 }.items():
     os.environ[key] = value
+
+
+# --- Prefect: one test server for the whole session (starting one takes ~10 s) ------------
+
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402  (after the environment above, which Prefect reads on import)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[str]:
+    """A Prefect API on a temporary database for the session; yields its URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):
+        yield PREFECT_API_URL.value()

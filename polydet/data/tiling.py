@@ -1,0 +1,173 @@
+"""Large images as overlapping tiles, and per-tile detections merged back.
+
+- :func:`tile_grid`: tiles of ``size`` px (less at the image's own size) with at least
+  ``overlap`` px shared by neighbours; the last row/column is flush with the image edge, so
+  every pixel is covered and no tile is padded.
+- :func:`tile_objects`: an object fully inside a tile is kept as is (shifted to tile pixels);
+  an object cut by the tile edge is kept when at least ``min_visible`` of its area is inside,
+  **clipped** to the tile, reduced to a quad by :mod:`polydet.data.quads`' rule and marked
+  ``truncated``; otherwise it is left to the tiles that see more of it. With ``overlap`` at
+  least the largest object's size every object is whole in some tile.
+- :func:`write_tiles`: tile images are written once as PNG under ``tiles/`` and reused as
+  long as ``tiles/index.json`` records the same source (SHA-256 of its bytes) and box.
+- :func:`merge_detections`: tile detections are shifted to full-image pixels and
+  deduplicated by polygon NMS per class (``polydet.ops.batched_nms``); a partial detection of
+  an object cut by a tile edge overlaps the whole one found in a neighbouring tile by
+  ``min_visible`` or more and is suppressed by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from polydet import polybox
+from polydet.data.quads import clip_quad, inside_share
+
+Box = tuple[int, int, int, int]
+
+
+def tile_grid(width: int, height: int, size: int, overlap: int) -> list[Box]:
+    """Tiles ``(x0, y0, x1, y1)`` (pixels, end exclusive) covering a ``width`` x ``height``
+    image, row by row."""
+    if size < 1 or not 0 <= overlap < size:
+        raise ValueError(f"need size >= 1 and 0 <= overlap < size, got {size}, {overlap}")
+
+    def starts(n: int) -> list[int]:
+        if n <= size:
+            return [0]
+        return [*range(0, n - size, size - overlap), n - size]
+
+    return [
+        (x, y, min(x + size, width), min(y + size, height))
+        for y in starts(height)
+        for x in starts(width)
+    ]
+
+
+def tile_objects(
+    polyboxes: np.ndarray, tile: Box, min_visible: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Objects of one tile from full-image polyboxes ``[N, 10]``: ``(polyboxes [M, 10] in tile
+    pixels, index [M] into the input, clipped [M] bool)``."""
+    boxes = torch.as_tensor(np.asarray(polyboxes, dtype=np.float64)).reshape(-1, 10)
+    x0, y0, x1, y1 = (float(t) for t in tile)
+    hull = polybox.hull_xyxy(boxes).numpy()
+    near = np.flatnonzero(
+        (hull[:, 0] < x1) & (hull[:, 2] > x0) & (hull[:, 1] < y1) & (hull[:, 3] > y0)
+    )
+    out, index, clipped = [], [], []
+    if len(near):
+        corners = polybox.to_corners(boxes[near]).numpy()  # [K, 4, 2]
+        inside = (
+            (hull[near, 0] >= x0)
+            & (hull[near, 1] >= y0)
+            & (hull[near, 2] <= x1)
+            & (hull[near, 3] <= y1)
+        )
+        share = inside_share(corners, (x0, y0, x1, y1))
+        for k, i in enumerate(near):
+            if inside[k]:
+                out.append(boxes[i].numpy())
+                clipped.append(False)
+            elif share[k] >= min_visible:
+                quad = clip_quad(corners[k], (x0, y0, x1, y1))
+                if quad is None:
+                    continue
+                out.append(polybox.from_corners(torch.from_numpy(quad)).numpy())
+                clipped.append(True)
+            else:
+                continue
+            index.append(i)
+    res = np.array(out, dtype=np.float64).reshape(-1, 10)
+    res[:, 0] -= x0
+    res[:, 1] -= y0
+    return res, np.array(index, dtype=np.int64), np.array(clipped, dtype=bool)
+
+
+def tile_name(image_id: str, tile: Box) -> str:
+    """Image id of a tile: ``<image_id>__<x0>_<y0>``."""
+    return f"{image_id}__{tile[0]}_{tile[1]}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_tiles(
+    source: Path, image_id: str, tiles: Sequence[Box], tiles_dir: Path, index: dict
+) -> tuple[list[Path], int]:
+    """Write the tiles of ``source`` as ``tiles_dir/<tile_name>.png`` unless ``index`` (the
+    loaded ``tiles/index.json`` mapping, updated in place) shows they are current; returns the
+    tile paths and how many were (re)written."""
+    digest = _sha256(source)
+    paths, written, image = [], 0, None
+    try:
+        for t in tiles:
+            name = tile_name(image_id, t)
+            path = tiles_dir / f"{name}.png"
+            entry = {"source": str(source), "sha256": digest, "box": list(t)}
+            if not (path.is_file() and index.get(name) == entry):
+                if image is None:
+                    image = Image.open(source)
+                    image.load()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                image.crop(t).convert("RGB").save(path, format="PNG", compress_level=1)
+                index[name] = entry
+                written += 1
+            paths.append(path)
+    finally:
+        if image is not None:
+            image.close()
+    return paths, written
+
+
+def load_index(tiles_dir: Path) -> dict:
+    """``tiles/index.json`` as a dict (empty when missing or unreadable: tiles get rewritten)."""
+    try:
+        return json.loads((tiles_dir / "index.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_index(tiles_dir: Path, index: dict) -> None:
+    """Write ``tiles/index.json`` (sorted, stable)."""
+    tiles_dir.mkdir(parents=True, exist_ok=True)
+    (tiles_dir / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n")
+
+
+def merge_detections(
+    tiles: Sequence[tuple[tuple[float, float], Mapping[str, Tensor]]], iou_threshold: float
+) -> dict[str, Tensor]:
+    """Full-image detections from per-tile ones: ``tiles`` holds ``((x0, y0), {"polyboxes"
+    [K, 10], "scores" [K], "labels" [K]})`` per tile, in that tile's pixels. Shifted by the
+    tile offset, then polygon NMS per label; result sorted by descending score."""
+    from polydet.ops import batched_nms
+
+    boxes, scores, labels = [], [], []
+    for (x0, y0), d in tiles:
+        b = torch.as_tensor(d["polyboxes"], dtype=torch.float32).reshape(-1, 10)
+        boxes.append(polybox.translate(b, float(x0), float(y0)))
+        scores.append(torch.as_tensor(d["scores"], dtype=torch.float32).reshape(-1))
+        labels.append(torch.as_tensor(d["labels"], dtype=torch.int64).reshape(-1))
+    if not boxes:
+        return {
+            "polyboxes": torch.zeros(0, 10),
+            "scores": torch.zeros(0),
+            "labels": torch.zeros(0, dtype=torch.int64),
+        }
+    b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
+    keep = batched_nms(b, s, lab, iou_threshold)
+    keep = keep[s[keep].argsort(descending=True, stable=True)]
+    return {"polyboxes": b[keep], "scores": s[keep], "labels": lab[keep]}

@@ -1,0 +1,651 @@
+"""The training engine: ``train(cfg, resume=None) -> dict`` (docs/CONTRACTS.md).
+
+One loop for every setting: CPU or CUDA (mixed precision with ``torch.autocast`` and a
+``GradScaler``), one process or several under ``torchrun`` (DDP; rank 0 alone writes). The
+run is reproducible and resumable bit for bit on CPU:
+
+* the data order comes from a seeded :class:`~polydet.distributed.ResumableSampler` whose
+  position is stored in the checkpoint (the step), so a resumed run sees the same batches;
+* each sample's augmentation is drawn from a seed derived from ``(seed, epoch, index)``
+  (:class:`SeededItems`), independent of worker processes and of where a run resumed;
+* the global generators (used by the model's RPN / RoI samplers) are checkpointed per rank.
+
+Outputs under ``cfg.train.out``: ``model.pt``, ``checkpoints/last.pt``, ``history.csv``,
+``summary.json`` and, when a loss goes non-finite, ``nonfinite.json``.
+
+Run on several devices with ``torchrun --nproc-per-node N -m polydet.engine [--params ...]``
+(the same arguments as ``polydet train``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from polydet.checkpoint import (
+    atomic_torch_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from polydet.config import Config, ConfigError, TrainConfig, to_dict
+from polydet.data.dataset import PolyDataset, collate
+from polydet.distributed import (
+    DistInfo,
+    ResumableSampler,
+    all_gather_objects,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    dist_info_from_env,
+    init_distributed,
+    state_digest,
+)
+from polydet.errors import DataError, PolydetError
+from polydet.model import build_model, save_model
+
+LOSS_TERMS = ("loss_rpn_objectness", "loss_rpn_polybox", "loss_classifier", "loss_polybox")
+HISTORY_COLUMNS = ("step", "epoch", "split", "lr", "loss", *LOSS_TERMS, "images_per_s")
+# Warm-up starts at this share of the learning rate (as torchvision's detection references).
+WARMUP_START = 0.001
+
+
+class NonFiniteLossError(PolydetError):
+    """A loss term became NaN or infinite; ``nonfinite.json`` says which, where and on what."""
+
+
+# --- setup -------------------------------------------------------------------------------
+
+
+def resolve_device(spec: str, info: DistInfo) -> torch.device:
+    """``train.device`` -> a device. Under torchrun each rank takes ``cuda:LOCAL_RANK``."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device is {spec!r} but CUDA is not available here")
+        if info.distributed or spec == "cuda":
+            return torch.device("cuda", info.local_rank)
+        try:
+            return torch.device(spec)
+        except RuntimeError as e:
+            raise ConfigError(f"train.device: {spec!r} is not a device ({e})") from e
+    raise ConfigError(f"train.device: {spec!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_anchors(cfg: Config) -> dict[str, list]:
+    """Anchors from ``{anchors.out}/anchors.json`` if it exists, else the model section's."""
+    path = Path(cfg.anchors.out) / "anchors.json"
+    if path.is_file():
+        try:
+            raw = json.loads(path.read_text())
+            return {
+                "sizes": [[int(s) for s in level] for level in raw["sizes"]],
+                "aspect_ratios": [float(r) for r in raw["aspect_ratios"]],
+            }
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not an anchors file ({e})") from e
+    return {
+        "sizes": [list(level) for level in cfg.model.anchor_sizes],
+        "aspect_ratios": list(cfg.model.aspect_ratios),
+    }
+
+
+def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW over the trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tc.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
+        )
+    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+
+
+def lr_factor(step: int, total_steps: int, tc: TrainConfig) -> float:
+    """Learning-rate multiplier for optimizer step ``step`` (0-based).
+
+    Linear warm-up from :data:`WARMUP_START` over ``warmup_steps``, times the schedule:
+    cosine from 1 to 0 over the steps after the warm-up, ``step_gamma`` at every
+    ``step_milestones`` step passed, or constant.
+    """
+    warm = 1.0
+    if tc.warmup_steps > 0 and step < tc.warmup_steps:
+        warm = WARMUP_START + (1.0 - WARMUP_START) * step / tc.warmup_steps
+    if tc.schedule == "cosine":
+        span = max(1, total_steps - tc.warmup_steps)
+        progress = min(1.0, max(0.0, (step - tc.warmup_steps) / span))
+        return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if tc.schedule == "step":
+        return warm * tc.step_gamma ** sum(step >= m for m in tc.step_milestones)
+    return warm
+
+
+class SeededItems(Dataset):
+    """Wraps a dataset so that item ``(epoch, index)`` is drawn with its own seed.
+
+    The global generators are seeded from ``(seed, epoch, index)`` around the wrapped
+    ``__getitem__`` and restored afterwards, so augmentation is a function of the sample
+    alone (same in worker processes, after a resume, on any rank), and loading data does
+    not disturb the generator stream the model's samplers draw from.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        epoch, index = item
+        sample_seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        with _seeded_global_rng(sample_seed):
+            return self.dataset[index]
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int) -> Iterator[None]:
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        seed_everything(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _loader(
+    dataset: Dataset, sampler: ResumableSampler, tc: TrainConfig, device: torch.device
+) -> DataLoader:
+    return DataLoader(
+        SeededItems(dataset, tc.seed),
+        batch_size=tc.batch_size,
+        sampler=sampler,
+        num_workers=tc.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        # A private generator: creating a loader must not draw from the global stream,
+        # or a run resumed mid-epoch would diverge from an uninterrupted one.
+        generator=torch.Generator().manual_seed(tc.seed),
+    )
+
+
+def _to_device(
+    images: list[Tensor], targets: list[dict[str, Any]], device: torch.device
+) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    nb = device.type == "cuda"
+    images = [im.to(device, non_blocking=nb) for im in images]
+    targets = [
+        {k: v.to(device, non_blocking=nb) if isinstance(v, Tensor) else v for k, v in t.items()}
+        for t in targets
+    ]
+    return images, targets
+
+
+# --- history -----------------------------------------------------------------------------
+
+
+class History:
+    """``history.csv`` written row by row (rank 0 only), so a crash keeps what was logged."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def start(self, keep_until: int | None) -> None:
+        """Begin a new file, or keep the rows up to step ``keep_until`` of a resumed run."""
+        if not self.enabled:
+            return
+        rows: list[dict[str, str]] = []
+        if keep_until is not None and self.path.is_file():
+            with self.path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_until]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def append(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=HISTORY_COLUMNS).writerow(row)
+
+
+def _fmt(values: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 6) for k, v in values.items()}
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+
+def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    """Train the detector on ``cfg.data.out``'s train split; write ``cfg.train.out``.
+
+    ``resume``: a checkpoint path, or ``"last"`` for ``{train.out}/checkpoints/last.pt``.
+    Returns the summary written to ``summary.json`` (on every rank; only rank 0 writes).
+    Raises :class:`NonFiniteLossError` when a loss term goes NaN/inf (the last checkpoint
+    stays as it was).
+    """
+    info = dist_info_from_env()
+    device = resolve_device(cfg.train.device, info)
+    joined = info.distributed and not torch.distributed.is_initialized()
+    init_distributed(info, device)
+    try:
+        return _train(cfg, resume, info, device)
+    finally:
+        if joined:
+            cleanup_distributed()
+
+
+def _resume_path(cfg: Config, resume: str) -> Path:
+    if resume == "last":
+        return Path(cfg.train.out) / "checkpoints" / "last.pt"
+    return Path(resume)
+
+
+def _check_resume_config(cfg: Config, saved: dict[str, Any], path: Path) -> list[str]:
+    """Keys whose value differs from the checkpoint's; a different model is an error."""
+    now = _flat(to_dict(cfg))
+    then = _flat(saved)
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    model_changes = [k for k in changed if k.startswith("model.")]
+    if model_changes:
+        k = model_changes[0]
+        raise ConfigError(
+            f"{path} was trained with {k}={then.get(k)!r}, the params give {now.get(k)!r}: "
+            "a checkpoint resumes only the model it was made with"
+        )
+    return [k for k in changed if k != "train.out"]
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine()
+
+
+def _train(
+    cfg: Config, resume: str | None, info: DistInfo, device: torch.device
+) -> dict[str, Any]:
+    tc = cfg.train
+    out = Path(tc.out)
+    last_ckpt = out / "checkpoints" / "last.pt"
+    started = time.perf_counter()
+
+    state: dict[str, Any] | None = None
+    if resume:
+        resume_file = _resume_path(cfg, resume)
+        state = load_checkpoint(resume_file, map_location=device)
+        changed = _check_resume_config(cfg, state["config"], resume_file)
+        if changed and info.is_main:
+            print(f"polydet train: resuming with changed settings: {', '.join(changed)}",
+                  file=sys.stderr)
+
+    seed_everything(tc.seed)
+    train_set = PolyDataset(cfg.data.out, "train", tc.augment)
+    if len(train_set) == 0:
+        raise DataError(f"{cfg.data.out}: the train split has no images")
+    val_set = PolyDataset(cfg.data.out, "val", None)
+
+    anchors = state["anchors"] if state is not None else load_anchors(cfg)
+    model = build_model(cfg.model, anchors=anchors).to(device)
+    optimizer = build_optimizer(model, tc)
+
+    sampler = ResumableSampler(train_set, info.world_size, info.rank, shuffle=True, seed=tc.seed)
+    steps_per_epoch = math.ceil(len(sampler) / tc.batch_size)
+    total_steps = tc.epochs * steps_per_epoch
+    if tc.max_steps > 0:
+        total_steps = min(total_steps, tc.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, tc)
+    )
+    use_amp = tc.amp and device.type == "cuda"
+    precision = "fp16-mixed" if use_amp else "fp32"
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+
+    step, images_seen, elapsed_before = 0, 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        step, images_seen = int(state["step"]), int(state["images_seen"])
+        elapsed_before = float(state["elapsed_s"])
+
+    history = History(out / "history.csv", info.is_main)
+    history.start(keep_until=step if state is not None else None)
+    if info.is_main:
+        (out / "nonfinite.json").unlink(missing_ok=True)
+        print(
+            f"polydet train: device {device} ({_device_name(device)}), precision {precision}, "
+            f"{info.world_size} process(es), {len(train_set)} train / {len(val_set)} val "
+            f"images, {steps_per_epoch} steps per epoch, steps {step}->{total_steps}",
+            file=sys.stderr,
+        )
+
+    # PolyDetector.forward is .loss: DDP hooks forward, so the step must call the wrapper.
+    net: nn.Module = model
+    if info.distributed:
+        net = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    val_sampler = ResumableSampler(val_set, info.world_size, info.rank, shuffle=False)
+    val_loader = _loader(val_set, val_sampler, tc, device) if len(val_set) else None
+
+    # Generators last: everything above (model init included) is replayed identically.
+    if state is not None:
+        rng = state["rng"]
+        restore_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
+
+    ctx = _Loop(cfg, info, device, model, net, optimizer, scheduler, scaler, anchors, history)
+    ctx.total_steps, ctx.steps_per_epoch = total_steps, steps_per_epoch
+    ctx.step, ctx.images_seen, ctx.last_ckpt = step, images_seen, last_ckpt
+    ctx.elapsed_before, ctx.session_start = elapsed_before, started
+    if state is not None:
+        window = state["log_window"]
+        ctx.window.copy_(window["sums"])
+        ctx.window_steps, ctx.window_images = int(window["steps"]), int(window["images"])
+    ctx.run(train_set, sampler, val_loader)
+
+    digests = all_gather_objects(state_digest(model), info)
+    wall = elapsed_before + time.perf_counter() - started
+    summary: dict[str, Any] = {
+        "device": str(device),
+        "device_name": _device_name(device),
+        "precision": precision,
+        "world_size": info.world_size,
+        "steps": ctx.step,
+        "epochs": ctx.step / steps_per_epoch,
+        "steps_per_epoch": steps_per_epoch,
+        "batch_size": tc.batch_size,
+        "images_seen": ctx.images_seen,
+        "train_images": len(train_set),
+        "val_images": len(val_set),
+        "wall_time_s": round(wall, 3),
+        "images_per_s": round(ctx.images_seen / wall, 3) if wall > 0 else 0.0,
+        "final_losses": {"train": _fmt(ctx.last_train), "val": _fmt(ctx.last_val)},
+        "weights_sha256": digests,
+        "resumed_from": str(_resume_path(cfg, resume)) if resume else None,
+        "model": str(out / "model.pt"),
+        "checkpoint": str(last_ckpt),
+    }
+    if info.is_main:
+        tmp = out / ".model.pt.tmp"
+        save_model(model, tmp, cfg.model, list(cfg.data.classes), anchors)
+        os.replace(tmp, out / "model.pt")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    barrier(info)
+    return summary
+
+
+class _Loop:
+    """The mutable state of one training session and its step / validate / checkpoint."""
+
+    total_steps: int
+    steps_per_epoch: int
+    step: int
+    images_seen: int
+    last_ckpt: Path
+    elapsed_before: float
+    session_start: float
+
+    def __init__(
+        self,
+        cfg: Config,
+        info: DistInfo,
+        device: torch.device,
+        model: nn.Module,
+        net: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        anchors: dict[str, list],
+        history: History,
+    ) -> None:
+        self.cfg, self.tc, self.info, self.device = cfg, cfg.train, info, device
+        self.model, self.net = model, net
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.anchors, self.history = anchors, history
+        self.use_amp = scaler.is_enabled()
+        self.last_train: dict[str, float] = {}
+        self.last_val: dict[str, float] = {}
+        # Loss sums [terms..., total] of the steps since the last 'train' history row.
+        self.window = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)
+        self.window_steps = 0
+        self.window_images = 0
+
+    def run(
+        self, train_set: Dataset, sampler: ResumableSampler, val_loader: DataLoader | None
+    ) -> None:
+        tc = self.tc
+        bar = tqdm(
+            total=self.total_steps, initial=self.step, desc="train", unit="step",
+            disable=not self.info.is_main, dynamic_ncols=True, file=sys.stderr,
+        )
+        window_start = time.perf_counter()
+        self.model.train()
+        while self.step < self.total_steps:
+            epoch = self.step // self.steps_per_epoch
+            sampler.set_position(epoch, (self.step % self.steps_per_epoch) * tc.batch_size)
+            for images, targets in _loader(train_set, sampler, tc, self.device):
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+                values, n_images = self._train_step(images, targets, epoch)
+                self.window += values
+                self.window_steps += 1
+                self.window_images += n_images
+                speed = self.window_images / max(1e-9, time.perf_counter() - window_start)
+                mean = (self.window / self.window_steps).tolist()
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{mean[-1]:.3f}", obj=f"{mean[0]:.3f}", rpn=f"{mean[1]:.3f}",
+                    cls=f"{mean[2]:.3f}", poly=f"{mean[3]:.3f}", img_s=f"{speed:.1f}",
+                    refresh=False,
+                )
+                end_of_epoch = self.step % self.steps_per_epoch == 0
+                done = self.step >= self.total_steps
+                # Rows at fixed steps (not "every N steps of this session") and the open
+                # window in the checkpoint: a resumed run logs the rows of an uninterrupted one.
+                if self.step % tc.log_every == 0 or end_of_epoch or done:
+                    self.last_train = self._row("train", epoch, lr, mean, speed)
+                    self.window.zero_()
+                    self.window_steps, self.window_images = 0, 0
+                    window_start = time.perf_counter()
+                if (end_of_epoch or done) and val_loader is not None:
+                    val = self._validate(val_loader)
+                    self.last_val = self._row("val", epoch, lr, val, float("nan"))
+                every = tc.checkpoint_every
+                if done or (every > 0 and self.step % every == 0):
+                    self._checkpoint(epoch)
+                if done:
+                    break
+        bar.close()
+
+    def _row(
+        self, split: str, epoch: int, lr: float, values: list[float], speed: float
+    ) -> dict[str, float]:
+        terms = dict(zip(LOSS_TERMS, values[: len(LOSS_TERMS)]))
+        self.history.append(
+            {
+                "step": self.step, "epoch": epoch + 1, "split": split, "lr": f"{lr:.6g}",
+                "loss": f"{values[-1]:.6g}", **{k: f"{v:.6g}" for k, v in terms.items()},
+                "images_per_s": "" if math.isnan(speed) else f"{speed:.3f}",
+            }
+        )
+        return {"loss": values[-1], **terms}
+
+    def _losses(self, images: list[Tensor], targets: list[dict[str, Any]]) -> dict[str, Tensor]:
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            return self.net(images, targets)
+
+    def _train_step(
+        self, images: list[Tensor], targets: list[dict[str, Any]], epoch: int
+    ) -> tuple[Tensor, int]:
+        """One optimizer step; returns the rank-averaged [terms..., total] and global images."""
+        images, targets = _to_device(images, targets, self.device)
+        losses = self._losses(images, targets)
+        loss = sum(losses.values())
+        local = torch.stack(
+            [losses[k].detach().float() for k in LOSS_TERMS] + [loss.detach().float()]
+        )
+        # One collective gives both the rank mean for logging and a shared verdict on
+        # finiteness (a NaN anywhere makes the sum NaN), so every rank stops together.
+        summed = all_reduce_sum(
+            torch.cat([local, local.new_tensor([len(images)])]), self.info
+        ).cpu().double()
+        if not torch.isfinite(summed).all():
+            self._stop_nonfinite(losses, targets, epoch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.tc.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        n_images = int(summed[-1])
+        self.images_seen += n_images
+        return summed[:-1] / self.info.world_size, n_images
+
+    @torch.no_grad()
+    def _validate(self, loader: DataLoader) -> list[float]:
+        """Mean validation loss terms (model.loss in eval mode), averaged over images."""
+        self.model.eval()
+        sums = torch.zeros(len(LOSS_TERMS) + 2, dtype=torch.float64)
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        # The RPN / RoI samplers inside .loss draw random numbers: a fixed seed makes the
+        # validation loss comparable across epochs and keeps the training stream untouched.
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.tc.seed)
+            loader.sampler.set_position(0)  # type: ignore[attr-defined]
+            for images, targets in loader:
+                images, targets = _to_device(images, targets, self.device)
+                losses = self._loss_eval(images, targets)
+                n = len(images)
+                vals = [float(losses[k]) for k in LOSS_TERMS]
+                sums += torch.tensor([*(v * n for v in vals), sum(vals) * n, n], dtype=torch.float64)
+        sums = all_reduce_sum(sums, self.info)
+        self.model.train()
+        count = max(1.0, float(sums[-1]))
+        return (sums[:-1] / count).tolist()
+
+    def _loss_eval(self, images: list[Tensor], targets: list[dict[str, Any]]) -> dict[str, Tensor]:
+        # The bare model, not the DDP wrapper: no gradient sync is wanted (or possible) here.
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            return self.model.loss(images, targets)
+
+    def _checkpoint(self, epoch: int) -> None:
+        rng = all_gather_objects(capture_rng_state(), self.info)
+        if not self.info.is_main:
+            return
+        save_checkpoint(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "step": self.step,
+                "epoch": epoch,
+                "images_seen": self.images_seen,
+                "elapsed_s": self.elapsed_before + time.perf_counter() - self.session_start,
+                "world_size": self.info.world_size,
+                "rng": rng,
+                "log_window": {
+                    "sums": self.window.clone(),
+                    "steps": self.window_steps,
+                    "images": self.window_images,
+                },
+                "config": to_dict(self.cfg),
+                "classes": list(self.cfg.data.classes),
+                "anchors": self.anchors,
+            },
+            self.last_ckpt,
+        )
+
+    def _stop_nonfinite(
+        self, losses: dict[str, Tensor], targets: list[dict[str, Any]], epoch: int
+    ) -> None:
+        """Write ``nonfinite.json`` (rank 0) and raise; nothing was stepped or saved."""
+        mine = {
+            "rank": self.info.rank,
+            "terms": {k: float(v) for k, v in losses.items()},
+            "image_ids": [str(t.get("image_id", "?")) for t in targets],
+        }
+        ranks = all_gather_objects(mine, self.info)
+        bad = sorted({k for r in ranks for k, v in r["terms"].items() if not math.isfinite(v)})
+        ids = [i for r in ranks for i in r["image_ids"]]
+        ckpt = load_checkpoint(self.last_ckpt) if self.last_ckpt.is_file() else None
+        report = {
+            "step": self.step + 1,
+            "epoch": epoch + 1,
+            "nonfinite_terms": bad,
+            "image_ids": ids,
+            "ranks": ranks,
+            "last_checkpoint": str(self.last_ckpt) if ckpt is not None else None,
+            "last_checkpoint_step": int(ckpt["step"]) if ckpt is not None else None,
+        }
+        path = Path(self.tc.out) / "nonfinite.json"
+        if self.info.is_main:
+            path.write_text(json.dumps(report, indent=2) + "\n")
+        shown = ", ".join(ids[:8]) + (f" (+{len(ids) - 8} more)" if len(ids) > 8 else "")
+        where = (
+            f"last good checkpoint {self.last_ckpt} (step {report['last_checkpoint_step']})"
+            if ckpt is not None
+            else "no checkpoint written yet"
+        )
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.step + 1} (epoch {epoch + 1}): "
+            f"{', '.join(bad) or 'total'} on images {shown}; report {path}; {where}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m polydet.engine ARGS`` = ``polydet train ARGS`` (the torchrun entry point)."""
+    from polydet.cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Model files (``model.pt``): the weights plus everything needed to rebuild the model.
+
+A model file is ``torch.save`` of a plain dict, readable with ``torch.load(...,
+weights_only=True)`` (no pickled code)::
+
+    {"format": "polydet-model/1", "model": to_dict(cfg.model), "classes": [...],
+     "anchors": {"sizes": ..., "aspect_ratios": ...}, "state_dict": {...}}
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from polydet.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+from polydet.errors import ModelError
+from polydet.model.detector import PolyDetector, _build
+
+FORMAT = "polydet-model/1"
+
+
+def save_model(
+    model: PolyDetector,
+    path: str | Path,
+    model_cfg: ModelConfig,
+    classes: Sequence[str],
+    anchors: Mapping[str, Any] | None,
+) -> Path:
+    """Write ``model`` to ``path`` (atomically: a reader never sees half a file).
+
+    ``classes``: class names, label ``i + 1`` is ``classes[i]``; ``anchors`` as given to
+    :func:`polydet.model.build_model` (``None``: the config's anchors).
+    """
+    if len(classes) != model_cfg.num_classes - 1:
+        raise ModelError(
+            f"{path}: {len(classes)} classes but model.num_classes is {model_cfg.num_classes} "
+            "(background included)"
+        )
+    payload = {
+        "format": FORMAT,
+        "model": to_dict(model_cfg),
+        "classes": [str(c) for c in classes],
+        "anchors": model.anchors if anchors is None else _plain(anchors),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _plain(anchors: Mapping[str, Any]) -> dict[str, Any]:
+    def plain(x: Any) -> Any:
+        return [plain(v) for v in x] if isinstance(x, list | tuple) else x
+
+    return {"sizes": plain(anchors["sizes"]), "aspect_ratios": plain(anchors["aspect_ratios"])}
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> PolyDetector:
+    """Rebuild the model saved at ``path`` on ``device``, in eval mode, with ``.classes`` set.
+
+    A :class:`ModelError` names the file when it is missing, unreadable or not a polydet
+    model. Pretrained-weight files named in the saved config are not needed (the state dict
+    holds every weight).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: model file does not exist")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # corrupt or foreign files raise many different types
+        raise ModelError(f"{path}: cannot read model file: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ModelError(
+            f"{path}: not a polydet model file (format {found!r}, expected {FORMAT!r})"
+        )
+    try:
+        cfg = model_config_from_dict(payload["model"])
+        classes = [str(c) for c in payload["classes"]]
+        anchors = payload["anchors"]
+        state = payload["state_dict"]
+    except (KeyError, TypeError, ConfigError) as e:
+        raise ModelError(f"{path}: invalid polydet model file: {e}") from e
+    try:
+        model = _build(cfg, anchors, load_weights=False)
+        model.load_state_dict(state)
+    except (ModelError, RuntimeError) as e:
+        raise ModelError(f"{path}: weights do not fit the saved configuration: {e}") from e
+    model.classes = classes
+    return model.to(device).eval()

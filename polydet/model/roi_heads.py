@@ -1,0 +1,202 @@
+"""Stage 2: RoI features of the proposals, a two-layer MLP, class scores and polybox deltas.
+
+torchvision's ``MultiScaleRoIAlign`` pools each proposal box (an axis-aligned hull, see
+:mod:`polydet.model.rpn`) and its ``TwoMLPHead`` turns the pooled features into a vector;
+:class:`PolyPredictor` outputs ``num_classes`` scores and ``num_classes * 10`` class-specific
+polybox deltas. Proposals are matched with the ground truths' hulls (box IoU, like the RPN),
+ground-truth hulls are added to the proposals during training as torchvision does, and the
+losses are torchvision's: cross-entropy, and smooth-L1 (beta 1/9) over the 10 terms of the
+positives' true class, divided by the number of sampled RoIs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.ops import MultiScaleRoIAlign, box_iou
+
+from polydet.coder import PolyBoxCoder
+from polydet.config import RoIConfig
+from polydet.model.rpn import MIN_PROPOSAL_SIZE
+from polydet.ops import batched_nms
+from polydet.polybox import area, from_corners, hull_xyxy, to_corners
+
+# Detections whose hull is narrower than this, or whose area is below its square, are dropped
+# (torchvision drops boxes narrower than 1e-2 px).
+MIN_DETECTION_SIZE = 1e-2
+
+
+class PolyPredictor(nn.Module):
+    """Linear class scores ``[R, num_classes]`` and class-specific deltas ``[R, num_classes*10]``."""
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.polybox_pred = nn.Linear(in_channels, num_classes * 10)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = x.flatten(start_dim=1)
+        return self.cls_score(x), self.polybox_pred(x)
+
+
+@dataclass
+class RoISamples:
+    """Sampled RoIs per image: ``boxes [R, 4]``, ``labels [R]`` (0 = background) and the
+    matched ground truth ``gt_polyboxes [R, 10]`` (meaningful where ``labels > 0``)."""
+
+    boxes: list[Tensor]
+    labels: list[Tensor]
+    gt_polyboxes: list[Tensor]
+
+
+@dataclass
+class RoIOutput:
+    """Head outputs for the sampled RoIs: ``class_logits [R, C]``, ``deltas [R, C*10]``, and the
+    encoded ``targets [Q, 10]`` / class-specific ``pos_deltas [Q, 10]`` of the Q positives
+    (in the order of ``torch.where(labels > 0)`` over all images)."""
+
+    class_logits: Tensor
+    deltas: Tensor
+    targets: Tensor
+    pos_deltas: Tensor
+
+
+def clip_polyboxes(polyboxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clamp each corner of polyboxes ``[N, 10]`` into an image of ``size = (h, w)``."""
+    corners = to_corners(polyboxes)  # [N, 4, 2]
+    x = corners[..., 0].clamp(0, size[1])
+    y = corners[..., 1].clamp(0, size[0])
+    return from_corners(torch.stack([x, y], dim=-1))
+
+
+class PolyRoIHeads(nn.Module):
+    """``MultiScaleRoIAlign`` + ``TwoMLPHead`` + :class:`PolyPredictor`, matching, losses,
+    and the detection post-processing."""
+
+    def __init__(
+        self, featmap_names: list[str], in_channels: int, num_classes: int, cfg: RoIConfig
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.box_roi_pool = MultiScaleRoIAlign(featmap_names, cfg.pool_size, sampling_ratio=2)
+        self.box_head = TwoMLPHead(in_channels * cfg.pool_size**2, cfg.representation_size)
+        self.box_predictor = PolyPredictor(cfg.representation_size, num_classes)
+        self.coder = PolyBoxCoder(cfg.coder_weights)
+        self.matcher = det_utils.Matcher(
+            cfg.fg_iou_thresh, cfg.bg_iou_thresh, allow_low_quality_matches=False
+        )
+        self.sampler = det_utils.BalancedPositiveNegativeSampler(
+            cfg.batch_size_per_image, cfg.positive_fraction
+        )
+
+    def head(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> tuple[Tensor, Tensor]:
+        """Class logits ``[R, C]`` and deltas ``[R, C*10]`` of the boxes of all images."""
+        x = self.box_roi_pool(features, boxes, image_sizes)
+        return self.box_predictor(self.box_head(x))
+
+    # --- training ----------------------------------------------------------------------
+
+    def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> RoISamples:
+        """Add the ground truths' hulls to the proposals, match (hull IoU) and sample."""
+        boxes_all, labels_all, gt_all = [], [], []
+        for boxes, target in zip(proposals, targets):
+            gt = target["polyboxes"].float()
+            hulls = hull_xyxy(gt)  # [G, 4]
+            # A degenerate hull would be a zero-area RoI with NaN IoU and infinite targets.
+            wh = hulls[:, 2:] - hulls[:, :2]
+            ok = (wh >= MIN_PROPOSAL_SIZE).all(dim=1)
+            boxes = torch.cat([boxes, hulls[ok]])
+            if gt.shape[0] == 0:
+                labels = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
+                matched = torch.zeros_like(labels)
+                gt = gt.new_zeros((1, 10))
+            else:
+                idx = self.matcher(box_iou(hulls, boxes))
+                matched = idx.clamp(min=0)
+                labels = target["labels"].to(boxes.device)[matched]
+                labels[idx == self.matcher.BELOW_LOW_THRESHOLD] = 0
+                labels[idx == self.matcher.BETWEEN_THRESHOLDS] = -1
+            boxes_all.append(boxes)
+            labels_all.append(labels)
+            gt_all.append(gt[matched])
+        pos_masks, neg_masks = self.sampler(labels_all)
+        out = RoISamples([], [], [])
+        for boxes, labels, gt, pos, neg in zip(boxes_all, labels_all, gt_all, pos_masks, neg_masks):
+            keep = torch.where(pos | neg)[0]
+            out.boxes.append(boxes[keep])
+            out.labels.append(labels[keep])
+            out.gt_polyboxes.append(gt[keep])
+        return out
+
+    def loss(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+        targets: list[dict[str, Tensor]],
+    ) -> tuple[dict[str, Tensor], RoISamples, RoIOutput]:
+        """``loss_classifier`` and ``loss_polybox`` of the sampled proposals (torchvision's
+        ``fastrcnn_loss`` with 10 terms per box), with the samples and raw outputs."""
+        samples = self.sample(proposals, targets)
+        logits, deltas = self.head(features, samples.boxes, image_sizes)
+        logits = logits.float()
+        labels = torch.cat(samples.labels)
+        pos = torch.where(labels > 0)[0]
+        deltas_by_class = deltas.float().view(deltas.shape[0], -1, 10)
+        pos_deltas = deltas_by_class[pos, labels[pos]]  # [Q, 10]
+        targets_enc = self.coder.encode(
+            torch.cat(samples.gt_polyboxes)[pos], torch.cat(samples.boxes)[pos]
+        )
+        if labels.numel() == 0:  # no proposal and no ground truth in the whole batch
+            zero = logits.sum() * 0.0 + deltas.sum() * 0.0
+            losses = {"loss_classifier": zero, "loss_polybox": zero}
+        else:
+            loss_box = F.smooth_l1_loss(pos_deltas, targets_enc, beta=1 / 9, reduction="sum")
+            losses = {
+                "loss_classifier": F.cross_entropy(logits, labels),
+                "loss_polybox": loss_box / labels.numel(),
+            }
+        return losses, samples, RoIOutput(logits, deltas, targets_enc, pos_deltas)
+
+    # --- inference ---------------------------------------------------------------------
+
+    def detect(
+        self,
+        features: dict[str, Tensor],
+        proposals: list[Tensor],
+        image_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Per image ``{"polyboxes" [K, 10], "scores" [K], "labels" [K]}`` in the model's
+        input pixels: decode, score threshold, clip corners, drop tiny, polygon NMS per class,
+        keep the ``detections_per_img`` best."""
+        cfg = self.cfg
+        logits, deltas = self.head(features, proposals, image_sizes)
+        probs = F.softmax(logits.float(), dim=-1)  # [R, C]
+        refs = torch.cat(proposals)
+        polyboxes = self.coder.decode(deltas.float(), refs).view(refs.shape[0], -1, 10)
+        classes = torch.arange(self.num_classes, device=probs.device)
+        counts = [p.shape[0] for p in proposals]
+        results = []
+        for poly, score, size in zip(polyboxes.split(counts), probs.split(counts), image_sizes):
+            # Every (proposal, foreground class) pair is a candidate; background is dropped.
+            poly = poly[:, 1:].reshape(-1, 10)
+            label = classes[1:].expand(score.shape[0], -1).reshape(-1)
+            score = score[:, 1:].reshape(-1)
+            keep = torch.where(score > cfg.score_thresh)[0]
+            poly, score, label = clip_polyboxes(poly[keep], size), score[keep], label[keep]
+            hulls = hull_xyxy(poly)
+            wh = hulls[:, 2:] - hulls[:, :2]
+            big = (wh >= MIN_DETECTION_SIZE).all(dim=1) & (area(poly) >= MIN_DETECTION_SIZE**2)
+            keep = torch.where(big)[0]
+            poly, score, label = poly[keep], score[keep], label[keep]
+            keep = batched_nms(poly, score, label, cfg.nms_thresh)[: cfg.detections_per_img]
+            results.append({"polyboxes": poly[keep], "scores": score[keep], "labels": label[keep]})
+        return results

@@ -1,0 +1,834 @@
+"""MLflow tracking and registry: one run per pipeline run, lineage, model versions, aliases.
+
+The pipeline's record is rebuilt from what the stages wrote to disk, so the Prefect flow and
+the DVC ``register`` stage log exactly the same things:
+
+- one parent run per pipeline run (params flattened from ``params.yaml``, lineage tags,
+  per-step training metrics, evaluation metrics, every stage's reports as artifacts, system
+  metrics when ``psutil`` is present) with one nested run per stage (its summary metrics);
+- the model as an ``mlflow.pyfunc`` wrapper (images in, polyboxes out) registered as a new
+  version of ``cfg.tracking.model_name`` with the alias ``challenger``; it becomes
+  ``champion`` only if its AP50 beats the champion's by ``cfg.tracking.promote_margin``.
+
+The store is ``MLFLOW_TRACKING_URI`` when set, else ``cfg.tracking.default_uri`` (SQLite
+inside ``mlruns/``). An unreachable server fails within seconds with a
+:class:`~polydet.errors.TrackingError` naming the URI, before anything is written to it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+
+from polydet.config import Config, flatten, flatten_dict, to_dict
+from polydet.errors import ModelError, TrackingError
+
+FALLBACK_URI = "sqlite:///mlruns/mlflow.db"  # when neither the env nor params.yaml names one
+CHAMPION, CHALLENGER = "champion", "challenger"
+TAG = "polydet."  # prefix of every tag this module writes
+REACH_TIMEOUT_S = 3.0
+STAGES = ("prepare", "anchors", "train", "evaluate", "debug")
+
+# Why these defaults: MLflow retries an HTTP request 7 times with exponential backoff (minutes
+# of waiting on a dead server); Prefect's task retries already cover transient failures.
+_MLFLOW_ENV_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}
+
+
+# --- connection ----------------------------------------------------------------------------
+
+
+def get_tracking_uri(cfg: Config | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else ``cfg.tracking.default_uri`` (or params.yaml's).
+
+    A relative SQLite path is made absolute: MLflow caches one database engine per URI
+    string, so ``sqlite:///mlruns/mlflow.db`` would otherwise keep pointing at the first
+    directory it was opened from.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri and cfg is not None:
+        uri = cfg.tracking.default_uri
+    if not uri:  # the project's own default when called without a config
+        try:
+            uri = str(yaml.safe_load(Path("params.yaml").read_text())["tracking"]["default_uri"])
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            uri = FALLBACK_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingError` naming ``uri`` unless its store can be used.
+
+    HTTP(S) servers get one short request to ``/health`` (any HTTP answer but a 5xx counts as
+    reachable); a SQLite store needs its directory to be creatable.
+    """
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            answer = requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+        except requests.RequestException as e:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({type(e).__name__}: {e}); "
+                "start it or unset MLFLOW_TRACKING_URI to use the local SQLite store"
+            ) from e
+        if answer.status_code >= 500:
+            raise TrackingError(
+                f"MLflow tracking server {uri} answered HTTP {answer.status_code} to /health"
+            )
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"MLflow store {uri}: cannot create {db.parent}: {e}") from e
+
+
+def connect(cfg: Config) -> str:
+    """Point MLflow at the configured store, check it answers, create the experiment.
+
+    Returns the experiment id. Call it before any stage runs so that a dead server fails the
+    pipeline within seconds.
+    """
+    for key, value in _MLFLOW_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    uri = get_tracking_uri(cfg)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = mlflow.MlflowClient()
+    try:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+        if exp is not None:
+            experiment_id = exp.experiment_id
+        else:
+            location = None
+            if uri.startswith("sqlite:///"):
+                # Artifacts beside the database, so mlruns/ holds the whole store.
+                db = Path(uri.removeprefix("sqlite:///")).resolve()
+                location = (db.parent / "artifacts").as_uri()
+            experiment_id = client.create_experiment(
+                cfg.tracking.experiment, artifact_location=location
+            )
+        # Logged models go to the current experiment, not their run's: keep them together.
+        mlflow.set_experiment(experiment_id=experiment_id)
+    except MlflowException as e:
+        raise TrackingError(f"MLflow store {uri}: {e.message}") from e
+    return experiment_id
+
+
+# --- lineage -------------------------------------------------------------------------------
+
+
+def params_hash(cfg: Config) -> str:
+    """SHA-256 of the whole configuration (canonical JSON): equal hashes, equal settings."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def _git(*args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip()
+
+
+def data_dvc_md5(path: str | Path = "data.dvc") -> str:
+    """The ``md5`` that ``data.dvc`` records for ``data/`` (``"absent"`` without the file)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        return str(raw["outs"][0]["md5"])
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError):
+        return "absent"
+
+
+def resolve_device(cfg: Config) -> str:
+    """The device training uses for ``cfg.train.device`` (``auto``: CUDA when present)."""
+    if cfg.train.device != "auto":
+        return cfg.train.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def lineage_tags(cfg: Config) -> dict[str, str]:
+    """Tags that say exactly what produced a run: code, data, settings, device."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {
+        TAG + "git_commit": commit or "unknown",
+        TAG + "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        TAG + "data_dvc_md5": data_dvc_md5(),
+        TAG + "params_hash": params_hash(cfg),
+        TAG + "device": resolve_device(cfg),
+    }
+
+
+# --- runs ----------------------------------------------------------------------------------
+
+
+def _client() -> mlflow.MlflowClient:
+    return mlflow.MlflowClient()
+
+
+def _psutil_present() -> bool:
+    try:
+        import psutil  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextmanager
+def pipeline_run(cfg: Config, run_name: str | None = None) -> Iterator[str]:
+    """Open the pipeline's parent run (params, lineage tags, system metrics); yield its id.
+
+    The run ends ``FINISHED``, or ``FAILED`` (with the error as a tag) if the body raises.
+    It is handled through the client by id, never as MLflow's thread-local active run, so
+    that tasks on any thread can log to it.
+    """
+    experiment_id = connect(cfg)
+    from mlflow.tracking.context.registry import resolve_tags
+
+    client = _client()
+    tags = resolve_tags({**lineage_tags(cfg), TAG + "kind": "pipeline"})
+    try:
+        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run_id = run.info.run_id
+        client.log_batch(
+            run_id, params=[Param(k, _param_value(v)) for k, v in flatten(cfg).items()]
+        )
+    except MlflowException as e:
+        raise TrackingError(f"MLflow store {get_tracking_uri(cfg)}: {e.message}") from e
+    monitor = None
+    if _psutil_present():
+        # Its start/stop INFO lines would interleave with the pipeline's own log.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=5)
+        monitor.start()
+    try:
+        yield run_id
+    except BaseException as e:
+        _end_run(client, run_id, "FAILED", monitor, error=f"{type(e).__name__}: {e}")
+        raise
+    _end_run(client, run_id, "FINISHED", monitor)
+
+
+def _end_run(
+    client: mlflow.MlflowClient, run_id: str, status: str, monitor: Any, error: str = ""
+) -> None:
+    if monitor is not None:
+        monitor.finish()
+    try:
+        if error:
+            client.set_tag(run_id, TAG + "error", error[:4000])
+        client.set_terminated(run_id, status=status)
+    except MlflowException:
+        if not error:  # keep the original error when the store itself is what failed
+            raise
+
+
+def _param_value(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, list | dict) else str(v)
+    return text[:6000]  # MLflow's limit on a param value
+
+
+def numeric_metrics(d: Mapping[str, Any], prefix: str) -> dict[str, float]:
+    """The finite numbers of a nested summary, as ``prefix + dotted.key`` metric names."""
+    out = {}
+    for key, value in flatten_dict(dict(d)).items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if value == value and abs(value) != float("inf"):
+            out[_metric_name(prefix + key)] = float(value)
+    return out
+
+
+def _metric_name(name: str) -> str:
+    return re.sub(r"[^\w\-. /:]", "_", name)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def stage_files(cfg: Config) -> dict[str, dict[str, Path]]:
+    """Per stage: its summary file and output directory (what gets logged)."""
+    return {
+        "prepare": {"summary": Path(cfg.data.out) / "stats.json", "dir": Path(cfg.data.out)},
+        "anchors": {
+            "summary": Path(cfg.anchors.out) / "coverage.json",
+            "dir": Path(cfg.anchors.out),
+        },
+        "train": {"summary": Path(cfg.train.out) / "summary.json", "dir": Path(cfg.train.out)},
+        "evaluate": {
+            "summary": Path(cfg.evaluate.out) / "metrics.json",
+            "dir": Path(cfg.evaluate.out),
+        },
+        "debug": {"summary": Path(cfg.debug.out) / "debug.json", "dir": Path(cfg.debug.out)},
+    }
+
+
+# Large or already-versioned outputs that are not worth copying into every run.
+_SKIP_ARTIFACTS = {
+    "prepare": ("images.csv", "objects.csv", "tiles"),
+    "train": ("model.pt", "checkpoints"),
+}
+
+
+def history_metrics(history_csv: Path) -> list[Metric]:
+    """Per-step metrics from ``history.csv``: ``train/<column>`` and ``val/<column>``.
+
+    Rows with a ``split``/``phase`` column of ``val`` are validation rows; every other
+    numeric column becomes one metric per step (the ``step`` column), stamped with the row's
+    ``time`` when there is one, so that runs compare under the same names.
+    """
+    if not history_csv.exists():
+        return []
+    df = pd.read_csv(history_csv)
+    if df.empty:
+        return []
+    kind_col = next((c for c in ("split", "phase", "kind") if c in df.columns), None)
+    step_col = "step" if "step" in df.columns else None
+    skip = {kind_col, step_col, "epoch", "time", "timestamp", "wall_time"}
+    now_ms = int(time.time() * 1000)
+    metrics = []
+    for i, row in df.iterrows():
+        kind = str(row[kind_col]) if kind_col else "train"
+        prefix = "val/" if kind.startswith("val") else f"{kind}/"
+        step = int(row[step_col]) if step_col else int(i)
+        stamp = next((row[c] for c in ("time", "timestamp", "wall_time") if c in df.columns), None)
+        ts = int(float(stamp) * 1000) if _is_number(stamp) and float(stamp) > 1e9 else now_ms
+        for col in df.columns:
+            if col in skip or not _is_number(row[col]) or (prefix == "val/" and col == "lr"):
+                continue
+            metrics.append(Metric(_metric_name(prefix + str(col)), float(row[col]), ts, step))
+    return metrics
+
+
+def _is_number(x: Any) -> bool:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return False
+    return v == v and abs(v) != float("inf")
+
+
+def log_pipeline_outputs(
+    cfg: Config, run_id: str, cached: Mapping[str, bool] | None = None
+) -> dict[str, Any]:
+    """Log every stage's outputs (as written on disk) to the parent run ``run_id``.
+
+    Parent run: per-step training metrics, each stage's summary numbers as
+    ``<stage>/<key>`` metrics (evaluation as ``<split>/<key>``), each stage's reports under
+    ``<stage>/``. One nested run per stage carries its summary metrics and whether it was
+    served from the cache. Returns ``{"run_id", "metrics"}`` (the evaluation metrics).
+    """
+    client = _client()
+    run = client.get_run(run_id)
+    now_ms = int(time.time() * 1000)
+    files = stage_files(cfg)
+    all_metrics: list[Metric] = history_metrics(Path(cfg.train.out) / "history.csv")
+    for stage in STAGES:
+        summary = read_json(files[stage]["summary"])
+        prefix = f"{cfg.evaluate.split}/" if stage == "evaluate" else f"{stage}/"
+        numbers = numeric_metrics(summary, prefix)
+        all_metrics += [Metric(k, v, now_ms, 0) for k, v in numbers.items()]
+        child = client.create_run(
+            run.info.experiment_id,
+            run_name=stage,
+            tags={
+                "mlflow.parentRunId": run_id,
+                TAG + "stage": stage,
+                TAG + "cached": str(bool((cached or {}).get(stage, False))).lower(),
+            },
+        )
+        client.log_batch(
+            child.info.run_id, metrics=[Metric(k, v, now_ms, 0) for k, v in numbers.items()]
+        )
+        if files[stage]["summary"].exists():
+            client.log_artifact(child.info.run_id, str(files[stage]["summary"]))
+        client.set_terminated(child.info.run_id)
+        _log_dir(client, run_id, files[stage]["dir"], stage, _SKIP_ARTIFACTS.get(stage, ()))
+    client.log_batch(run_id, metrics=all_metrics)
+    return {"run_id": run_id, "metrics": read_json(files["evaluate"]["summary"])}
+
+
+def _log_dir(
+    client: mlflow.MlflowClient, run_id: str, directory: Path, dest: str, skip: tuple[str, ...]
+) -> None:
+    if not directory.is_dir():
+        return
+    for item in sorted(directory.iterdir()):
+        if item.name in skip:
+            continue
+        if item.is_dir():
+            client.log_artifacts(run_id, str(item), f"{dest}/{item.name}")
+        else:
+            client.log_artifact(run_id, str(item), dest)
+
+
+# --- the model -----------------------------------------------------------------------------
+
+
+class PolydetPyfunc(mlflow.pyfunc.PythonModel):
+    """A polydet model as an MLflow pyfunc: images in, polyboxes, scores and labels out.
+
+    Input: a DataFrame with a string column ``image``, each a base64-encoded image file
+    (PNG/JPEG) or a path readable by the server. Output: one row per image with
+    ``polyboxes`` (K×10, image pixels), ``scores`` (K), ``labels`` (K, 1-based) and
+    ``classes`` (K names). Parameter ``score_thresh`` (default 0.0) drops weaker detections.
+    """
+
+    def load_context(self, context: Any) -> None:
+        import torch
+
+        from polydet.model import load_model
+
+        path = context.artifacts["model"]
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = load_model(path, device=self.device)
+        self.classes = list(self.model.classes or [])
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
+        import torch
+
+        thresh = float((params or {}).get("score_thresh", 0.0))
+        images = [decode_image(v).to(self.device) for v in model_input["image"]]
+        with torch.no_grad():
+            outputs = self.model.predict(images)
+        rows = []
+        for out in outputs:
+            keep = out["scores"] >= thresh
+            labels = out["labels"][keep].cpu().tolist()
+            rows.append(
+                {
+                    "polyboxes": out["polyboxes"][keep].cpu().double().tolist(),
+                    "scores": out["scores"][keep].cpu().double().tolist(),
+                    "labels": [int(x) for x in labels],
+                    "classes": [self._name(int(x)) for x in labels],
+                }
+            )
+        return pd.DataFrame(rows, columns=["polyboxes", "scores", "labels", "classes"])
+
+    def _name(self, label: int) -> str:
+        return self.classes[label - 1] if 0 < label <= len(self.classes) else str(label)
+
+
+def decode_image(value: str | bytes) -> Any:
+    """An image from a path or base64 bytes as a ``[3,H,W]`` float tensor in [0,1]."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    if isinstance(value, str) and len(value) < 4096 and Path(value).is_file():
+        img = Image.open(value)
+    else:
+        raw = value if isinstance(value, bytes) else base64.b64decode(value)
+        img = Image.open(io.BytesIO(raw))
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def encode_image(path: str | Path) -> str:
+    """Base64 text of an image file, as the pyfunc model's ``image`` column takes it."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _example_image(cfg: Config) -> str:
+    """Base64 PNG of one prepared image (the evaluation split first), else a blank one."""
+    images = Path(cfg.data.out) / "images.csv"
+    if images.exists():
+        df = pd.read_csv(images)
+        if not df.empty:
+            df = df.sort_values("split", key=lambda s: s != cfg.evaluate.split)
+            for path in df["path"]:
+                if Path(path).is_file():
+                    return encode_image(path)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (cfg.model.min_size, cfg.model.min_size)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+_MODEL_CODE = """\
+import mlflow
+
+from polydet.tracking import PolydetPyfunc
+
+mlflow.models.set_model(PolydetPyfunc())
+"""
+
+
+def _pip_requirements() -> list[str]:
+    # Explicit (inferring them imports the model and takes ~10 s).
+    names = ["torch", "torchvision", "numpy", "pandas", "pillow", "shapely", "pyyaml", "mlflow"]
+    out = []
+    for name in names:
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ap50(metrics: Mapping[str, Any]) -> float:
+    """The polygon AP50 of an evaluation summary: DOTA's ``map50``, else COCO-style.
+
+    ``map50`` exists when ``evaluate.iou_threshold`` is 0.5; ``map50_coco`` always does.
+    """
+    for key in ("map50", "map50_coco"):
+        value = metrics.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    raise TrackingError("evaluation metrics have no numeric 'map50' nor 'map50_coco'")
+
+
+def register_model(
+    cfg: Config, model_path: str | Path, metrics: Mapping[str, Any], run_id: str | None = None
+) -> dict[str, Any]:
+    """Log ``model_path`` as a pyfunc model, register it, give it ``challenger``, gate it.
+
+    Idempotent: a model file and metrics already registered (same content hashes) reuse
+    their version instead of adding one. ``run_id`` is the pipeline run to attach the model
+    to (a new run is opened when it is ``None``). Returns the registration record:
+    ``{"model_name", "version", "new", "run_id", "model_uri", "map50", "promotion"}``.
+    """
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise ModelError(f"{model_path}: no model file to register")
+    if run_id is None:
+        with pipeline_run(cfg, run_name="register") as rid:
+            return register_model(cfg, model_path, metrics, run_id=rid)
+    connect(cfg)
+    client = _client()
+    name = cfg.tracking.model_name
+    score = ap50(metrics)
+    key = hashlib.sha256(
+        (file_sha256(model_path) + json.dumps(dict(metrics), sort_keys=True)).encode()
+    ).hexdigest()
+    try:
+        existing = _find_version(client, name, TAG + "registration_key", key)
+        if existing is not None:
+            client.set_tag(run_id, TAG + "model_version", existing)
+            client.set_tag(run_id, TAG + "registration", "reused an identical version")
+            return {
+                "model_name": name,
+                "version": existing,
+                "new": False,
+                "run_id": run_id,
+                "model_uri": f"models:/{name}/{existing}",
+                "map50": score,
+                "promotion": {"promoted": False, "reason": "identical model already registered"},
+                "champion": _alias_version(client, name, CHAMPION),
+            }
+        version = _log_and_register(cfg, client, model_path, metrics, run_id)
+        for k, v in {
+            "registration_key": key,
+            "map50": f"{score:.6f}",
+            "eval_split": cfg.evaluate.split,
+            "params_hash": params_hash(cfg),
+            "run_id": run_id,
+        }.items():
+            client.set_model_version_tag(name, version, TAG + k, v)
+        client.set_registered_model_alias(name, CHALLENGER, version)
+        client.set_tag(run_id, TAG + "model_version", version)
+        promotion = promote_if_better(cfg, version, score)
+    except MlflowException as e:
+        raise TrackingError(f"MLflow registry {get_tracking_uri(cfg)}: {e.message}") from e
+    return {
+        "model_name": name,
+        "version": version,
+        "new": True,
+        "run_id": run_id,
+        "model_uri": f"models:/{name}/{version}",
+        "map50": score,
+        "promotion": promotion,
+        "champion": _alias_version(client, name, CHAMPION),
+    }
+
+
+def _log_and_register(
+    cfg: Config,
+    client: mlflow.MlflowClient,
+    model_path: Path,
+    metrics: Mapping[str, Any],
+    run_id: str,
+) -> str:
+    from mlflow.models import Model, infer_signature
+
+    wrapper = PolydetPyfunc()
+    wrapper.load_context(type("Ctx", (), {"artifacts": {"model": str(model_path)}})())
+    example = pd.DataFrame({"image": [_example_image(cfg)]})
+    params = {"score_thresh": 0.0}
+    signature = infer_signature(example, wrapper.predict(None, example, params), params)
+    with tempfile.TemporaryDirectory() as tmp:
+        # "Models from code": the model is this module's class, named in a tiny script
+        # (no pickled object to trust when loading).
+        code = Path(tmp) / "polydet_pyfunc.py"
+        code.write_text(_MODEL_CODE)
+        # Model.log with an explicit run_id: pyfunc.log_model would need MLflow's
+        # thread-local active run, which this module never relies on.
+        info = Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(code),
+            artifacts={"model": str(model_path)},
+            signature=signature,
+            input_example=example,
+            pip_requirements=_pip_requirements(),
+            tags={TAG + "map50": str(ap50(metrics))},
+        )
+    version = mlflow.register_model(
+        info.model_uri, cfg.tracking.model_name, tags={TAG + "run_id": run_id}
+    )
+    return str(version.version)
+
+
+def _find_version(client: mlflow.MlflowClient, name: str, tag: str, value: str) -> str | None:
+    """The version of ``name`` whose tag ``tag`` is ``value``, if any."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return next((str(v.version) for v in versions if v.tags.get(tag) == value), None)
+
+
+def _alias_version(client: mlflow.MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+# --- promotion -----------------------------------------------------------------------------
+
+
+def decide_promotion(new_ap: float, champion_ap: float | None, margin: float) -> tuple[bool, str]:
+    """Whether a challenger with AP50 ``new_ap`` replaces a champion with ``champion_ap``.
+
+    It must beat the champion by more than ``margin`` (strictly); no champion means yes.
+    """
+    if champion_ap is None:
+        return True, f"no champion yet; AP50 {new_ap:.4f}"
+    if new_ap > champion_ap + margin:
+        return True, f"AP50 {new_ap:.4f} beats champion's {champion_ap:.4f} by more than {margin}"
+    return False, f"AP50 {new_ap:.4f} does not beat champion's {champion_ap:.4f} by {margin}"
+
+
+def _version_ap(client: mlflow.MlflowClient, name: str, version: str) -> float | None:
+    mv = client.get_model_version(name, version)
+    value = mv.tags.get(TAG + "map50")
+    if value is None and mv.run_id:  # a version registered by hand: its run's metric
+        split = mv.tags.get(TAG + "eval_split", "test")
+        value = client.get_run(mv.run_id).data.metrics.get(f"{split}/map50")
+    return None if value is None else float(value)
+
+
+def _crown(client: mlflow.MlflowClient, name: str, version: str, reason: str) -> str | None:
+    """Give ``version`` the champion alias; tag the old champion with when and why."""
+    old = _alias_version(client, name, CHAMPION)
+    if old == version:
+        return old
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    if old is not None:
+        client.set_model_version_tag(name, old, TAG + "replaced_at", now)
+        client.set_model_version_tag(name, old, TAG + "replaced_by", version)
+        client.set_model_version_tag(name, old, TAG + "replaced_reason", reason)
+        client.set_model_version_tag(name, version, TAG + "previous_champion", old)
+    client.set_model_version_tag(name, version, TAG + "champion_since", now)
+    client.set_model_version_tag(name, version, TAG + "champion_reason", reason)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return old
+
+
+def promote_if_better(cfg: Config, version: str, new_ap: float) -> dict[str, Any]:
+    """Apply the promotion gate to a freshly registered ``version`` with AP50 ``new_ap``."""
+    client = _client()
+    name = cfg.tracking.model_name
+    champion = _alias_version(client, name, CHAMPION)
+    champion_ap = None if champion is None else _version_ap(client, name, champion)
+    if champion is not None and champion_ap is None:
+        champion_ap = float("-inf")  # a champion with no recorded AP50 loses to any number
+    promoted, reason = decide_promotion(new_ap, champion_ap, cfg.tracking.promote_margin)
+    client.set_model_version_tag(name, version, TAG + "gate", reason)
+    previous = _crown(client, name, version, reason) if promoted else None
+    return {"promoted": promoted, "reason": reason, "previous_champion": previous}
+
+
+def promote(cfg: Config, version: str, reason: str = "promoted by hand") -> dict[str, Any]:
+    """Make ``version`` the champion by hand (the gate is not applied)."""
+    connect(cfg)
+    client = _client()
+    name = cfg.tracking.model_name
+    try:
+        client.get_model_version(name, str(version))
+    except MlflowException as e:
+        raise TrackingError(f"{name} has no version {version} in {get_tracking_uri(cfg)}") from e
+    previous = _crown(client, name, str(version), reason)
+    return {"model_name": name, "champion": str(version), "previous_champion": previous}
+
+
+def rollback(cfg: Config, reason: str = "rolled back by hand") -> dict[str, Any]:
+    """Give the champion alias back to the version the current champion replaced."""
+    connect(cfg)
+    client = _client()
+    name = cfg.tracking.model_name
+    current = _alias_version(client, name, CHAMPION)
+    if current is None:
+        raise TrackingError(f"{name} has no champion to roll back in {get_tracking_uri(cfg)}")
+    previous = client.get_model_version(name, current).tags.get(TAG + "previous_champion")
+    if previous is None:
+        raise TrackingError(f"{name} champion v{current} replaced no earlier champion")
+    try:
+        target = client.get_model_version(name, previous)
+    except MlflowException as e:
+        raise TrackingError(f"{name} v{previous} (the previous champion) is gone") from e
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    client.set_model_version_tag(name, current, TAG + "replaced_at", now)
+    client.set_model_version_tag(name, current, TAG + "replaced_by", previous)
+    client.set_model_version_tag(name, current, TAG + "replaced_reason", reason)
+    client.set_model_version_tag(name, previous, TAG + "champion_since", now)
+    client.set_model_version_tag(name, previous, TAG + "champion_reason", reason)
+    client.set_registered_model_alias(name, CHAMPION, target.version)
+    return {"model_name": name, "champion": str(target.version), "rolled_back_from": current}
+
+
+# --- model URIs ----------------------------------------------------------------------------
+
+
+def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
+    """Local path of the ``model.pt`` behind a file path or a ``models:/``/``runs:/`` URI.
+
+    Registry models are downloaded once per version under ``outputs/models/``; the store is
+    ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the project's default.
+    Raises :class:`ModelError` naming the URI when there is no such model.
+    """
+    if not uri.startswith(("models:/", "runs:/")):
+        path = Path(uri)
+        if not path.exists():
+            raise ModelError(f"{uri}: no such model file")
+        return path
+    store = tracking_uri or get_tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).exists():
+        raise ModelError(f"{uri}: no MLflow store at {store}")
+    check_reachable(store)
+    dst = Path("outputs/models") / _cache_name(uri, store)
+    if not dst.exists():
+        tmp = dst.with_name(dst.name + ".part")
+        tmp.mkdir(parents=True, exist_ok=True)
+        try:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
+            )
+        except (MlflowException, OSError) as e:
+            raise ModelError(f"{uri}: cannot download from {store}: {e}") from e
+        tmp.rename(dst)
+    found = sorted(dst.rglob("model.pt"))
+    if not found:
+        raise ModelError(f"{uri}: the downloaded artifacts hold no model.pt")
+    return found[0]
+
+
+def _cache_name(uri: str, store: str) -> str:
+    """A directory name that changes when an alias moves (it names the resolved version)."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    if m:
+        name, alias, number = m.groups()
+        client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+        try:
+            if alias:
+                number = client.get_model_version_by_alias(name, alias).version
+            client.get_model_version(name, number)
+        except MlflowException as e:
+            raise ModelError(f"{uri}: not in the registry at {store}: {e.message}") from e
+        key = f"{name}-v{number}"
+    else:
+        key = re.sub(r"[^\w.-]", "_", uri.split(":/", 1)[1].strip("/"))
+    return f"{key}-{hashlib.sha256(store.encode()).hexdigest()[:8]}"
+
+
+# --- the DVC register stage ----------------------------------------------------------------
+
+
+def registration_path(cfg: Config) -> Path:
+    """Where the registration record of the last pipeline run is written."""
+    return Path(cfg.tracking.out) / "registration.json"
+
+
+def record_and_register(
+    cfg: Config, cached: Mapping[str, bool] | None = None, run_id: str | None = None
+) -> dict[str, Any]:
+    """Log the pipeline's outputs and register its model; write ``registration.json``.
+
+    This is the whole ``register`` stage: ``polydet register`` (DVC) calls it with no run
+    (one is opened), the Prefect flow with its pipeline run.
+    """
+    if run_id is None:
+        with pipeline_run(cfg, run_name="pipeline") as rid:
+            return record_and_register(cfg, cached, run_id=rid)
+    logged = log_pipeline_outputs(cfg, run_id, cached)
+    record = register_model(cfg, Path(cfg.train.out) / "model.pt", logged["metrics"], run_id)
+    record["tracking_uri"] = get_tracking_uri(cfg)
+    record["experiment"] = cfg.tracking.experiment
+    path = registration_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return record
+
+
+def run_link(cfg: Config, run_id: str) -> str:
+    """A link to the run in the MLflow UI (``make ui`` serves the SQLite store on :5000)."""
+    uri = get_tracking_uri(cfg)
+    run = _client().get_run(run_id)
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"

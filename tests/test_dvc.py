@@ -1,0 +1,191 @@
+"""DVC: ``dvc.yaml`` mirrors the flow's stages, and ``dvc repro`` works in a copy of the repo.
+
+The repro test copies the working tree (tracked and untracked, not ignored files) into a
+temporary git repository with the smoke settings in its ``params.yaml``, generates and
+``dvc add``-s the synthetic data, and runs ``dvc repro`` three times: everything, nothing
+(up to date), and after one evaluation setting changed (only ``evaluate`` and ``register``).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.pipeline import SMOKE_OVERRIDES, STAGES
+from polydet.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+# Plumbing around the stages, not stage logic: editing them must not rerun training.
+PLUMBING = {"polydet/cli.py", "polydet/tracking.py", "polydet/predict.py", "polydet/errors.py"}
+
+
+def _dvc_stages() -> dict[str, dict]:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _paths(entries: list) -> list[str]:
+    """Paths of a dvc.yaml ``deps``/``outs``/``metrics``/``plots`` list (str or {path: opts})."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def _covered(path: str, by: list[str]) -> bool:
+    p = Path(path)
+    return any(p == Path(b) or Path(b) in p.parents for b in by)
+
+
+def test_dvc_yaml_mirrors_the_flow_stages():
+    dvc = _dvc_stages()
+    assert list(dvc) == [s.name for s in STAGES] + ["register"]
+    cfg = load_config(ROOT / "params.yaml")
+    for stage in STAGES:
+        spec = dvc[stage.name]
+        assert spec["cmd"] == f"polydet {stage.name}"
+        assert spec["params"] == list(stage.params), stage.name
+        deps = _paths(spec["deps"])
+        assert [d for d in deps if d.startswith("polydet/")] == list(stage.code), stage.name
+        data_deps = [d for d in deps if not d.startswith("polydet/")]
+        for dep in stage.deps(cfg):
+            assert _covered(dep, data_deps), f"{stage.name}: {dep} is not a dvc.yaml dep"
+        produced = [_paths(spec.get(k)) for k in ("outs", "metrics", "plots")]
+        produced = [p for group in produced for p in group]
+        for out in stage.outs(cfg):
+            assert _covered(out, produced), f"{stage.name}: {out} is not a dvc.yaml output"
+    assert dvc["register"]["cmd"] == "polydet register"
+    assert dvc["register"]["params"] == ["tracking"]
+
+
+def _module_file(module: str) -> Path | None:
+    base = ROOT / Path(*module.split("."))
+    for candidate in (base / "__init__.py", base.with_suffix(".py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imports(path: Path) -> set[str]:
+    """polydet modules imported anywhere in a file (lazy imports in functions included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] == "polydet"}
+
+
+def _closure(module: str) -> set[str]:
+    """Source files (relative to the repo) a module may run, plumbing left out."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        path = _module_file(todo.pop())
+        if path is None:
+            continue
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in seen or rel in PLUMBING:
+            continue
+        seen.add(rel)
+        todo += sorted(_imports(path))
+    return seen
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda s: s.name)
+def test_code_deps_cover_what_the_stage_imports(stage):
+    """Editing any module a stage runs must invalidate it (in DVC and in Prefect's cache)."""
+    import inspect
+
+    (module,) = re.findall(r"from (polydet[\w.]*) import", inspect.getsource(stage.run))
+    files = _closure(module)
+    assert files, f"{module} not found"
+    missing = sorted(f for f in files if not _covered(f, list(stage.code)) and "__init__" not in f)
+    assert not missing, f"{stage.name}: add {missing} to its code deps"
+
+
+# --- dvc repro in a copy ---------------------------------------------------------------------
+
+
+def _set(raw: dict, item: str) -> None:
+    dotted, text = item.split("=", 1)
+    *parents, last = dotted.split(".")
+    node = raw
+    for p in parents:
+        node = node[p]
+    node[last] = yaml.safe_load(text)
+
+
+def _sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w-]+)'", output))
+
+
+@pytest.mark.slow
+def test_dvc_repro_in_a_copy(tmp_path: Path):
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    repo = tmp_path / "repo"
+    for rel in filter(None, listed.split("\0")):
+        src = ROOT / rel
+        if src.is_file() and not rel.startswith(("data/", "outputs/")):
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    (repo / "data.dvc").unlink(missing_ok=True)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    for item in SMOKE_OVERRIDES:
+        _set(raw, item)
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env |= {
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    _sh(["git", "init", "-q"], repo, env)
+    if not (repo / ".dvc").is_dir():
+        _sh([*dvc, "init", "-q"], repo, env)
+    _sh(["polydet", "synth"], repo, env)
+    _sh([*dvc, "add", "-q", "data"], repo, env)
+    _sh(["git", "add", "-A"], repo, env)
+    _sh(["git", "commit", "-qm", "copy"], repo, env)
+
+    first = _sh([*dvc, "repro"], repo, env)
+    assert _ran(first) == {"prepare", "anchors", "train", "evaluate", "debug", "register"}
+    record = json.loads((repo / "outputs/register/registration.json").read_text())
+    assert (record["version"], record["champion"]) == ("1", "1")
+    assert (repo / "dvc.lock").is_file()
+
+    start = time.perf_counter()
+    second = _sh([*dvc, "repro"], repo, env)
+    assert _ran(second) == set() and "up to date" in second
+    assert time.perf_counter() - start < 20
+
+    raw["evaluate"]["score_thresh"] = 0.25
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    third = _sh([*dvc, "repro"], repo, env)
+    assert _ran(third) == {"evaluate", "register"}
+    metrics = _sh([*dvc, "metrics", "show", "--json"], repo, env)
+    assert "map50" in metrics

@@ -1,0 +1,290 @@
+"""MLflow tracking: promotion gate, registry aliases, rollback, lineage, model URIs, failing fast.
+
+Each test gets its own SQLite store under ``tmp_path`` (the working directory) and a tiny
+untrained model, so nothing here trains.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from flows.pipeline import SMOKE_OVERRIDES
+from polydet import cli, tracking
+from polydet.config import Config, load_config
+from polydet.errors import ModelError, TrackingError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh project directory whose default SQLite store is ``mlruns/mlflow.db``."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def _cfg(*overrides: str) -> Config:
+    return load_config(ROOT / "params.yaml", [*SMOKE_OVERRIDES, *overrides])
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny polydet model file (its predictions are noise, which is enough)."""
+    from polydet.model import build_model, save_model
+
+    cfg = _cfg()
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_model(build_model(cfg.model), path, cfg.model, cfg.data.classes, None)
+    return path
+
+
+def _aliases(name: str = "polydet") -> dict[str, str]:
+    client = mlflow.MlflowClient()
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+
+
+def _tags(version: str, name: str = "polydet") -> dict[str, str]:
+    return mlflow.MlflowClient().get_model_version(name, version).tags
+
+
+# --- the gate, as a pure function ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("new", "champion", "margin", "expected"),
+    [
+        (0.10, None, 0.0, True),  # no champion: the first model always wins
+        (0.51, 0.50, 0.0, True),
+        (0.50, 0.50, 0.0, False),  # a tie keeps the champion
+        (0.55, 0.50, 0.10, False),  # better, but not by the margin
+        (0.61, 0.50, 0.10, True),
+        (0.40, 0.50, 0.0, False),
+    ],
+)
+def test_decide_promotion(new: float, champion: float | None, margin: float, expected: bool):
+    promoted, reason = tracking.decide_promotion(new, champion, margin)
+    assert promoted is expected
+    assert f"{new:.4f}" in reason
+
+
+# --- the registry --------------------------------------------------------------------------
+
+
+def test_register_promote_rollback(
+    store: Path, model_file: Path, capsys: pytest.CaptureFixture[str]
+):
+    cfg = _cfg()
+    r1 = tracking.register_model(cfg, model_file, {"map50": 0.30})
+    assert (r1["version"], r1["new"], r1["champion"]) == ("1", True, "1")
+    assert _aliases() == {"champion": "1", "challenger": "1"}
+
+    r2 = tracking.register_model(cfg, model_file, {"map50": 0.50})  # better: promoted
+    assert r2["promotion"]["promoted"] and r2["promotion"]["previous_champion"] == "1"
+    assert _aliases() == {"champion": "2", "challenger": "2"}
+    old = _tags("1")
+    assert old["polydet.replaced_by"] == "2" and "beats" in old["polydet.replaced_reason"]
+    assert old["polydet.replaced_at"].startswith("20")
+
+    r3 = tracking.register_model(cfg, model_file, {"map50": 0.40})  # worse: challenger only
+    assert not r3["promotion"]["promoted"]
+    assert _aliases() == {"champion": "2", "challenger": "3"}
+    assert "does not beat" in _tags("3")["polydet.gate"]
+
+    again = tracking.register_model(cfg, model_file, {"map50": 0.40})  # identical: reused
+    assert (again["version"], again["new"]) == ("3", False)
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'polydet'")) == 3
+
+    # By hand, through the command line (`polydet promote 3`, `polydet rollback`).
+    params = ["--params", str(ROOT / "params.yaml")]
+    assert cli.main(["promote", "3", "--reason", "hand-picked", *params]) == 0
+    assert json.loads(capsys.readouterr().out)["previous_champion"] == "2"
+    assert _aliases()["champion"] == "3"
+    assert _tags("2")["polydet.replaced_reason"] == "hand-picked"
+
+    assert cli.main(["rollback", *params]) == 0
+    assert json.loads(capsys.readouterr().out)["champion"] == "2"
+    assert tracking.rollback(cfg)["champion"] == "1"  # v2 had replaced v1
+    with pytest.raises(TrackingError, match="no earlier champion"):
+        tracking.rollback(cfg)
+    assert cli.main(["promote", "9", *params]) == 2
+    assert "no version 9" in capsys.readouterr().err
+
+
+def test_margin_keeps_champion(store: Path, model_file: Path):
+    cfg = _cfg("tracking.promote_margin=0.2")
+    tracking.register_model(cfg, model_file, {"map50": 0.50})
+    r = tracking.register_model(cfg, model_file, {"map50": 0.65})
+    assert not r["promotion"]["promoted"] and r["champion"] == "1"
+    r = tracking.register_model(cfg, model_file, {"map50": 0.75})
+    assert r["promotion"]["promoted"] and r["champion"] == "3"
+
+
+def test_champion_uri_loads_and_serves(store: Path, model_file: Path):
+    """``models:/polydet@champion`` resolves to the model file and serves as a pyfunc."""
+    from mlflow.models import convert_input_example_to_serving_input, validate_serving_input
+
+    cfg = _cfg()
+    tracking.register_model(cfg, model_file, {"map50": 0.2})
+    path = tracking.resolve_model_path("models:/polydet@champion")
+    assert path.name == "model.pt" and path.read_bytes() == model_file.read_bytes()
+    assert tracking.resolve_model_path(str(model_file)) == model_file
+
+    from PIL import Image
+
+    Image.new("RGB", (80, 64), (200, 40, 40)).save("red.png")
+    frame = pd.DataFrame({"image": [tracking.encode_image("red.png"), str(Path("red.png"))]})
+    model = mlflow.pyfunc.load_model("models:/polydet@champion")
+    out = model.predict(frame, params={"score_thresh": 0.0})
+    assert list(out.columns) == ["polyboxes", "scores", "labels", "classes"]
+    assert len(out) == 2
+    for boxes, scores, labels in zip(out["polyboxes"], out["scores"], out["labels"]):
+        assert len(boxes) == len(scores) == len(labels)
+        assert all(len(b) == 10 for b in boxes)
+    # What `mlflow models serve` does with a request body.
+    served = validate_serving_input(
+        "models:/polydet@champion", convert_input_example_to_serving_input(frame)
+    )
+    assert len(served) == 2
+
+    with pytest.raises(ModelError, match="polydet@nobody"):
+        tracking.resolve_model_path("models:/polydet@nobody")
+    with pytest.raises(ModelError, match="no such model file"):
+        tracking.resolve_model_path("missing/model.pt")
+
+
+# --- runs and lineage ----------------------------------------------------------------------
+
+
+def test_lineage_tags(store: Path):
+    subprocess.run(["git", "init", "-q"], check=True)
+    Path("data.dvc").write_text("outs:\n- md5: 0123abcd.dir\n  path: data\n")
+    Path("f.txt").write_text("a")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    cfg = _cfg("train.device=cpu")
+    tags = tracking.lineage_tags(cfg)
+    assert tags["polydet.git_commit"] == head
+    assert tags["polydet.git_dirty"] == "false"
+    assert tags["polydet.data_dvc_md5"] == "0123abcd.dir"
+    assert tags["polydet.device"] == "cpu"
+    assert tags["polydet.params_hash"] == tracking.params_hash(_cfg("train.device=cpu"))
+    assert tags["polydet.params_hash"] != tracking.params_hash(_cfg("train.lr=0.5"))
+    Path("f.txt").write_text("b")
+    assert tracking.lineage_tags(cfg)["polydet.git_dirty"] == "true"
+
+
+def test_history_metrics_names_and_steps(tmp_path: Path):
+    csv = tmp_path / "history.csv"
+    csv.write_text(
+        "step,epoch,split,lr,loss,loss_classifier,images_per_s\n"
+        "1,1,train,0.01,2.5,1.0,3.5\n"
+        "2,1,train,0.02,2.0,0.8,3.7\n"
+        "2,1,val,0.02,2.2,0.9,\n"
+    )
+    got = {(m.key, m.step): m.value for m in tracking.history_metrics(csv)}
+    assert got[("train/loss", 1)] == 2.5 and got[("train/loss", 2)] == 2.0
+    assert got[("train/lr", 2)] == 0.02 and got[("train/images_per_s", 1)] == 3.5
+    assert got[("val/loss", 2)] == 2.2 and got[("val/loss_classifier", 2)] == 0.9
+    assert ("val/images_per_s", 2) not in got and ("val/lr", 2) not in got
+    assert not any(k.endswith(("/step", "/epoch", "/split")) for k, _ in got)
+
+
+def test_failed_pipeline_run_is_marked(store: Path):
+    cfg = _cfg()
+    with pytest.raises(RuntimeError), tracking.pipeline_run(cfg, run_name="boom") as run_id:
+        raise RuntimeError("stage exploded")
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert "stage exploded" in run.data.tags["polydet.error"]
+    assert run.data.params["train.lr"] == str(cfg.train.lr)
+    assert run.data.tags["polydet.params_hash"] == tracking.params_hash(cfg)
+
+
+# --- an unreachable server -----------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_fast(store: Path, monkeypatch: pytest.MonkeyPatch):
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there: refused at once
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    start = time.perf_counter()
+    with pytest.raises(TrackingError, match=f"{uri} is unreachable"):
+        tracking.connect(_cfg())
+    assert time.perf_counter() - start < 5
+
+
+def test_silent_server_times_out(store: Path, monkeypatch: pytest.MonkeyPatch):
+    """A server that accepts connections but never answers fails after the short timeout."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        conns: list[socket.socket] = []
+        stop = threading.Event()
+
+        def accept() -> None:
+            server.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    conns.append(server.accept()[0])  # and say nothing
+                except OSError:
+                    continue
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        uri = f"http://127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        start = time.perf_counter()
+        try:
+            with pytest.raises(TrackingError, match=uri):
+                tracking.check_reachable(uri, timeout=1.0)
+        finally:
+            stop.set()
+            thread.join()
+            for c in conns:
+                c.close()
+        assert time.perf_counter() - start < 4
+
+
+def test_registration_record_written(store: Path, model_file: Path, monkeypatch):
+    """The DVC register stage: outputs logged, model registered, registration.json written."""
+    cfg = _cfg()
+    train_out = Path(cfg.train.out)
+    train_out.mkdir(parents=True)
+    (train_out / "model.pt").write_bytes(model_file.read_bytes())
+    (train_out / "history.csv").write_text("step,split,loss\n1,train,2.0\n2,train,1.5\n")
+    eval_out = Path(cfg.evaluate.out)
+    eval_out.mkdir(parents=True)
+    (eval_out / "metrics.json").write_text(json.dumps({"map50": 0.25, "ap50/card": 0.5}))
+    record = tracking.record_and_register(cfg)
+    assert record["version"] == "1" and record["champion"] == "1"
+    assert json.loads(tracking.registration_path(cfg).read_text())["version"] == "1"
+    client = mlflow.MlflowClient()
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test/map50"] == 0.25 and run.data.metrics["train/loss"] == 1.5
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert sorted(c.data.tags["polydet.stage"] for c in children) == sorted(tracking.STAGES)
+    logged = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"evaluate", "train"} <= logged
