@@ -29,13 +29,17 @@ CLASSES = ["plane", "ship", "small-vehicle", "harbor", "helicopter"]
 
 def _kit_reference():  # noqa: ANN202 - a module
     """The reference lives with the tests (one copy); import it by path."""
-    spec = importlib.util.spec_from_file_location("test_evaluate", ROOT / "tests" / "test_evaluate.py")
+    spec = importlib.util.spec_from_file_location(
+        "test_evaluate", ROOT / "tests" / "test_evaluate.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def rotated_rects(rng: np.random.Generator, centre: np.ndarray, wh: np.ndarray, angle: np.ndarray) -> np.ndarray:
+def rotated_rects(
+    rng: np.random.Generator, centre: np.ndarray, wh: np.ndarray, angle: np.ndarray
+) -> np.ndarray:
     """Corners ``[n, 8]`` of rotated rectangles (always convex), listed clockwise on screen."""
     base = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float)[None] * wh[:, None] / 2  # [n,4,2]
     c, s = np.cos(angle)[:, None], np.sin(angle)[:, None]
@@ -44,7 +48,9 @@ def rotated_rects(rng: np.random.Generator, centre: np.ndarray, wh: np.ndarray, 
     return np.round(np.stack([x, y], -1).reshape(-1, 8), 1)
 
 
-def write_dataset(out: Path, rng: np.random.Generator, num_images: int, dets_per_image: int) -> None:
+def write_dataset(
+    out: Path, rng: np.random.Generator, num_images: int, dets_per_image: int
+) -> None:
     """DOTA labelTxt and Task1 files: objects, 3 jittered detections each, the rest clutter."""
     (out / "ann").mkdir(parents=True)
     (out / "det").mkdir()
@@ -123,13 +129,23 @@ def main() -> None:
 
     diff = max(abs(m[f"ap50/{c}"] - ref[c]) for c in CLASSES for m in (fast, full))
     kit_map = float(np.mean(list(ref.values())))
-    print(f"{dets.score.size} detections, {gt.label.size} objects, {len(image_ids)} images, 1 thread")
-    print(f"kit: read files {t_kit_read:6.2f} s, matching loop {t_kit:6.2f} s   mAP50 {kit_map:.6f}")
+    print(
+        f"{dets.score.size} detections, {gt.label.size} objects, {len(image_ids)} images, 1 thread"
+    )
+    print(
+        f"kit: read files {t_kit_read:6.2f} s, matching loop {t_kit:6.2f} s   mAP50 {kit_map:.6f}"
+    )
     print(f"polydet: read files {t_read:6.2f} s")
-    print(f"polydet: DOTA AP (VOC07, all-point, recall@P, confusion) {t_dota:6.2f} s   mAP50 {fast['map50']:.6f}")
-    print(f"polydet: all metrics (+ COCO AP50:95, sizes)             {t_full:6.2f} s   mAP50:95 {full['map50_95']:.6f}")
+    print(
+        f"polydet: DOTA AP (VOC07, all-point, recall@P, confusion) {t_dota:6.2f} s   mAP50 {fast['map50']:.6f}"
+    )
+    print(
+        f"polydet: all metrics (+ COCO AP50:95, sizes)             {t_full:6.2f} s   mAP50:95 {full['map50_95']:.6f}"
+    )
     print(f"max |AP50 difference| over classes: {diff:.1e}")
-    print(f"speed-up, matching + AP:          {t_kit / t_dota:5.1f}x  (all metrics: {t_kit / t_full:.1f}x)")
+    print(
+        f"speed-up, matching + AP:          {t_kit / t_dota:5.1f}x  (all metrics: {t_kit / t_full:.1f}x)"
+    )
     print(f"speed-up, files to mAP50:         {(t_kit_read + t_kit) / (t_read + t_dota):5.1f}x")
 
 

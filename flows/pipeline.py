@@ -170,7 +170,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "debug",
-        ("debug",),
+        # The report judges detections as the evaluation does, with its settings.
+        ("debug", "evaluate.iou_threshold", "evaluate.score_thresh"),
         lambda c: [
             str(Path(c.train.out) / "model.pt"),
             str(Path(c.train.out) / "history.csv"),
@@ -178,7 +179,7 @@ STAGES: tuple[Stage, ...] = (
             c.data.root,
         ],
         lambda c: [str(Path(c.debug.out) / "report.md")],
-        ("polydet/debug.py", "polydet/model", "polydet/data", *_CORE),
+        ("polydet/debug.py", "polydet/evaluate.py", "polydet/model", "polydet/data", *_CORE),
         _run_debug,
     ),
 )
@@ -286,7 +287,8 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
     summaries: dict[str, dict[str, Any]] = {}
     cached: dict[str, bool] = {}
     # Opening the run checks the tracking store first: a dead server fails here, in seconds.
-    with tracking.pipeline_run(cfg, run_name=flow_run.get_name()) as run_id:
+    run_tags = {"polydet.orchestrator": "prefect", "polydet.prefect_flow_run": flow_run.get_id()}
+    with tracking.pipeline_run(cfg, flow_run.get_name(), run_tags) as run_id:
         if needs_synthetic_data(cfg):
             synthesize(cfg)
         for stage in STAGES:

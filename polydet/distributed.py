@@ -88,6 +88,24 @@ def all_gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     return out
 
 
+def average_buffers(module: nn.Module, info: DistInfo) -> None:
+    """Make every rank's buffers equal: floating ones (BatchNorm running statistics) become
+    their mean over the ranks, the others (batch counters) rank 0's.
+
+    DDP broadcasts rank 0's buffers at the *start* of each forward, so after the last step
+    every rank holds the statistics of its own last batch; checkpoints, validation and the
+    final model need one agreed set.
+    """
+    if not (info.distributed and dist.is_initialized()):
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+            buf.div_(info.world_size)
+        else:
+            dist.broadcast(buf, src=0)
+
+
 class ResumableSampler(DistributedSampler):
     """A seeded ``DistributedSampler`` that can start mid-epoch and tags items with the epoch.
 

@@ -53,6 +53,7 @@ from polydet.distributed import (
     ResumableSampler,
     all_gather_objects,
     all_reduce_sum,
+    average_buffers,
     barrier,
     cleanup_distributed,
     dist_info_from_env,
@@ -387,6 +388,7 @@ def _train(
         ctx.window_steps, ctx.window_images = int(window["steps"]), int(window["images"])
     ctx.run(train_set, sampler, val_loader)
 
+    average_buffers(model, info)
     digests = all_gather_objects(state_digest(model), info)
     wall = elapsed_before + time.perf_counter() - started
     summary: dict[str, Any] = {
@@ -551,6 +553,7 @@ class _Loop:
     @torch.no_grad()
     def _validate(self, loader: DataLoader) -> list[float]:
         """Mean validation loss terms (model.loss in eval mode), averaged over images."""
+        average_buffers(self.model, self.info)
         self.model.eval()
         sums = torch.zeros(len(LOSS_TERMS) + 2, dtype=torch.float64)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -576,6 +579,7 @@ class _Loop:
             return self.model.loss(images, targets)
 
     def _checkpoint(self, epoch: int) -> None:
+        average_buffers(self.model, self.info)
         rng = all_gather_objects(capture_rng_state(), self.info)
         if not self.info.is_main:
             return
@@ -609,7 +613,7 @@ class _Loop:
         """Write ``nonfinite.json`` (rank 0) and raise; nothing was stepped or saved."""
         mine = {
             "rank": self.info.rank,
-            "terms": {k: float(v) for k, v in losses.items()},
+            "terms": {k: float(v.detach()) for k, v in losses.items()},
             "image_ids": [str(t.get("image_id", "?")) for t in targets],
         }
         ranks = all_gather_objects(mine, self.info)

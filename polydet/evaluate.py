@@ -157,18 +157,17 @@ def _groups(index: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return order, offsets
 
 
-def _image_blocks(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
-    """Consecutive image ranges ``[first, last)`` whose summed ``cost [I]`` stays within
-    ``budget`` (an image above it alone)."""
-    blocks, first, total = [], 0, 0
-    for i, c in enumerate(cost.tolist()):
-        if total and total + c > budget:
-            blocks.append((first, i))
-            first, total = i, 0
-        total += c
-    if first < cost.size:
-        blocks.append((first, cost.size))
-    return blocks
+def _chunks(cost: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Consecutive ranges ``[a, b)`` whose summed ``cost`` stays within ``budget`` (an item
+    above it alone)."""
+    ends = np.cumsum(cost)
+    out, a = [], 0
+    while a < cost.size:
+        base = ends[a - 1] if a else 0
+        b = max(int(np.searchsorted(ends, base + budget, side="right")), a + 1)
+        out.append((a, b))
+        a = b
+    return out
 
 
 def overlapping_pairs(
@@ -181,43 +180,58 @@ def overlapping_pairs(
     """(detection, ground truth, IoU) of every same-image pair with IoU >= ``min_iou`` > 0.
 
     All classes at once, so that cross-class overlaps (mislabelled detections) come for
-    free; sorted by (det, gt). The geometry is ``polydet.ops``' (the hull rings and the
-    intersection kernel behind ``pairwise_iou``, so the IoU is the same number), but applied
-    to the candidate pairs of all images in one batch: each image's detection x ground
-    truth pairs (``block`` pairs at a time), kept when their enclosing boxes overlap and an
-    upper bound of their IoU reaches ``min_iou``. One ``pairwise_iou`` call per image would
-    spend ~1 ms each on kernel launch overhead alone. Float64 throughout, as the kit.
+    free; sorted by (det, gt). The geometry is ``polydet.ops``' (its hull rings and the
+    intersection kernel behind ``pairwise_iou``: the same numbers), applied to the candidate
+    pairs of all images in one batch: one ``pairwise_iou`` call per image would spend ~1 ms
+    each on kernel launch overhead alone. Candidates: the ground truths of the detection's
+    image whose centre lies within the detection's x range widened by the image's widest
+    half ground truth (a sorted-array range: no all-pairs matrix), then enclosing boxes
+    that overlap and an upper bound of the IoU that reaches ``min_iou``; at most ``block``
+    pairs are materialised at a time. Float64 throughout, as the kit.
     """
     from polydet.ops import hull_rings, intersection_area
 
     if min_iou <= 0:
         raise ValueError(f"min_iou must be > 0, got {min_iou}")
-    d_order, d_off = _groups(dets.image, num_images)
-    g_order, g_off = _groups(gt.image, num_images)
-    ring_d, cen_d, area_d = hull_rings(torch.from_numpy(dets.polyboxes[d_order]).double())
-    ring_g, cen_g, area_g = hull_rings(torch.from_numpy(gt.polyboxes[g_order]).double())
-    # Enclosing boxes as separate columns: 1-D gathers are ~3x faster than row gathers.
-    bd = (torch.cat([ring_d.amin(1) + cen_d, ring_d.amax(1) + cen_d], 1)).numpy().T.copy()
-    bg = (torch.cat([ring_g.amin(1) + cen_g, ring_g.amax(1) + cen_g], 1)).numpy().T.copy()
+    empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
+    if dets.score.size == 0 or gt.label.size == 0:
+        return empty
+    ring_d, cen_d, area_d = hull_rings(torch.from_numpy(dets.polyboxes).double())
+    ring_g, cen_g, area_g = hull_rings(torch.from_numpy(gt.polyboxes).double())
+    # Enclosing boxes as separate columns [4, N]: 1-D gathers are ~3x faster than rows.
+    bd = torch.cat([ring_d.amin(1) + cen_d, ring_d.amax(1) + cen_d], 1).numpy().T.copy()
+    bg = torch.cat([ring_g.amin(1) + cen_g, ring_g.amax(1) + cen_g], 1).numpy().T.copy()
     ad, ag = area_d.numpy(), area_g.numpy()
-    ng = np.diff(g_off)
-    d_img = dets.image[d_order]  # image of each sorted detection
+    # Ground truths sorted by (image, x centre) as one float key: image * span + centre.
+    ok_g = np.flatnonzero(ag > 0)  # zero-area (or non-finite) boxes have IoU 0
+    cx = (bg[0] + bg[2]) / 2
+    lo_x, hi_x = float(bg[0][ok_g].min(initial=0.0)), float(bg[2][ok_g].max(initial=0.0))
+    half = np.zeros(num_images)
+    np.maximum.at(half, gt.image[ok_g], (bg[2] - bg[0])[ok_g] / 2)
+    span = (hi_x - lo_x) + 2 * float(half.max()) + 1.0
+    key = gt.image[ok_g] * span + (cx[ok_g] - lo_x)
+    order = np.argsort(key, kind="stable")
+    g_sorted, key = ok_g[order], key[order]
+    # Each detection's candidate range in that order.
+    d_ok = np.flatnonzero((ad > 0) & (bd[2] >= lo_x - 1.0) & (bd[0] <= hi_x + 1.0))
+    base = dets.image[d_ok] * span - lo_x
+    h = half[dets.image[d_ok]] + 1.0  # a pixel of slack against rounding of the float keys
+    first = np.searchsorted(key, base + bd[0][d_ok] - h, side="left")
+    last = np.searchsorted(key, base + bd[2][d_ok] + h, side="right")
+    cnt = last - first
     cand_d, cand_g = [], []
-    for first, last in _image_blocks(np.diff(d_off) * ng, block):
-        k = np.arange(d_off[first], d_off[last])
-        cnt = ng[d_img[k]]
-        ii = np.repeat(k, cnt)  # sorted det index of each pair
-        start = np.cumsum(cnt) - cnt
-        jj = np.arange(ii.size) - np.repeat(start - g_off[d_img[k]], cnt)  # sorted gt index
-        # Cheapest test first on all pairs (x overlap), the rest on the few that pass.
+    for a, b in _chunks(cnt, block):
+        c = cnt[a:b]
+        ii = np.repeat(d_ok[a:b], c)
+        start = np.cumsum(c) - c
+        jj = g_sorted[np.arange(ii.size) - np.repeat(start - first[a:b], c)]
         iw = np.minimum(bd[2][ii], bg[2][jj]) - np.maximum(bd[0][ii], bg[0][jj])
-        ok = np.flatnonzero(iw > 0)
-        ii, jj, iw = ii[ok], jj[ok], iw[ok]
         ih = np.minimum(bd[3][ii], bg[3][jj]) - np.maximum(bd[1][ii], bg[1][jj])
-        a, b = ad[ii], ag[jj]
+        same = dets.image[ii] == gt.image[jj]  # the float key can reach a neighbouring image
+        a_, b_ = ad[ii], ag[jj]
         # The polygons' intersection is at most the boxes' and the smaller area: IoU bound.
-        upper = np.minimum(iw * np.maximum(ih, 0.0), np.minimum(a, b))
-        ok = (ih > 0) & (a > 0) & (b > 0) & (upper >= (1 - 1e-9) * min_iou * (a + b - upper))
+        upper = np.minimum(np.maximum(iw, 0.0) * np.maximum(ih, 0.0), np.minimum(a_, b_))
+        ok = same & (iw > 0) & (ih > 0) & (upper >= (1 - 1e-9) * min_iou * (a_ + b_ - upper))
         cand_d.append(ii[ok])
         cand_g.append(jj[ok])
     ti = torch.from_numpy(np.concatenate(cand_d or [np.zeros(0, np.int64)]))
@@ -230,9 +244,9 @@ def overlapping_pairs(
         ious.append(inter / (area_d[i] + area_g[j] - inter))
     iou = torch.cat(ious).numpy()
     keep = iou >= min_iou
-    pd, pg, piou = d_order[ti.numpy()[keep]], g_order[tj.numpy()[keep]], iou[keep]
-    order = np.lexsort((pg, pd))
-    return pd[order], pg[order], piou[order]
+    pd, pg, piou = ti.numpy()[keep], tj.numpy()[keep], iou[keep]
+    o = np.lexsort((pg, pd))
+    return pd[o], pg[o], piou[o]
 
 
 def _segment_starts(keys: np.ndarray) -> np.ndarray:
@@ -397,9 +411,11 @@ def evaluate_detections(
     that separate small / medium / large objects. ``coco=False`` skips the COCO-style metrics.
     """
     C, D, G = len(classes), dets.score.size, gt.label.size
-    for what, lab in (("detections", dets.label), ("ground truths", gt.label)):
-        if lab.size and (lab.min() < 0 or lab.max() >= C):
+    for what, x in (("detections", dets), ("ground truths", gt)):
+        if x.label.size and (x.label.min() < 0 or x.label.max() >= C):
             raise ValueError(f"{what}: class index out of range 0..{C - 1}")
+        if x.image.size and (x.image.min() < 0 or x.image.max() >= len(image_ids)):
+            raise ValueError(f"{what}: image index out of range 0..{len(image_ids) - 1}")
     tk = _threshold_key(iou_threshold)
     pairs = overlapping_pairs(gt, dets, len(image_ids), min(MISLOCALISED_IOU, iou_threshold, 0.5))
     pd, pg, piou = pairs
@@ -714,22 +730,74 @@ def load_dota_dirs(
     if not ann_files:
         raise DataError(f"{ann_dir}: no labelTxt (*.txt) files")
     image_ids = [p.stem for p in ann_files]
-    annotations = [formats.read_dota(p).objects for p in ann_files]
+    parsed = _read_label_txts(ann_files)
+    if parsed is None:  # something irregular: the project's reader, file by file
+        annotations = [formats.read_dota(p).objects for p in ann_files]
+        rows = [(i, o) for i, objs in enumerate(annotations) for o in objs]
+        parsed = (
+            np.array([i for i, _ in rows], np.int64),
+            [o.cls for _, o in rows],
+            np.array([o.points for _, o in rows], np.float64).reshape(-1, 8),
+            np.array([o.difficult for _, o in rows], bool),
+        )
+    img, names, corners, difficult = parsed
     if classes is None:
-        found = {o.cls for objs in annotations for o in objs}
-        found |= {m.group(1) for p in det_dir.iterdir() if (m := _TASK1.match(p.name))}
+        found = set(names) | {m.group(1) for p in det_dir.iterdir() if (m := _TASK1.match(p.name))}
         classes = sorted(found)
     classes = list(classes)
     cindex = {name: i for i, name in enumerate(classes)}
-    rows = [(i, o) for i, objs in enumerate(annotations) for o in objs if o.cls in cindex]
+    label = np.array([cindex.get(n, -1) for n in names], np.int64)
+    keep = label >= 0
     gt = GroundTruth(
-        image=np.array([i for i, _ in rows], np.int64),
-        label=np.array([cindex[o.cls] for _, o in rows], np.int64),
-        polyboxes=_corners_to_polyboxes(np.array([o.points for _, o in rows]).reshape(-1, 8)),
-        difficult=np.array([o.difficult for _, o in rows], bool),
+        image=img[keep],
+        label=label[keep],
+        polyboxes=_corners_to_polyboxes(corners[keep]),
+        difficult=difficult[keep],
     )
     dets = read_task1_dir(det_dir, classes, image_ids, ann_dir)
     return image_ids, classes, gt, dets
+
+
+def _read_label_txts(
+    paths: Sequence[Path],
+) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray] | None:
+    """Objects of well-formed labelTxt files in one pandas parse: image index ``[G]``, class
+    names, corners ``[G, 8]``, difficult ``[G]``; ``None`` when anything is irregular (then
+    ``polydet.data.formats.read_dota`` reads them and names the bad line)."""
+    import csv
+    import io
+
+    import pandas as pd
+
+    lines = []
+    for i, path in enumerate(paths):
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            return None
+        for line in text.splitlines():
+            line = line.strip()
+            # Header lines, as formats.read_dota recognises them.
+            if not line or (line.split(":", 1)[0] in ("imagesource", "gsd") and ":" in line):
+                continue
+            lines.append(f"{i} {line}")
+    if not lines:
+        return np.zeros(0, np.int64), [], np.zeros((0, 8)), np.zeros(0, bool)
+    try:
+        df = pd.read_csv(
+            io.StringIO("\n".join(lines)), sep=r"\s+", header=None, names=range(11),
+            dtype={0: np.int64, 9: str, 10: str}, quoting=csv.QUOTE_NONE, engine="c",
+            keep_default_na=False,
+        )  # fmt: skip
+        corners = df.iloc[:, 1:9].to_numpy(np.float64)
+    except (pd.errors.ParserError, ValueError, TypeError):
+        return None
+    flag = df[10].to_numpy(str)
+    if not np.isfinite(corners).all() or not np.isin(flag, ["0", "1", ""]).all():
+        return None
+    if (df[9].to_numpy(str) == "").any():  # fewer than 9 fields
+        return None
+    return df[0].to_numpy(np.int64), df[9].tolist(), corners, flag == "1"
 
 
 def evaluate_dota_dirs(
@@ -952,8 +1020,12 @@ def _plot_scores(ev: Evaluation, path: Path) -> Path:
     outcome = np.concatenate([ev.det_outcome[o] for o in ev.det_order] or [np.zeros(0)])
     lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 1.0)
     bins = np.linspace(min(lo, 0.0), max(hi, 1.0), 41)
-    ax.hist(scores[outcome == TP], bins, alpha=0.6, label=f"true positives ({(outcome == TP).sum()})")
-    ax.hist(scores[outcome == FP], bins, alpha=0.6, label=f"false positives ({(outcome == FP).sum()})")
+    ax.hist(
+        scores[outcome == TP], bins, alpha=0.6, label=f"true positives ({(outcome == TP).sum()})"
+    )
+    ax.hist(
+        scores[outcome == FP], bins, alpha=0.6, label=f"false positives ({(outcome == FP).sum()})"
+    )
     ax.set(xlabel="score", ylabel="detections", title="Scores of true and false positives")
     ax.legend()
     fig.savefig(path)

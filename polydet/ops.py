@@ -98,10 +98,17 @@ def hull_rings(polyboxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ring, centre, area
 
 
+def _step(x: Tensor) -> Tensor:
+    """1.0 where ``x >= 0`` else 0.0, in ``x``'s dtype (arithmetic: no bool tensors)."""
+    return 1.0 - torch.relu(-torch.sign(x))
+
+
 def intersection_area(a: Tensor, b: Tensor) -> Tensor:
     """Area ``[P]`` of ``A ∩ B`` for convex rings ``a, b [P, 4, 2]`` (clockwise on screen,
     coordinates relative to one origin near both; a repeated corner is allowed)."""
-    # Pairs go last so that every elementwise op runs over one long contiguous vector.
+    # Layout: pairs last, so every elementwise op runs over one long contiguous vector; and
+    # masks as 0/1 floats, because torch.where and bool->float casts cost 3-20x an
+    # arithmetic op on CPU.
     ax, ay = a[..., 0].T.contiguous(), a[..., 1].T.contiguous()  # [4, P]
     bx, by = b[..., 0].T.contiguous(), b[..., 1].T.contiguous()
     dax, day = ax.roll(-1, 0) - ax, ay.roll(-1, 0) - ay  # A's edge i: corner i -> i+1
@@ -109,43 +116,57 @@ def intersection_area(a: Tensor, b: Tensor) -> Tensor:
     len2_a, len2_b = dax * dax + day * day, dbx * dbx + dby * dby  # [4, P]
     wx = ax[:, None] - bx[None]  # [4 (A corner i), 4 (B corner k), P]
     wy = ay[:, None] - by[None]
-    fa = dbx[None] * wy - dby[None] * wx  # [i, k]: side of A's corner i w.r.t. B's line k
-    fb = day[:, None] * wx - dax[:, None] * wy  # [i, k]: side of B's corner k w.r.t. A's line i
+    fa0 = dbx[None] * wy - dby[None] * wx  # [i, k]: side of A's corner i w.r.t. B's line k
+    fb0 = day[:, None] * wx - dax[:, None] * wy  # [i, k]: side of B's corner k w.r.t. A's line i
+    fa1 = fa0.roll(-1, 0)  # [i, k]: side of A's edge i's end
+    fb1 = fb0.roll(-1, 1)  # [i, k]: side of B's edge k's end
+    dot = dax[:, None] * dbx[None] + day[:, None] * dby[None]  # [i, k]: d_i . e_k
+
     # Collinear edge pairs (A's edge i, B's edge k) are decided by rule, not by noisy signs.
     size = torch.maximum(a.abs().amax((1, 2)), b.abs().amax((1, 2)))  # [P]
     tol = max(_COLLINEAR_TOL, 2.0 * torch.finfo(a.dtype).eps ** 0.5)  # float32 callers: 7e-4
     tol2 = (tol * size) ** 2
-    fa0, fa1 = fa, fa.roll(-1, 0)  # [i, k]: sides of A's edge i's start and end
-    fb0, fb1 = fb, fb.roll(-1, 1)  # [i, k]: sides of B's edge k's start and end
-    near_a = torch.maximum(fa0 * fa0, fa1 * fa1) <= tol2 * len2_b[None]
-    near_b = torch.maximum(fb0 * fb0, fb1 * fb1) <= tol2 * len2_a[:, None]
-    dot = dax[:, None] * dbx[None] + day[:, None] * dby[None]  # [i, k]: d_i . e_k
-    real = (len2_a[:, None] > 0) & (len2_b[None] > 0)  # a collapsed corner bounds nothing
-    collinear = (near_a | near_b) & real
-    in_a0, in_a1 = (fa0 >= 0) | ~real, (fa1 >= 0) | ~real
-    in_b0, in_b1 = (fb0 >= 0) | ~real, (fb1 >= 0) | ~real
-    # A's edge i crosses B's line k at t (the crossing point computed once, here) ...
-    cross_a = (in_a0 != in_a1) & ~collinear
-    t = fa0 / torch.where(cross_a, fa0 - fa1, torch.ones_like(fa0))
-    # ... and B's edge k meets A's line i at that same point (its projection on B's line),
-    # so the two clipped pieces share their end; else B's own interpolation.
-    cross_b = (in_b0 != in_b1) & ~collinear
-    s_own = fb0 / torch.where(cross_b, fb0 - fb1, torch.ones_like(fb0))
-    s_proj = (wx * dbx[None] + wy * dby[None] + t * dot) / len2_b[None].clamp_min(1e-30)
-    s = torch.where(cross_a, s_proj, s_own).clamp(0, 1)
-    # A's edges: same-direction collinear edges are kept (counted once, here).
-    out_a = (~in_a0 & ~in_a1 & ~collinear) | (collinear & (dot <= 0))
-    t_lo = torch.where(cross_a & in_a1, t, torch.zeros_like(t)).amax(1)  # [4 (i), P]
-    t_hi = torch.where(cross_a & in_a0, t, torch.ones_like(t)).amin(1)
-    keep_a = ~out_a.any(1) & (t_lo < t_hi)
-    twice_a = torch.where(keep_a, (t_hi - t_lo) * (ax * day - ay * dax), torch.zeros_like(t_lo))
-    # B's edges: collinear ones are dropped (A's copy counts, or they only touch).
-    out_b = (~in_b0 & ~in_b1) | collinear
-    s_lo = torch.where(cross_b & in_b1, s, torch.zeros_like(s)).amax(0)  # [4 (k), P]
-    s_hi = torch.where(cross_b & in_b0, s, torch.ones_like(s)).amin(0)
-    keep_b = ~out_b.any(0) & (s_lo < s_hi)
-    twice_b = torch.where(keep_b, (s_hi - s_lo) * (bx * dby - by * dbx), torch.zeros_like(s_lo))
-    return (0.5 * (twice_a.sum(0) + twice_b.sum(0))).clamp_min(0.0)
+    near_a = torch.maximum(fa0 * fa0, fa1 * fa1) < tol2 * len2_b[None]
+    near_b = torch.maximum(fb0 * fb0, fb1 * fb1) < tol2 * len2_a[:, None]
+    real = (len2_a > 0)[:, None] & (len2_b > 0)[None]  # a collapsed corner bounds nothing
+    col = ((near_a | near_b) & real).to(a.dtype)
+    free = 1.0 - col
+
+    # A's edge i against B's line k: f(t) = fa0 + t (fa1 - fa0) >= 0 inside. With
+    # r = clamp(fa0 / (fa0 - fa1), 0, 1) the bound is t >= r if f rises, t <= r if it falls;
+    # both corners outside give an empty range by the clamp alone.
+    sg = torch.sign(fa1 - fa0)
+    par = 1.0 - sg.abs()  # parallel: no crossing; inside iff fa0 >= 0
+    r = ((fa0 / (fa0 - fa1 + par)).clamp(0, 1)) * free
+    rise, fall = torch.relu(sg) * free, torch.relu(-sg) * free
+    in0, in1 = _step(fa0), _step(fa1)
+    # Same-direction collinear edges: A's is kept (counted once); opposite: dropped.
+    empty = par * (1.0 - in0) * free + col * (1.0 - _step(dot))
+    t_lo = (r * rise).amax(1)  # [4 (i), P]
+    t_hi = (1.0 - (1.0 - r) * fall).amin(1)
+    keep = 1.0 - empty.amax(1)
+    twice_a = ((t_hi - t_lo).clamp_min(0) * keep * (ax * day - ay * dax)).sum(0)
+
+    # B's edge k against A's line i. Where both edges register the crossing, B uses the
+    # point A computed (its projection on B's line), so the clipped pieces share their
+    # end: two separately rounded crossings would leave a gap worth far more area than the
+    # rounding itself when edges meet at a small angle.
+    sg = torch.sign(fb1 - fb0)
+    par = 1.0 - sg.abs()
+    r_own = (fb0 / (fb0 - fb1 + par)).clamp(0, 1)
+    # X = a_i + r d_i; its parameter on B's edge k is (X - b_k) . e_k / |e_k|^2.
+    s_proj = ((wx * dbx[None] + wy * dby[None] + r * dot) / len2_b[None].clamp_min(1e-300)).clamp(
+        0, 1
+    )
+    shared = (in1 - in0).abs() * (_step(fb1) - _step(fb0)).abs() * free
+    s = (r_own + shared * (s_proj - r_own)) * free
+    rise, fall = torch.relu(sg) * free, torch.relu(-sg) * free
+    empty = par * (1.0 - _step(fb0)) * free + col  # B's collinear edges are never counted
+    s_lo = (s * rise).amax(0)  # [4 (k), P]
+    s_hi = (1.0 - (1.0 - s) * fall).amin(0)
+    keep = 1.0 - empty.amax(0)
+    twice_b = ((s_hi - s_lo).clamp_min(0) * keep * (bx * dby - by * dbx)).sum(0)
+    return (0.5 * (twice_a + twice_b)).clamp_min(0.0)
 
 
 def _pair_iou(
@@ -210,39 +231,43 @@ def pairwise_iou(a: Tensor, b: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> Te
     return out
 
 
-def _overlap_pairs(box: Tensor, budget: int = 1 << 22) -> tuple[Tensor, Tensor]:
+def _overlap_pairs(box: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
     """Index pairs ``(i, j)``, each unordered pair once, of boxes ``[N, 4]`` (xyxy) that
-    overlap with a positive area: a sweep along the axis whose intervals overlap least,
-    so the cost follows the pairs overlapping on that axis, not ``N^2``."""
+    overlap with a positive area.
+
+    A blocked sweep: boxes sorted by their start along the axis where they overlap least;
+    a block of rows only meets the contiguous run of later boxes that start before one of
+    its boxes ends, tested densely (no per-pair gathers). Cost ~ N x (block + the number
+    of boxes one box overlaps on that axis), not ``N^2`` for spread-out boxes.
+    """
     n, dev = box.shape[0], box.device
     best = None
     for axis in (0, 1):
         order = box[:, axis].argsort()
         lo = box[order, axis].contiguous()
-        # Intervals after u (in lo order) that start before u ends overlap u on this axis.
-        end = torch.searchsorted(lo, box[order, axis + 2].contiguous(), side="left")
-        count = (end - torch.arange(n, device=dev) - 1).clamp_min(0)  # [N]
-        total = int(count.sum())
+        # Boxes after u (in lo order) that start before u ends overlap u on this axis.
+        end = torch.searchsorted(lo, box[order, axis + 2].contiguous(), side="left")  # [N]
+        total = int((end - torch.arange(n, device=dev)).clamp_min(0).sum())
         if best is None or total < best[0]:
-            best = (total, axis, order, count)
-    _, axis, order, count = best
+            best = (total, axis, order, end)
+    _, axis, order, end = best
     other_lo = box[order, 1 - axis].contiguous()  # the other axis, in sweep order
     other_hi = box[order, 3 - axis].contiguous()
-    csum = count.cumsum(0)
     ii, jj = [], []
-    start_u = 0
-    while start_u < n:
-        before = int(csum[start_u - 1]) if start_u > 0 else 0
-        # As many rows as fit in the budget of pairs (at least one).
-        stop_u = max(int(torch.searchsorted(csum, before + budget, side="right")), start_u + 1)
-        cnt = count[start_u:stop_u]
-        u = torch.repeat_interleave(torch.arange(start_u, stop_u, device=dev), cnt)
-        group_start = torch.repeat_interleave(cnt.cumsum(0) - cnt, cnt)
-        v = u + 1 + (torch.arange(u.numel(), device=dev) - group_start)
-        ok = torch.minimum(other_hi[u], other_hi[v]) > torch.maximum(other_lo[u], other_lo[v])
-        ii.append(order[u[ok]])
-        jj.append(order[v[ok]])
-        start_u = stop_u
+    for u0 in range(0, n, block):
+        u1 = min(n, u0 + block)
+        v1 = int(end[u0:u1].max())
+        if v1 <= u0 + 1:
+            continue
+        rows = torch.arange(u0, u1, device=dev)[:, None]  # [B, 1]
+        cols = torch.arange(u0 + 1, v1, device=dev)[None]  # [1, C]
+        hit = (cols > rows) & (cols < end[u0:u1, None])
+        hit &= torch.minimum(other_hi[u0:u1, None], other_hi[None, u0 + 1 : v1]) > torch.maximum(
+            other_lo[u0:u1, None], other_lo[None, u0 + 1 : v1]
+        )
+        r, c = hit.nonzero(as_tuple=True)
+        ii.append(order[r + u0])
+        jj.append(order[c + u0 + 1])
     if not ii:
         empty = torch.zeros(0, dtype=torch.long, device=dev)
         return empty, empty

@@ -147,7 +147,7 @@ def check_corners(corners: Tensor) -> Tensor:
     scale = c.abs().amax((-1, -2)).clamp_min(1e-12)
     eps = 1e-9 * scale * scale
     ring = from_corners(c)
-    zero = (area(ring) <= MIN_AREA) | (turns.abs() <= eps).all(-1)
+    zero = (area(ring) <= MIN_AREA) | (turns.abs() <= eps[..., None]).all(-1)
     flags |= (zero & finite).long() * ZERO_AREA
     # In hull (canonical) order a convex quad turns the same way at every corner.
     r = to_corners(ring)

@@ -209,7 +209,9 @@ def _psutil_present() -> bool:
 
 
 @contextmanager
-def pipeline_run(cfg: Config, run_name: str | None = None) -> Iterator[str]:
+def pipeline_run(
+    cfg: Config, run_name: str | None = None, tags: Mapping[str, str] | None = None
+) -> Iterator[str]:
     """Open the pipeline's parent run (params, lineage tags, system metrics); yield its id.
 
     The run ends ``FINISHED``, or ``FAILED`` (with the error as a tag) if the body raises.
@@ -220,9 +222,9 @@ def pipeline_run(cfg: Config, run_name: str | None = None) -> Iterator[str]:
     from mlflow.tracking.context.registry import resolve_tags
 
     client = _client()
-    tags = resolve_tags({**lineage_tags(cfg), TAG + "kind": "pipeline"})
+    all_tags = resolve_tags({**lineage_tags(cfg), TAG + "kind": "pipeline", **(tags or {})})
     try:
-        run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         run_id = run.info.run_id
         client.log_batch(
             run_id, params=[Param(k, _param_value(v)) for k, v in flatten(cfg).items()]
@@ -814,7 +816,7 @@ def record_and_register(
     (one is opened), the Prefect flow with its pipeline run.
     """
     if run_id is None:
-        with pipeline_run(cfg, run_name="pipeline") as rid:
+        with pipeline_run(cfg, "pipeline", {TAG + "orchestrator": "dvc or cli"}) as rid:
             return record_and_register(cfg, cached, run_id=rid)
     logged = log_pipeline_outputs(cfg, run_id, cached)
     record = register_model(cfg, Path(cfg.train.out) / "model.pt", logged["metrics"], run_id)

@@ -28,18 +28,33 @@ def sample() -> tuple[torch.Tensor, dict]:
     rng = np.random.default_rng(3)
     # Irregular convex quads with non-integer corners (no pixel centre on an edge).
     corners = torch.tensor(
-        [[[5.3, 4.1], [30.7, 9.2], [26.2, 30.9], [7.9, 22.4]], [[40.2, 20.3], [60.1, 26.6], [52.4, 45.2], [38.3, 40.7]]],
+        [
+            [[5.3, 4.1], [30.7, 9.2], [26.2, 30.9], [7.9, 22.4]],
+            [[40.2, 20.3], [60.1, 26.6], [52.4, 45.2], [38.3, 40.7]],
+        ],
         dtype=torch.float64,
     )
     boxes = polybox.from_corners(corners).float()
     image = torch.from_numpy(rng.random((3, H, W)).astype(np.float32))
     mask = torch.from_numpy(_raster(boxes, H, W))
     image[0] = torch.where(mask, 1.0, 0.0)  # channel 0 paints the objects
-    return image, {"polyboxes": boxes, "labels": torch.tensor([1, 2]), "difficult": torch.tensor([False, True]), "image_id": "x"}
+    return image, {
+        "polyboxes": boxes,
+        "labels": torch.tensor([1, 2]),
+        "difficult": torch.tensor([False, True]),
+        "image_id": "x",
+    }
 
 
 @pytest.mark.parametrize(
-    "op", [A.hflip, A.vflip, lambda i, t: A.rot90(i, t, 1), lambda i, t: A.rot90(i, t, 2), lambda i, t: A.rot90(i, t, 3)]
+    "op",
+    [
+        A.hflip,
+        A.vflip,
+        lambda i, t: A.rot90(i, t, 1),
+        lambda i, t: A.rot90(i, t, 2),
+        lambda i, t: A.rot90(i, t, 3),
+    ],
 )
 def test_geometric_ops_cover_the_same_pixels(sample: tuple, op) -> None:
     image, target = sample
@@ -49,7 +64,11 @@ def test_geometric_ops_cover_the_same_pixels(sample: tuple, op) -> None:
     assert (_raster(t["polyboxes"], h, w) == painted).all()
     assert painted.sum() > 500
     torch.testing.assert_close(polybox.canonicalize(t["polyboxes"]), t["polyboxes"])
-    assert t["labels"].tolist() == [1, 2] and t["difficult"].tolist() == [False, True] and t["image_id"] == "x"
+    assert (
+        t["labels"].tolist() == [1, 2]
+        and t["difficult"].tolist() == [False, True]
+        and t["image_id"] == "x"
+    )
 
 
 def test_rot90_changes_shape_and_four_turns_are_identity(sample: tuple) -> None:
@@ -70,7 +89,9 @@ def test_resize_scales_boxes_exactly(sample: tuple) -> None:
     torch.testing.assert_close(polybox.to_corners(t["polyboxes"]), expected)
     # Interpolated pixels: the painted region agrees with the scaled boxes to a 1 px border.
     painted = out[0].numpy() > 0.5
-    iou = (painted & _raster(t["polyboxes"], 96, 160)).sum() / (painted | _raster(t["polyboxes"], 96, 160)).sum()
+    iou = (painted & _raster(t["polyboxes"], 96, 160)).sum() / (
+        painted | _raster(t["polyboxes"], 96, 160)
+    ).sum()
     assert iou > 0.95
 
 

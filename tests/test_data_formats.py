@@ -41,7 +41,9 @@ def test_dota_round_trip_with_header(tmp_path: Path) -> None:
 
 def test_dota_reads_v1_lines_without_difficult_and_official_float_style(tmp_path: Path) -> None:
     p = tmp_path / "P0001.txt"
-    p.write_text("imagesource:GoogleEarth\ngsd:null\n2753.0 2408.0 2861.0 2385.0 2888.0 2468.0 2805.0 2502.0 plane\n")
+    p.write_text(
+        "imagesource:GoogleEarth\ngsd:null\n2753.0 2408.0 2861.0 2385.0 2888.0 2468.0 2805.0 2502.0 plane\n"
+    )
     (o,) = F.read_dota(p).objects
     assert o.points[:2] == (2753.0, 2408.0) and o.cls == "plane" and not o.difficult
 
@@ -61,12 +63,22 @@ def test_yolo_obb_round_trip(tmp_path: Path) -> None:
 
 
 def test_coco_round_trip_and_long_polygon_rule(tmp_path: Path) -> None:
-    octagon = [round(v, 6) for a in np.arange(8) * np.pi / 4 for v in (50 + 20 * np.cos(a), 50 + 20 * np.sin(a))]
+    octagon = [
+        round(v, 6)
+        for a in np.arange(8) * np.pi / 4
+        for v in (50 + 20 * np.cos(a), 50 + 20 * np.sin(a))
+    ]
     src = {
         "images": [{"id": 7, "file_name": "x/a.png", "width": 100, "height": 90}],
         "categories": [{"id": 1, "name": "card"}, {"id": 3, "name": "kite"}],
         "annotations": [
-            {"id": 1, "image_id": 7, "category_id": 1, "segmentation": [[10, 10, 30, 10, 30, 30, 10, 30]], "iscrowd": 1},
+            {
+                "id": 1,
+                "image_id": 7,
+                "category_id": 1,
+                "segmentation": [[10, 10, 30, 10, 30, 30, 10, 30]],
+                "iscrowd": 1,
+            },
             {"id": 2, "image_id": 7, "category_id": 3, "segmentation": [octagon]},
         ],
     }
@@ -89,9 +101,14 @@ def test_coco_round_trip_and_long_polygon_rule(tmp_path: Path) -> None:
 
 def test_icdar15_round_trip_bom_commas_and_dont_care(tmp_path: Path) -> None:
     p0, p1 = tmp_path / "gt_img_1.txt", tmp_path / "gt_b.txt"
-    p0.write_bytes("\ufeff1,1,30,1,30,20,1,20,Hello, world\r\n5,30,40,30,40,50,5,50,###\r\n".encode())
+    p0.write_bytes(
+        "\ufeff1,1,30,1,30,20,1,20,Hello, world\r\n5,30,40,30,40,50,5,50,###\r\n".encode()
+    )
     first = F.read_icdar15(p0)
-    assert [(o.text, o.difficult, o.cls) for o in first] == [("Hello, world", False, "text"), ("###", True, "text")]
+    assert [(o.text, o.difficult, o.cls) for o in first] == [
+        ("Hello, world", False, "text"),
+        ("###", True, "text"),
+    ]
     assert first[0].points == (1, 1, 30, 1, 30, 20, 1, 20)
     F.write_icdar15(p1, first)
     assert p1.read_bytes().startswith(b"\xef\xbb\xbf")
@@ -99,12 +116,22 @@ def test_icdar15_round_trip_bom_commas_and_dont_care(tmp_path: Path) -> None:
 
 
 def test_task1_write_read_write_is_stable(tmp_path: Path) -> None:
-    corners = torch.tensor([[[10.123, 10.0], [30.0, 10.5], [30.0, 30.0], [10.0, 30.0]]] * 3, dtype=torch.float64)
+    corners = torch.tensor(
+        [[[10.123, 10.0], [30.0, 10.5], [30.0, 30.0], [10.0, 30.0]]] * 3, dtype=torch.float64
+    )
     corners[1] += 50
     corners[2] += 100
     dets = {
-        "img_b": {"polyboxes": polybox.from_corners(corners[:2]).float(), "scores": torch.tensor([0.9, 0.3]), "labels": torch.tensor([1, 3])},
-        "img_a": {"polyboxes": polybox.from_corners(corners[2:]).float(), "scores": torch.tensor([0.55555555]), "labels": torch.tensor([1])},
+        "img_b": {
+            "polyboxes": polybox.from_corners(corners[:2]).float(),
+            "scores": torch.tensor([0.9, 0.3]),
+            "labels": torch.tensor([1, 3]),
+        },
+        "img_a": {
+            "polyboxes": polybox.from_corners(corners[2:]).float(),
+            "scores": torch.tensor([0.55555555]),
+            "labels": torch.tensor([1]),
+        },
     }
     d1, d2 = tmp_path / "one", tmp_path / "two"
     paths = F.write_task1(d1, dets, CLASSES)
@@ -148,7 +175,10 @@ def test_read_dota_labels_checks_geometry(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("1 2 3\n", "{p}:1: wrong field count: expected 10 (x1 y1 ... x4 y4 class difficult), got 3"),
+        (
+            "1 2 3\n",
+            "{p}:1: wrong field count: expected 10 (x1 y1 ... x4 y4 class difficult), got 3",
+        ),
         ("\n0 0 1 0 1 x 0 1 card 0\n", "{p}:2: not a number: 'x'"),
         ("0 0 1 0 1 1 0 -inf card 0\n", "{p}:1: non-finite coordinate: '-inf'"),
         ("0 0 1 0 1 1 0 1 card yes\n", "{p}:1: bad difficult flag: expected 0 or 1, got 'yes'"),

@@ -45,11 +45,16 @@ def test_tables_follow_the_contract(prepared: tuple) -> None:
     assert len(images) == 20 == result["images"] and len(objects) == result["objects"]
     assert (images.groupby("split").size().to_dict()) == {"train": 16, "val": 2, "test": 2}
     assert images["num_objects"].sum() == len(objects)
-    assert (objects.groupby("image_id").size() == images.set_index("image_id")["num_objects"].loc[lambda s: s > 0]).all()
+    assert (
+        objects.groupby("image_id").size()
+        == images.set_index("image_id")["num_objects"].loc[lambda s: s > 0]
+    ).all()
     # Each row agrees with the raw label file it came from, canonicalized.
     row = objects.iloc[0]
     (first, *_) = read_dota_labels(raw / "labelTxt" / f"{row['image_id']}.txt")
-    np.testing.assert_allclose(row[manifest.BOX_COLUMNS].to_numpy(float), first.polybox().numpy(), atol=1e-3)
+    np.testing.assert_allclose(
+        row[manifest.BOX_COLUMNS].to_numpy(float), first.polybox().numpy(), atol=1e-3
+    )
     # Derived columns against independent computations.
     boxes = torch.tensor(objects[manifest.BOX_COLUMNS].to_numpy(float))
     c = polybox.to_corners(boxes).numpy()
@@ -59,7 +64,9 @@ def test_tables_follow_the_contract(prepared: tuple) -> None:
     np.testing.assert_allclose(objects["angle"], (angle + 90) % 180 - 90, atol=1e-3)
     assert objects["angle"].between(-90, 90, inclusive="left").all()
     assert set(objects["class"]) <= set(cfg.data.classes)
-    assert (objects["label"] == objects["class"].map({c: i + 1 for i, c in enumerate(cfg.data.classes)})).all()
+    assert (
+        objects["label"] == objects["class"].map({c: i + 1 for i, c in enumerate(cfg.data.classes)})
+    ).all()
 
 
 def test_reports_are_written(prepared: tuple) -> None:
@@ -69,9 +76,17 @@ def test_reports_are_written(prepared: tuple) -> None:
     assert sum(c["count"] for c in stats["classes"].values()) == result["objects"]
     for c in stats["classes"].values():
         assert sum(c["size_histogram"]) == c["count"]
-    for name in ("stats.md", "objects_per_image.png", "size_by_class.png", "aspect_by_class.png", "import_summary.json"):
+    for name in (
+        "stats.md",
+        "objects_per_image.png",
+        "size_by_class.png",
+        "aspect_by_class.png",
+        "import_summary.json",
+    ):
         assert (out / name).stat().st_size > 0
     assert result["import"]["objects"]["dropped"] == 0
+    # tiles/ always exists (later stages depend on it), here with an empty index: tiling is off.
+    assert json.loads((out / "tiles" / "index.json").read_text()) == {}
 
 
 def test_split_is_deterministic_by_image_and_seeded() -> None:
@@ -96,7 +111,9 @@ def test_dataset_items_and_collate(prepared: tuple) -> None:
     images, targets = collate(batch)
     assert len(images) == len(targets) == 4
     for (img, t), r in zip(batch, records):
-        assert img.dtype == torch.float32 and img.shape[0] == 3 and 0 <= img.min() and img.max() <= 1
+        assert (
+            img.dtype == torch.float32 and img.shape[0] == 3 and img.min() >= 0 and img.max() <= 1
+        )
         assert set(img.shape[1:]) == {96, 128}
         assert t["polyboxes"].shape == (len(r.labels), 10) and t["polyboxes"].dtype == torch.float32
         assert t["labels"].dtype == torch.int64 and t["difficult"].dtype == torch.bool

@@ -20,11 +20,21 @@ PARAMS = Path(__file__).parents[1] / "params.yaml"
 
 @pytest.fixture(scope="module")
 def cfg():
-    return dataclasses.replace(load_config(PARAMS).synth, num_images=8, image_width=160, image_height=128, empty_fraction=0.25)
+    return dataclasses.replace(
+        load_config(PARAMS).synth,
+        num_images=8,
+        image_width=160,
+        image_height=128,
+        empty_fraction=0.25,
+    )
 
 
 def _digest(d: Path) -> dict[str, str]:
-    return {p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(d).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_parameters_same_bytes(cfg, tmp_path: Path) -> None:
@@ -40,7 +50,12 @@ def test_rerun_removes_stale_files_only(cfg, tmp_path: Path) -> None:
     out = synth.generate(cfg, tmp_path / "d")
     (out / "images" / "mine.png").write_bytes(b"user file")
     synth.generate(dataclasses.replace(cfg, num_images=3), out)
-    assert sorted(p.name for p in (out / "images").iterdir()) == ["mine.png", "synth_00000.png", "synth_00001.png", "synth_00002.png"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "mine.png",
+        "synth_00000.png",
+        "synth_00001.png",
+        "synth_00002.png",
+    ]
     assert len(list((out / "labelTxt").iterdir())) == 3
 
 
@@ -55,8 +70,14 @@ def test_labels_are_valid_dota_inside_the_image(cfg, tmp_path: Path) -> None:
         for o in objs:
             counts[o.cls] += 1
             c = o.corners()
-            assert (c >= 0).all() and (c[:, 0] <= cfg.image_width).all() and (c[:, 1] <= cfg.image_height).all()
-            size = float(polybox.area(o.polybox().double())) ** 0.5 / min(cfg.image_width, cfg.image_height)
+            assert (
+                (c >= 0).all()
+                and (c[:, 0] <= cfg.image_width).all()
+                and (c[:, 1] <= cfg.image_height).all()
+            )
+            size = float(polybox.area(o.polybox().double())) ** 0.5 / min(
+                cfg.image_width, cfg.image_height
+            )
             assert 0.5 * cfg.scale_range[0] <= size <= 1.2 * cfg.scale_range[1]
         assert len(objs) <= cfg.max_objects
     assert empty >= 1 and all(n > 0 for n in counts.values())
@@ -91,7 +112,9 @@ def test_objects_look_different_from_the_background(cfg) -> None:
 
 
 def test_truncated_objects_are_labelled_by_their_visible_part(cfg) -> None:
-    edgy = dataclasses.replace(cfg, truncation=1.0, min_objects=3, max_objects=3, empty_fraction=0.0)
+    edgy = dataclasses.replace(
+        cfg, truncation=1.0, min_objects=3, max_objects=3, empty_fraction=0.0
+    )
     r = synth.render(edgy, 2)
     assert any(o.truncated for o in r.objects)
     for o in r.objects:
@@ -104,4 +127,6 @@ def test_bad_synth_settings_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"synth\.scale_range"):
         load_config(PARAMS, ["synth.scale_range=[0.5, 0.1]"])
     with pytest.raises(ConfigError, match=r"synth\.classes: \['boat'\]"):
-        synth.generate(dataclasses.replace(load_config(PARAMS).synth, classes=("boat",)), Path("/nonexistent"))
+        synth.generate(
+            dataclasses.replace(load_config(PARAMS).synth, classes=("boat",)), Path("/nonexistent")
+        )

@@ -17,7 +17,10 @@ from polydet.data.prepare import prepare
 PARAMS = Path(__file__).parents[1] / "params.yaml"
 
 
-@pytest.mark.parametrize(("w", "h", "size", "overlap"), [(1000, 700, 256, 64), (256, 100, 256, 64), (513, 1025, 512, 200)])
+@pytest.mark.parametrize(
+    ("w", "h", "size", "overlap"),
+    [(1000, 700, 256, 64), (256, 100, 256, 64), (513, 1025, 512, 200)],
+)
 def test_grid_covers_every_pixel_with_the_overlap(w: int, h: int, size: int, overlap: int) -> None:
     tiles = tiling.tile_grid(w, h, size, overlap)
     cover = np.zeros((h, w), int)
@@ -42,7 +45,10 @@ def test_objects_cut_by_a_tile_edge_are_clipped_and_marked() -> None:
     assert idx.tolist() == [0] and clipped.tolist() == [False]
     got, idx, clipped = tiling.tile_objects(boxes, (0, 0, 104, 100), min_visible=0.7)
     assert idx.tolist() == [0, 1] and clipped.tolist() == [False, True]
-    np.testing.assert_allclose(polybox.to_corners(torch.from_numpy(got[1])).numpy(), [[90, 10], [104, 10], [104, 30], [90, 30]])
+    np.testing.assert_allclose(
+        polybox.to_corners(torch.from_numpy(got[1])).numpy(),
+        [[90, 10], [104, 10], [104, 30], [90, 30]],
+    )
     # Coordinates are tile pixels.
     got, idx, _ = tiling.tile_objects(boxes, (80, 0, 180, 100), min_visible=0.7)
     assert idx.tolist() == [1, 2]
@@ -54,14 +60,28 @@ def test_an_object_split_over_tiles_comes_back_once() -> None:
 
     rng = np.random.default_rng(0)
     w, h = 700, 500
-    boxes = np.stack([_square(230, 230, 50), _square(100, 40, 30), _square(480, 300, 60), _square(600, 20, 45)])
+    boxes = np.stack(
+        [_square(230, 230, 50), _square(100, 40, 30), _square(480, 300, 60), _square(600, 20, 45)]
+    )
     labels = np.array([1, 2, 1, 3])
     per_tile = []
     for t in tiling.tile_grid(w, h, 256, 96):
         got, idx, _ = tiling.tile_objects(boxes, t, min_visible=0.6)
-        share = polybox.area(torch.from_numpy(got)).numpy() / polybox.area(torch.from_numpy(boxes[idx])).numpy()
+        share = (
+            polybox.area(torch.from_numpy(got)).numpy()
+            / polybox.area(torch.from_numpy(boxes[idx])).numpy()
+        )
         scores = share * rng.uniform(0.8, 0.99, len(idx))  # a whole view scores higher than a part
-        per_tile.append(((t[0], t[1]), {"polyboxes": torch.from_numpy(got).float(), "scores": torch.from_numpy(scores).float(), "labels": torch.from_numpy(labels[idx])}))
+        per_tile.append(
+            (
+                (t[0], t[1]),
+                {
+                    "polyboxes": torch.from_numpy(got).float(),
+                    "scores": torch.from_numpy(scores).float(),
+                    "labels": torch.from_numpy(labels[idx]),
+                },
+            )
+        )
     seen = sum(len(d["labels"]) for _, d in per_tile)
     assert seen > len(boxes)  # objects in the overlaps were detected several times
     merged = tiling.merge_detections(per_tile, iou_threshold=0.5)
@@ -79,14 +99,25 @@ def test_prepare_tiles_large_images_once_and_reuses_them(tmp_path: Path) -> None
     (root / "images").mkdir(parents=True)
     (root / "labelTxt").mkdir()
     rng = np.random.default_rng(1)
-    Image.fromarray((rng.random((500, 700, 3)) * 255).astype(np.uint8)).save(root / "images" / "big.png")
+    Image.fromarray((rng.random((500, 700, 3)) * 255).astype(np.uint8)).save(
+        root / "images" / "big.png"
+    )
     Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(root / "images" / "small.png")
-    write_dota(root / "labelTxt" / "big.txt", [Annotation((230, 230, 280, 230, 280, 280, 230, 280), "card")])
-    write_dota(root / "labelTxt" / "small.txt", [Annotation((10, 10, 50, 10, 50, 40, 10, 40), "kite")])
+    write_dota(
+        root / "labelTxt" / "big.txt",
+        [Annotation((230, 230, 280, 230, 280, 280, 230, 280), "card")],
+    )
+    write_dota(
+        root / "labelTxt" / "small.txt", [Annotation((10, 10, 50, 10, 50, 40, 10, 40), "kite")]
+    )
     out = tmp_path / "prepared"
     cfg = load_config(
         PARAMS,
-        [f"data.root={root}", f"data.out={out}", "data.tile={enabled: true, size: 256, overlap: 96, min_visible: 0.6}"],
+        [
+            f"data.root={root}",
+            f"data.out={out}",
+            "data.tile={enabled: true, size: 256, overlap: 96, min_visible: 0.6}",
+        ],
     )
     first = prepare(cfg)
     n_tiles = len(tiling.tile_grid(700, 500, 256, 96))
@@ -101,7 +132,9 @@ def test_prepare_tiles_large_images_once_and_reuses_them(tmp_path: Path) -> None
     src = np.asarray(Image.open(root / "images" / "big.png"))
     assert (np.asarray(Image.open(row["path"])) == src[160:416, 160:416]).all()
     objects = pd.read_csv(out / "objects.csv")
-    assert objects.loc[objects["image_id"] == "big__160_160", ["xc", "yc"]].values.tolist() == [[95.0, 95.0]]
+    assert objects.loc[objects["image_id"] == "big__160_160", ["xc", "yc"]].values.tolist() == [
+        [95.0, 95.0]
+    ]
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "tiles").glob("*.png")}
     second = prepare(cfg)
     assert second["tiles"]["tiles_written"] == 0

@@ -19,23 +19,43 @@ from polydet.errors import DataError
 DATA = Path(__file__).parent / "data"
 DOTA = DATA / "dota_bad"
 PARAMS = Path(__file__).parents[1] / "params.yaml"
-SQUARE = polybox.from_corners(torch.tensor([[10.0, 10], [30, 10], [30, 30], [10, 30]], dtype=torch.float64))
+SQUARE = polybox.from_corners(
+    torch.tensor([[10.0, 10], [30, 10], [30, 30], [10, 30]], dtype=torch.float64)
+)
 
 # case -> [(location relative to the root, message, action)] in the order they are found.
 DOTA_CASES = {
-    "wrong_fields": [(":3", "wrong field count: expected 10 (x1 y1 ... x4 y4 class difficult), got 7", "dropped")],
+    "wrong_fields": [
+        (":3", "wrong field count: expected 10 (x1 y1 ... x4 y4 class difficult), got 7", "dropped")
+    ],
     "not_number": [(":3", "not a number: '3O'", "dropped")],
-    "non_finite": [(":3", "non-finite coordinate: 'nan'", "dropped"), (":4", "non-finite coordinate: 'inf'", "dropped")],
-    "unknown_class": [(":3", "unknown class: 'boat' is not one of ['card', 'plate', 'kite']", "dropped")],
+    "non_finite": [
+        (":3", "non-finite coordinate: 'nan'", "dropped"),
+        (":4", "non-finite coordinate: 'inf'", "dropped"),
+    ],
+    "unknown_class": [
+        (":3", "unknown class: 'boat' is not one of ['card', 'plate', 'kite']", "dropped")
+    ],
     "bad_difficult": [(":3", "bad difficult flag: expected 0 or 1, got '2'", "dropped")],
     "zero_area": [(":3", "zero area: corners are collinear or coincide", "dropped")],
     "non_convex": [(":3", "non-convex: one corner lies inside the other three", "dropped")],
-    "far_outside": [(":3", "far outside image: 12% of its area is inside the 64x64 image", "dropped")],
+    "far_outside": [
+        (":3", "far outside image: 12% of its area is inside the 64x64 image", "dropped")
+    ],
     "self_intersecting": [(":3", "self-intersecting: corners reordered to hull order", "repaired")],
     "partly_outside": [(":3", "clipped to image: 60% inside; marked truncated", "repaired")],
     "empty_label": [("", "empty file: no objects; image kept as a negative", "kept")],
+    "binary_label": [
+        (
+            "",
+            "unreadable file: 'utf-8' codec can't decode byte 0xff in position 0: invalid start byte",
+            "dropped",
+        )
+    ],
     "orphan": [("", "no image for label file: no image orphan under {root}/images", "dropped")],
-    "unlabelled": [("", "no label file for image: expected {root}/labelTxt/unlabelled.txt", "dropped")],
+    "unlabelled": [
+        ("", "no label file for image: expected {root}/labelTxt/unlabelled.txt", "dropped")
+    ],
     "truncated_image": [("", "truncated image: image file is truncated", "dropped")],
     "not_an_image": [("", "unreadable image: not an image format PIL can read", "dropped")],
     "empty_image": [("", "empty file: image file has 0 bytes", "dropped")],
@@ -43,14 +63,20 @@ DOTA_CASES = {
 IMAGE_LEVEL = {"unlabelled", "truncated_image", "not_an_image", "empty_image"}
 
 
-def _data_cfg(root: Path, fmt: str = "dota", on_error: str = "skip", classes=("card", "plate", "kite")):
-    return dataclasses.replace(load_config(PARAMS).data, root=str(root), format=fmt, on_error=on_error, classes=classes)
+def _data_cfg(
+    root: Path, fmt: str = "dota", on_error: str = "skip", classes=("card", "plate", "kite")
+):
+    return dataclasses.replace(
+        load_config(PARAMS).data, root=str(root), format=fmt, on_error=on_error, classes=classes
+    )
 
 
 def _expected(case: str, root: Path) -> list[str]:
     base = root / ("images" if case in IMAGE_LEVEL else "labelTxt")
     name = f"{case}.png" if case in IMAGE_LEVEL else f"{case}.txt"
-    return [f"{base / name}{loc}: {msg.format(root=root)} ({act})" for loc, msg, act in DOTA_CASES[case]]
+    return [
+        f"{base / name}{loc}: {msg.format(root=root)} ({act})" for loc, msg, act in DOTA_CASES[case]
+    ]
 
 
 def _one_case(case: str, tmp_path: Path) -> Path:
@@ -75,7 +101,7 @@ def test_each_bad_case_under_both_policies(case: str, tmp_path: Path) -> None:
     imp = import_dataset(_data_cfg(root, on_error="skip"))
     assert [str(i) for i in imp.log.issues] == expected
     # The good record on line 2 beside the bad one survives, unchanged.
-    if case not in IMAGE_LEVEL | {"orphan", "empty_label"}:
+    if case not in IMAGE_LEVEL | {"orphan", "empty_label", "binary_label"}:
         (objs,) = imp.objects
         torch.testing.assert_close(torch.from_numpy(objs.polyboxes[0]), SQUARE)
         assert objs.labels[0] == 1 and not objs.truncated[0]
@@ -87,7 +113,7 @@ def test_whole_corpus_skip_summary_and_survivors() -> None:
     assert sorted(str(i) for i in imp.log.issues) == expected
     by_id = {s.image_id: o for s, o in zip(imp.sources, imp.objects)}
     assert sorted(by_id) == sorted(
-        {"good", "empty_label"} | set(DOTA_CASES) - IMAGE_LEVEL - {"orphan", "empty_label"}
+        {"good", "empty_label"} | set(DOTA_CASES) - IMAGE_LEVEL - {"orphan", "binary_label"}
     )
     assert len(by_id["empty_label"].labels) == 0
     good = by_id["good"]
@@ -102,16 +128,16 @@ def test_whole_corpus_skip_summary_and_survivors() -> None:
     np.testing.assert_allclose(c, [[40, 40], [64, 40], [64, 60], [40, 60]])
     s = imp.summary
     assert s["images"] == {
-        "read": 17,
+        "read": 18,
         "kept": 12,
-        "dropped": 5,
+        "dropped": 6,
         "dropped_by_reason": {
             "empty file": 1, "no image for label file": 1, "no label file for image": 1,
-            "truncated image": 1, "unreadable image": 1,
+            "truncated image": 1, "unreadable file": 1, "unreadable image": 1,
         },
     }  # fmt: skip
     ob = s["objects"]
-    assert (ob["read"], ob["kept"], ob["repaired"], ob["dropped"]) == (27, 12, 2, 13)
+    assert (ob["read"], ob["kept"], ob["repaired"], ob["dropped"]) == (28, 12, 2, 14)
     assert ob["repaired_by_reason"] == {"clipped to image": 1, "self-intersecting": 1}
     assert s["warnings_by_reason"] == {"empty file": 1}
 
@@ -121,21 +147,26 @@ def test_prepare_writes_summary_and_marks_flags(tmp_path: Path) -> None:
     result = prepare(cfg)
     out = tmp_path / "out"
     summary = json.loads((out / "import_summary.json").read_text())
-    assert summary == result["import"] and summary["objects"]["dropped"] == 13
-    assert len((out / "import_issues.txt").read_text().splitlines()) == summary["num_issues"] == 17
+    assert summary == result["import"] and summary["objects"]["dropped"] == 14
+    assert len((out / "import_issues.txt").read_text().splitlines()) == summary["num_issues"] == 18
     objects = pd.read_csv(out / "objects.csv")
     assert objects["truncated"].sum() == 1 and objects["difficult"].sum() == 1
     assert objects.loc[objects["truncated"] == 1, "image_id"].tolist() == ["partly_outside"]
 
 
-def test_cli_stop_policy_prints_one_line_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_cli_stop_policy_prints_one_line_and_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     code = cli.main(
         ["prepare", "--params", str(PARAMS), "--set", f"data.root={DOTA}", "--set", "data.on_error=stop",
          "--set", f"data.out={tmp_path}"]
     )  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2
-    assert err == f"polydet prepare: error: {DOTA}/labelTxt/orphan.txt: no image for label file: no image orphan under {DOTA}/images\n"
+    assert (
+        err
+        == f"polydet prepare: error: {DOTA}/labelTxt/orphan.txt: no image for label file: no image orphan under {DOTA}/images\n"
+    )
 
 
 def test_coco_corpus() -> None:

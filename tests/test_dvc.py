@@ -183,7 +183,7 @@ def test_dvc_repro_in_a_copy(tmp_path: Path):
     assert _ran(second) == set() and "up to date" in second
     assert time.perf_counter() - start < 20
 
-    raw["evaluate"]["score_thresh"] = 0.25
+    raw["evaluate"]["precision_targets"] = [0.5, 0.7]  # read by evaluate alone
     (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     third = _sh([*dvc, "repro"], repo, env)
     assert _ran(third) == {"evaluate", "register"}

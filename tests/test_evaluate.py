@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import shapely
 import torch
 from shapely.geometry import Polygon
 
@@ -575,8 +574,15 @@ def test_cli_prints_map50_and_per_class_ap(tmp_path: Path, capsys: pytest.Captur
 
     write_random_dota(tmp_path, np.random.default_rng(3), ["plane", "ship"], num_images=4)
     code = main(
-        ["evaluate", "--format", "dota", "--detections", str(tmp_path / "det"),
-         "--annotations", str(tmp_path / "ann")]  # fmt: skip
+        [
+            "evaluate",
+            "--format",
+            "dota",
+            "--detections",
+            str(tmp_path / "det"),
+            "--annotations",
+            str(tmp_path / "ann"),
+        ]  # fmt: skip
     )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
@@ -619,3 +625,23 @@ def test_pairs_are_pairwise_iou_of_same_image_boxes() -> None:
         assert np.abs(piou - dense[rr, cc]).max() < 1e-9
         ref = np.array([shapely_iou(q[30 + d], q[g]) for d, g in zip(pd, pg)])
         assert np.abs(piou - ref).max() < 1e-9
+
+
+def test_label_txt_fast_path_reads_what_formats_reads(tmp_path: Path) -> None:
+    from polydet.data import formats
+
+    files = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"]
+    files[0].write_text(
+        "imagesource:GoogleEarth\ngsd:0.146\n1 2 30 2 30 40 1 40 small-vehicle 1\n\n"
+        "  5 5 9 5 9 9 5 9   plane\n"  # 9 fields: not difficult; extra spaces
+    )
+    files[1].write_text("")  # an image without objects
+    files[2].write_text("0.5 0.5 10.25 0.5 10.25 7 0.5 7 plane 0\n")
+    img, names, corners, difficult = ev._read_label_txts(files)
+    ref = [(i, o) for i, p in enumerate(files) for o in formats.read_dota(p).objects]
+    assert img.tolist() == [i for i, _ in ref]
+    assert names == [o.cls for _, o in ref]
+    assert corners.tolist() == [list(o.points) for _, o in ref]
+    assert difficult.tolist() == [o.difficult for _, o in ref] == [True, False, False]
+    files[2].write_text("0 0 10 0 10 10 0 10\n")  # 8 fields: the slow path names the line
+    assert ev._read_label_txts(files) is None

@@ -153,12 +153,12 @@ def test_aliases_after_better_and_worse_models(
 
     # A different evaluate setting each time makes the stage rerun (with the fake metrics).
     monkeypatch.setattr(polydet.evaluate, "evaluate_model", _fake_evaluate(1.0))
-    better = _run("evaluate.score_thresh=0.31")
+    better = _run("evaluate.precision_targets=[0.5]")
     assert better["new"] and better["promotion"]["promoted"]
     assert _aliases() == {"champion": better["version"], "challenger": better["version"]}
 
     monkeypatch.setattr(polydet.evaluate, "evaluate_model", _fake_evaluate(0.0))
-    worse = _run("evaluate.score_thresh=0.32")
+    worse = _run("evaluate.precision_targets=[0.6]")
     assert worse["new"] and not worse["promotion"]["promoted"]
     assert _aliases() == {"champion": better["version"], "challenger": worse["version"]}
     replaced = mlflow.MlflowClient().get_model_version("polydet", "1").tags

@@ -117,8 +117,8 @@ def _num(x: float) -> str:
     return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
 
 
-def _read_text(path: Path, log: ImportLog, encoding: str = "utf-8") -> str | None:
-    """File text, or ``None`` after logging why not (unreadable / not UTF-8)."""
+def _read_text(path: Path, log: ImportLog, encoding: str = "utf-8-sig") -> str | None:
+    """File text (a UTF-8 BOM is dropped), or ``None`` after logging why not."""
     try:
         return Path(path).read_text(encoding=encoding)
     except (OSError, UnicodeDecodeError) as e:

@@ -114,6 +114,11 @@ def _read_label_dirs(
                 where(label), v.PATH_ESCAPE, f"resolves to {label.resolve()}", _count_records(label)
             )
             continue
+        try:  # an undecodable label file loses the whole image: say so before decoding it
+            label.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            log.drop_image(where(label), v.UNREADABLE_FILE, str(e), _count_records(label))
+            continue
         size = check_image(path, log, _count_records(label))
         if size is None:
             continue

@@ -100,12 +100,13 @@ def prepare(cfg: Config) -> dict:
                     dc.classes,
                 )
             )
-    if tiled or index:
-        # Forget (and delete) tiles of images that are gone or no longer tiled.
-        for name in sorted(set(index) - current_tiles):
-            (tiles_dir / f"{name}.png").unlink(missing_ok=True)
-            del index[name]
-        tiling.save_index(tiles_dir, index)
+    # Forget (and delete) tiles of images that are gone or no longer tiled. The index is
+    # written even when empty: later stages list tiles/ as a dependency, and DVC does not
+    # restore empty directories.
+    for name in sorted(set(index) - current_tiles):
+        (tiles_dir / f"{name}.png").unlink(missing_ok=True)
+        del index[name]
+    tiling.save_index(tiles_dir, index)
 
     images = pd.DataFrame(image_rows, columns=manifest.IMAGE_COLUMNS)
     objects = pd.concat(object_frames, ignore_index=True) if object_frames else pd.DataFrame()

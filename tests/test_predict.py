@@ -1,0 +1,159 @@
+"""``polydet predict``: Task1 / JSON / drawn PNG outputs, tiling of large images, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from polydet import polybox
+from polydet.cli import main
+from polydet.config import Config, load_config
+from polydet.data.formats import read_task1_dir
+from polydet.errors import DataError, ModelError
+from polydet.model import build_model, save_model
+from polydet.predict import detect, list_images, predict_paths
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["card", "plate", "kite"]
+TINY = [
+    "model.backbone=mobilenet_v3_fpn",
+    "model.fpn_channels=16",
+    "model.min_size=64",
+    "model.max_size=64",
+    "model.returned_layers=[4, 5]",
+    "model.anchor_sizes=[[12], [24], [48]]",
+    "model.roi.representation_size=32",
+    "model.rpn.pre_nms_top_n_test=64",
+    "model.rpn.post_nms_top_n_test=32",
+    "model.roi.score_thresh=0.0",
+    "model.roi.detections_per_img=5",
+    "train.device=cpu",
+    "data.tile.enabled=true",
+    "data.tile.size=64",
+    "data.tile.overlap=16",
+]
+
+
+def tiny_config(tmp: Path) -> Config:
+    return load_config(ROOT / "params.yaml", [*TINY, f"train.out={tmp / 'train'}"])
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny model: its scores are near-uniform, so it detects something."""
+    tmp = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    cfg = tiny_config(tmp)
+    return save_model(build_model(cfg.model), tmp / "model.pt", cfg.model, CLASSES, None)
+
+
+def write_image(path: Path, width: int, height: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_cli_predict_writes_task1_json_and_drawn_images(model_file: Path, tmp_path: Path) -> None:
+    images = tmp_path / "in"
+    write_image(images / "a.png", 64, 64, 0)
+    write_image(images / "b c.jpg", 48, 64, 1)  # a space in the name, another format
+    write_image(images / "large.png", 150, 100, 2)  # larger than the 64 px tiles
+    (images / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    args = ["predict", str(images), "--model", str(model_file), "--out", str(out)]
+    args += ["--score-thresh", "0.0", "--params", str(ROOT / "params.yaml")]
+    for item in TINY:
+        args += ["--set", item]
+    assert main(args) == 0
+
+    doc = json.loads((out / "detections.json").read_text())
+    summary = doc["summary"]
+    assert summary["images"] == 3 and summary["tiled_images"] == 1
+    by_id = {r["image_id"]: r for r in doc["images"]}
+    assert set(by_id) == {"a", "b_c", "large"}
+    assert by_id["large"]["tiles"] == 6  # x starts 0, 48, 86; y starts 0, 36
+    assert by_id["a"]["tiles"] == 1
+    assert summary["detections"] == sum(len(r["detections"]) for r in doc["images"]) > 0
+    assert summary["detections"] == sum(summary["per_class"].values())
+
+    task1 = read_task1_dir(out)
+    assert sorted(task1) == sorted(CLASSES)
+    assert sum(len(v) for v in task1.values()) == summary["detections"]
+    for cls, dets in task1.items():
+        for d in dets:
+            assert d.image_id in by_id
+            match = [
+                x for x in by_id[d.image_id]["detections"]
+                if x["class"] == cls and abs(x["score"] - d.score) < 1e-5
+            ]  # fmt: skip
+            assert match, f"{d} not in detections.json"
+            assert np.allclose(np.ravel(match[0]["corners"]), d.points, atol=0.01)
+    for record in doc["images"]:
+        w, h = record["width"], record["height"]
+        for x in record["detections"]:
+            box = torch.tensor(x["polybox"])
+            assert torch.allclose(polybox.to_corners(box), torch.tensor(x["corners"]), atol=2e-3)
+            hull = polybox.hull_xyxy(box)
+            assert hull[0] >= -1 and hull[1] >= -1 and hull[2] <= w + 1 and hull[3] <= h + 1
+        with Image.open(out / "images" / f"{record['image_id']}.png") as drawn:
+            assert drawn.size == (w, h)
+            source = np.asarray(Image.open(record["path"]).convert("RGB"))
+            # Outlines were drawn: the picture differs from the input.
+            assert (np.asarray(drawn.convert("RGB")) != source).any() == bool(record["detections"])
+
+
+class FindBrightSquare:
+    """A stand-in detector: one detection, the bounding box of the bright pixels it sees."""
+
+    cfg = SimpleNamespace(roi=SimpleNamespace(nms_thresh=0.5))
+
+    def __init__(self) -> None:
+        self.crops: list[tuple[int, int]] = []
+
+    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        out = []
+        for im in images:
+            self.crops.append(tuple(im.shape[-2:]))
+            ys, xs = torch.where(im[0] > 0.5)
+            if len(xs) == 0:
+                out.append({"polyboxes": torch.zeros(0, 10), "scores": torch.zeros(0),
+                            "labels": torch.zeros(0, dtype=torch.int64)})  # fmt: skip
+                continue
+            xyxy = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]).float()
+            out.append({"polyboxes": polybox.from_xyxy(xyxy), "scores": torch.tensor([0.9]),
+                        "labels": torch.tensor([2])})  # fmt: skip
+        return out
+
+
+def test_tiles_merge_back_to_full_image_pixels(tmp_path: Path) -> None:
+    image = torch.zeros(3, 100, 100)
+    image[:, 40:60, 45:70] = 1.0  # whole inside all 4 tiles (starts 0 and 36)
+    model = FindBrightSquare()
+    tile = tiny_config(tmp_path).data.tile
+    det, n_tiles = detect(model, image, tile, score_thresh=0.5, batch_size=3)  # type: ignore[arg-type]
+    assert n_tiles == 4 and model.crops == [(64, 64)] * 4
+    assert len(det["scores"]) == 1 and det["labels"].tolist() == [2]  # duplicates merged
+    assert polybox.hull_xyxy(det["polyboxes"][0]).tolist() == [45.0, 40.0, 70.0, 60.0]
+    small = torch.zeros(3, 64, 64)
+    det, n_tiles = detect(model, small, tile, score_thresh=0.5)  # type: ignore[arg-type]
+    assert n_tiles == 1 and len(det["scores"]) == 0
+
+
+def test_predict_errors_name_the_path(model_file: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        list_images(tmp_path / "empty")
+    with pytest.raises(DataError, match="missing"):
+        predict_paths(cfg, tmp_path / "missing", model=str(model_file), out_dir=tmp_path / "o")
+    image = write_image(tmp_path / "x.png", 32, 32, 0)
+    with pytest.raises(ModelError, match="nope.pt"):
+        predict_paths(cfg, image, model=str(tmp_path / "nope.pt"), out_dir=tmp_path / "o")
