@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from polydet import evaluate as ev  # noqa: E402
 
+T = TypeVar("T")
 CLASSES = ["plane", "ship", "small-vehicle", "harbor", "helicopter"]
 
 
@@ -92,10 +96,21 @@ def write_dataset(
         (out / "det" / f"Task1_{c}.txt").write_text("\n".join(lines) + "\n")
 
 
+def best_of(repeats: int, fn: Callable[[], T]) -> tuple[float, T]:
+    """Smallest wall time of ``repeats`` runs (the least noisy estimate on a shared machine)."""
+    best, out = math.inf, None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--dets-per-image", type=int, default=100)
+    parser.add_argument("--repeats", type=int, default=3, help="best of N runs, each side")
     args = parser.parse_args()
     # One core for both sides: the kit's loop is single-threaded, and the machine is shared.
     torch.set_num_threads(1)
@@ -109,44 +124,52 @@ def main() -> None:
         det_fmt, ann_fmt = str(det_dir / "Task1_{:s}.txt"), str(ann_dir / "{:s}.txt")
 
         # Reading, each side its own way (the kit re-reads every annotation file per class).
-        t0 = time.perf_counter()
-        kit_inputs = {c: kit.kit_load(det_fmt, ann_fmt, names, c) for c in CLASSES}
-        t_kit_read = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        image_ids, classes, gt, dets = ev.load_dota_dirs(det_dir, ann_dir, CLASSES)
-        t_read = time.perf_counter() - t0
+        def kit_read() -> dict:
+            return {c: kit.kit_load(det_fmt, ann_fmt, names, c) for c in CLASSES}
 
-        # Matching and AP from the inputs in memory.
-        t0 = time.perf_counter()
-        ref = {c: kit.kit_match(*kit_inputs[c], ovthresh=0.5, use_07_metric=True) for c in CLASSES}
-        t_kit = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fast = ev.evaluate_detections(image_ids, classes, gt, dets, coco=False).metrics
-        t_dota = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        full = ev.evaluate_detections(image_ids, classes, gt, dets).metrics
-        t_full = time.perf_counter() - t0
+        t_kit_read, _ = best_of(args.repeats, kit_read)
+        t_read, loaded = best_of(args.repeats, lambda: ev.load_dota_dirs(det_dir, ann_dir, CLASSES))
+        image_ids, classes, gt, dets = loaded
 
+        # Matching and AP from the inputs in memory (the kit's loop marks its "det" flags,
+        # so each run gets freshly read inputs).
+        t_kit = math.inf
+        for _ in range(args.repeats):
+            inputs = kit_read()
+            t0 = time.perf_counter()
+            ref = {c: kit.kit_match(*inputs[c], ovthresh=0.5, use_07_metric=True) for c in CLASSES}
+            t_kit = min(t_kit, time.perf_counter() - t0)
+        t_dota, fast = best_of(
+            args.repeats, lambda: ev.evaluate_detections(image_ids, classes, gt, dets, coco=False)
+        )
+        t_full, full = best_of(
+            args.repeats, lambda: ev.evaluate_detections(image_ids, classes, gt, dets)
+        )
+
+    fast, full = fast.metrics, full.metrics
     diff = max(abs(m[f"ap50/{c}"] - ref[c]) for c in CLASSES for m in (fast, full))
     kit_map = float(np.mean(list(ref.values())))
     print(
-        f"{dets.score.size} detections, {gt.label.size} objects, {len(image_ids)} images, 1 thread"
+        f"{dets.score.size} detections, {gt.label.size} objects, {len(image_ids)} images; "
+        f"1 thread, best of {args.repeats}"
     )
     print(
-        f"kit: read files {t_kit_read:6.2f} s, matching loop {t_kit:6.2f} s   mAP50 {kit_map:.6f}"
+        f"kit:     read files {t_kit_read:6.2f} s   matching loop {t_kit:6.2f} s   mAP50 {kit_map:.6f}"
     )
     print(f"polydet: read files {t_read:6.2f} s")
     print(
         f"polydet: DOTA AP (VOC07, all-point, recall@P, confusion) {t_dota:6.2f} s   mAP50 {fast['map50']:.6f}"
     )
     print(
-        f"polydet: all metrics (+ COCO AP50:95, sizes)             {t_full:6.2f} s   mAP50:95 {full['map50_95']:.6f}"
+        f"polydet: all metrics (+ COCO AP50:95, AP by size)       {t_full:6.2f} s   mAP50:95 {full['map50_95']:.6f}"
     )
     print(f"max |AP50 difference| over classes: {diff:.1e}")
     print(
-        f"speed-up, matching + AP:          {t_kit / t_dota:5.1f}x  (all metrics: {t_kit / t_full:.1f}x)"
+        f"speed-up, matching + AP (target >= 20x): {t_kit / t_dota:5.1f}x   (all metrics: {t_kit / t_full:.1f}x)"
     )
-    print(f"speed-up, files to mAP50:         {(t_kit_read + t_kit) / (t_read + t_dota):5.1f}x")
+    print(
+        f"speed-up, files to mAP50:                {(t_kit_read + t_kit) / (t_read + t_dota):5.1f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class Stage:
 
 
 _CORE = ("polydet/ops.py", "polydet/polybox.py", "polydet/config.py")  # used by every stage
+_MODEL = ("polydet/model", "polydet/coder.py")  # the detector
 
 STAGES: tuple[Stage, ...] = (
     Stage(
@@ -131,10 +132,11 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "anchors",
-        ("anchors", "model.min_size", "model.max_size"),
+        # The anchor grid's strides come from the backbone; sizes are in model input pixels.
+        ("anchors", "model.backbone", "model.returned_layers", "model.min_size", "model.max_size"),
         lambda c: _prepared(c, "images.csv", "objects.csv"),
         lambda c: [str(Path(c.anchors.out) / "anchors.json")],
-        ("polydet/anchors.py", *_CORE),
+        ("polydet/anchors.py", "polydet/model", "polydet/data", *_CORE),
         _run_anchors,
     ),
     Stage(
@@ -150,7 +152,7 @@ STAGES: tuple[Stage, ...] = (
             "polydet/engine.py",
             "polydet/checkpoint.py",
             "polydet/distributed.py",
-            "polydet/model",
+            *_MODEL,
             "polydet/data",
             *_CORE,
         ),
@@ -165,7 +167,7 @@ STAGES: tuple[Stage, ...] = (
             c.data.root,
         ],
         lambda c: [str(Path(c.evaluate.out) / "metrics.json")],
-        ("polydet/evaluate.py", "polydet/model", "polydet/data", *_CORE),
+        ("polydet/evaluate.py", *_MODEL, "polydet/data", *_CORE),
         _run_evaluate,
     ),
     Stage(
@@ -179,7 +181,7 @@ STAGES: tuple[Stage, ...] = (
             c.data.root,
         ],
         lambda c: [str(Path(c.debug.out) / "report.md")],
-        ("polydet/debug.py", "polydet/evaluate.py", "polydet/model", "polydet/data", *_CORE),
+        ("polydet/debug.py", "polydet/evaluate.py", *_MODEL, "polydet/data", *_CORE),
         _run_debug,
     ),
 )

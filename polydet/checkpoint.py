@@ -25,7 +25,8 @@ CHECKPOINT_FORMAT = "polydet-checkpoint/1"
 
 def capture_rng_state() -> dict[str, Any]:
     """Every global random generator's state, as ``weights_only``-loadable values."""
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    # NumPy's legacy global generator: what third-party code calling np.random.* draws from.
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()  # noqa: NPY002
     version, py_state, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
@@ -50,7 +51,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         for i in range(n):
             torch.cuda.set_rng_state(cuda_states[i].cpu(), device=i)
     np_state = state["numpy"]
-    np.random.set_state(
+    np.random.set_state(  # noqa: NPY002
         (
             "MT19937",
             np_state["keys"].numpy().astype(np.uint32),

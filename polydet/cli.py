@@ -74,7 +74,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             raise UserError("--format dota needs --detections DIR and --annotations DIR")
         classes = args.classes.split(",") if args.classes else None
         result = evaluate.evaluate_dota_dirs(
-            Path(args.detections), Path(args.annotations), classes=classes,
+            Path(args.detections),
+            Path(args.annotations),
+            classes=classes,
             iou_threshold=args.iou_threshold,
         )
         _print_json(result)

@@ -204,7 +204,7 @@ class TrainConfig:
     epochs: int
     max_steps: int  # 0 = no cap
     batch_size: int
-    num_workers: int
+    num_workers: int  # data-loading processes; -1 = auto (up to 4 per GPU on CUDA, 0 on CPU)
     optimizer: Literal["sgd", "adamw"]
     lr: float
     momentum: float
@@ -219,6 +219,26 @@ class TrainConfig:
     seed: int
     augment: AugmentConfig
     out: str
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "max_steps": self.max_steps >= 0,
+            "batch_size": self.batch_size >= 1,
+            "num_workers": self.num_workers >= -1,
+            "lr": self.lr > 0.0,
+            "momentum": 0.0 <= self.momentum < 1.0,
+            "weight_decay": self.weight_decay >= 0.0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "step_milestones": all(m >= 0 for m in self.step_milestones),
+            "step_gamma": self.step_gamma > 0.0,
+            "grad_clip": self.grad_clip >= 0.0,
+            "log_every": self.log_every >= 1,
+            "checkpoint_every": self.checkpoint_every >= 0,
+        }
+        for key, ok in checks.items():
+            if not ok:
+                raise ConfigError(f"train.{key}: value {getattr(self, key)!r} is out of range")
 
 
 @dataclass(frozen=True)
@@ -247,9 +267,14 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class DebugConfig:
     split: Literal["train", "val", "test"]
-    num_images: int
-    top_n_proposals: int
+    num_images: int  # first images of the split that are inspected and drawn
+    top_n_proposals: int  # RPN recall and objectness are measured on this many per image
     out: str
+
+    def __post_init__(self) -> None:
+        for key in ("num_images", "top_n_proposals"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"debug.{key}: value {getattr(self, key)!r} is out of range")
 
 
 @dataclass(frozen=True)

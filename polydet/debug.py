@@ -57,8 +57,9 @@ IOU_BINS = np.linspace(0.0, 1.0, 21)
 MAX_LISTED = 20
 # Crops of worst false positives and of missed objects drawn.
 MAX_CROPS = 8
-# Top proposals drawn per example image.
+# Top proposals, and at most this many detections (best first), drawn per example image.
 DRAWN_PROPOSALS = 10
+DRAWN_DETECTIONS = 20
 
 Severity = Literal["error", "warning", "info"]
 
@@ -99,13 +100,16 @@ class Finding:
 
 
 def read_history(path: Path) -> pd.DataFrame | None:
-    """``history.csv`` as a table (``None`` when absent). Missing columns are tolerated:
-    ``split`` defaults to ``train``; loss columns are numeric (NaN/inf kept)."""
+    """``history.csv`` as a table (``None`` when absent or empty: a run that died before its
+    first step). Missing columns are tolerated: ``split`` defaults to ``train``; loss
+    columns are numeric (NaN/inf kept)."""
     if not path.is_file():
         return None
     try:
         df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+    except pd.errors.EmptyDataError:
+        return None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read training history ({e})") from e
     if "step" not in df.columns:
         raise DataError(f"{path}: no 'step' column (columns: {list(df.columns)})")
@@ -326,6 +330,8 @@ def analyze_matching(
                 "negatives": int((labels == 0).sum()),
                 "ignored": int((labels == -1).sum()),
                 "anchors": int(anchors.shape[0]),
+                "proposals": int(inspect["proposals"][i].shape[0]),
+                "recall@0.5": None,
             }
         )
         order = inspect["proposal_scores"][i].float().argsort(descending=True)[:top_n]
@@ -367,6 +373,9 @@ def analyze_matching(
             for t in (0.5, 0.7):
                 recall_hits[f"poly@{t}"] += int((poly >= t).sum())
                 recall_hits[f"hull@{t}"] += int((hb >= t).sum())
+            per_image[-1]["recall@0.5"] = float((poly >= 0.5).float().mean())
+        elif keep.any():
+            per_image[-1]["recall@0.5"] = 0.0
 
     npos = torch.cat(pos_per_gt) if pos_per_gt else torch.zeros(0, dtype=torch.long)
     best = torch.cat(best_iou) if best_iou else torch.zeros(0)
@@ -384,7 +393,6 @@ def analyze_matching(
             "median": float(npos.float().median()) if npos.numel() else None,
             "min": int(npos.min()) if npos.numel() else None,
             "max": int(npos.max()) if npos.numel() else None,
-            "histogram": np.bincount(npos.numpy(), minlength=1).tolist() if npos.numel() else [],
         },
         "best_anchor_iou": {
             "mean": _mean_or_none(best.tolist()),
@@ -538,23 +546,44 @@ def _matching_findings(
 # --- encoding ----------------------------------------------------------------------------------
 
 
+def _rows(parts: Sequence[Tensor]) -> Tensor:
+    """Per-image ``[P_i, 10]`` tensors as one float64 ``[P, 10]``."""
+    return torch.cat([p.double().reshape(-1, 10) for p in parts]) if parts else torch.zeros(0, 10)
+
+
+def _term_stats(x: Tensor, trivial: int) -> dict[str, Any]:
+    """Count, non-finite rows, and per-term mean / std ``[10]`` of the finite rows."""
+    finite = torch.isfinite(x).all(dim=1)
+    xf = x[finite].double()
+    return {
+        "count": int(x.shape[0]),
+        "trivial": trivial,
+        "nonfinite": int((~finite).sum()),
+        "mean": xf.mean(0).tolist() if xf.shape[0] else [None] * 10,
+        "std": xf.std(0, unbiased=False).tolist() if xf.shape[0] else [None] * 10,
+    }
+
+
 def analyze_encoding(
     inspect: dict[str, Any], th: Thresholds = Thresholds()
 ) -> tuple[dict[str, Any], list[Finding]]:
-    """Per group (RPN/RoI targets and predicted deltas) and term: count, mean, std."""
+    """Per group (RPN/RoI targets and predicted deltas) and term: count, mean, std.
+
+    Rows whose target is exactly 0 (a ground truth added to the proposals as its own RoI,
+    as torchvision does) are left out of the statistics, with their deltas: they say
+    nothing about the encoding's scale. ``stats[group]["trivial"]`` counts them.
+    """
     stats: dict[str, Any] = {}
     findings: list[Finding] = []
-    for key in ENCODING_GROUPS:
-        parts = [t.float().reshape(-1, 10) for t in inspect.get(key, [])]
-        x = torch.cat(parts) if parts else torch.zeros(0, 10)
-        finite = torch.isfinite(x).all(dim=1)
-        xf = x[finite].double()
-        stats[key] = {
-            "count": int(x.shape[0]),
-            "nonfinite": int((~finite).sum()),
-            "mean": xf.mean(0).tolist() if xf.shape[0] else [None] * 10,
-            "std": xf.std(0, unbiased=False).tolist() if xf.shape[0] else [None] * 10,
-        }
+    for key, delta_key in (
+        ("encoded_rpn_targets", "rpn_deltas"),
+        ("encoded_roi_targets", "roi_deltas"),
+    ):
+        t, d = (_rows(inspect.get(k, [])) for k in (key, delta_key))
+        trivial = (t.abs() <= 1e-6).all(dim=1)
+        keep = ~trivial
+        stats[key] = _term_stats(t[keep], int(trivial.sum()))
+        stats[delta_key] = _term_stats(d[keep] if d.shape[0] == t.shape[0] else d, 0)
     for key, delta_key in (
         ("encoded_rpn_targets", "rpn_deltas"),
         ("encoded_roi_targets", "roi_deltas"),
@@ -596,7 +625,8 @@ def analyze_encoding(
                     f"{stage} encoded targets are off unit scale: std "
                     + (f"> {th.target_std_max} in {', '.join(big)} " if big else "")
                     + (f"< {th.target_std_min} in {', '.join(small)} " if small else "")
-                    + "(coder weights, or offsets not divided by the anchor size).",
+                    + "(coder weights, offsets not divided by the reference size, or "
+                    "references so unlike the objects that every target is the same).",
                     {"stage": stage, "too_large": big, "too_small": small, "std": s["std"]},
                 )
             )
@@ -667,8 +697,11 @@ def plot_matching(stats: dict[str, Any], path: Path) -> Path:
     """Positives per ground truth, best anchor IoU per ground truth, anchor IoU histograms."""
     fig = _figure(10, 7)
     (a, b), (c, d) = fig.subplots(2, 2)
-    hist = stats["positives_per_gt"]["histogram"]
-    a.bar(range(len(hist)), hist, color="C2")
+    # Counts 0..29, then one bar for 30 or more (low-quality floods reach hundreds).
+    npos = np.minimum([r["positives"] for r in stats["ground_truth_table"]], 30)
+    hist = np.bincount(npos.astype(np.int64), minlength=31) if npos.size else np.zeros(31)
+    a.bar(range(31), hist, color="C2")
+    a.set_xticks([0, 10, 20, 30], ["0", "10", "20", "30+"])
     a.set(xlabel="positive anchors", ylabel="ground truths", title="Positives per ground truth")
     best = [r["best_anchor_iou"] for r in stats["ground_truth_table"]]
     b.hist(best, IOU_BINS, color="C1")
@@ -752,8 +785,8 @@ def draw_example(
     title: str,
 ) -> Path:
     """One image ``[3, H, W]`` with ground truths (green), each one's best anchor (orange,
-    dashed), top proposals (blue) and detections above ``score_thresh`` (red); all in the
-    image's pixels."""
+    dashed), top proposals (blue) and the best detections above ``score_thresh`` (red, at
+    most ``DRAWN_DETECTIONS``); all in the image's pixels."""
     h, w = image.shape[-2:]
     fig = _figure(max(4.0, 6.0 * w / max(h, w)), max(4.0, 6.0 * h / max(h, w)))
     ax = fig.add_subplot()
@@ -761,7 +794,8 @@ def draw_example(
     _poly(ax, proposals, "tab:blue", lw=0.8)
     _rect(ax, best_anchors, "orange", lw=1.2, ls="--")
     _poly(ax, gt, "lime", lw=2.0)
-    keep = detections["scores"] >= score_thresh
+    keep = torch.nonzero(detections["scores"] >= score_thresh).flatten()
+    keep = keep[detections["scores"][keep].argsort(descending=True)[:DRAWN_DETECTIONS]]
     _poly(ax, detections["polyboxes"][keep], "red", lw=1.5)
     for p, s, lab in zip(
         detections["polyboxes"][keep], detections["scores"][keep], detections["labels"][keep]
@@ -808,8 +842,9 @@ def draw_crops(
 Block = tuple[str, Any]  # ("h1"|"h2"|"p"|"ul"|"table"|"img", content)
 
 
-def render_markdown(blocks: Sequence[Block]) -> str:
-    """Markdown of report blocks (images linked by their file names)."""
+def render_markdown(blocks: Sequence[Block], base: Path) -> str:
+    """Markdown of report blocks; images are linked relative to ``base`` (the report's
+    directory)."""
     out = []
     for kind, c in blocks:
         if kind in ("h1", "h2", "h3"):
@@ -823,11 +858,14 @@ def render_markdown(blocks: Sequence[Block]) -> str:
             out.append(
                 "\n".join(
                     ["| " + " | ".join(map(str, head)) + " |", "|" + " --- |" * len(head)]
-                    + ["| " + " | ".join(map(_cell, r)) + " |" for r in rows]
+                    + [
+                        "| " + " | ".join(_cell(v).replace("|", "\\|") for v in r) + " |"
+                        for r in rows
+                    ]
                 )
             )
         elif kind == "img":
-            out.append(f"![{c.stem}]({c.name})")
+            out.append(f"![{c.stem}]({c.relative_to(base).as_posix()})")
     return "\n\n".join(out) + "\n"
 
 
@@ -966,6 +1004,17 @@ def _report_blocks(
                 "positives",
             ]
             blocks.append(("table", [keys] + [[r[k] for k in keys] for r in weak[:MAX_LISTED]]))
+        keys = [
+            "image_id",
+            "ground_truths",
+            "positives",
+            "negatives",
+            "ignored",
+            "proposals",
+            "recall@0.5",
+        ]
+        blocks.append(("h3", "Per image (anchors: positive / negative / ignored)"))
+        blocks.append(("table", [keys] + [[r[k] for k in keys] for r in matching["per_image"]]))
         rec = matching["rpn_recall"]
         blocks.append(("h3", f"RPN recall of the top-{matching['top_n']} proposals"))
         blocks.append(
@@ -986,7 +1035,8 @@ def _report_blocks(
             (
                 "p",
                 "Mean and standard deviation of each encoded term; targets should "
-                "sit near 0 with a unit-ish scale, and predictions should follow them.",
+                "sit near 0 with a unit-ish scale, and predictions should follow them. Rows "
+                "equal to their reference (ground truths added as their own RoIs) are left out.",
             )
         )
         rows = [["group", "n", *TERMS]]
@@ -1084,7 +1134,7 @@ def debug_report(cfg: Config, model: str | None = None) -> dict[str, Any]:
 
     title = f"polydet debug report: {path} on {dcfg.split} ({len(records)} images)"
     blocks = _report_blocks(title, findings, loss_stats, matching, encoding, plots, examples)
-    (out / "report.md").write_text(render_markdown(blocks))
+    (out / "report.md").write_text(render_markdown(blocks, out))
     (out / "report.html").write_text(render_html(blocks, title))
     summary = {
         "model": str(path),

@@ -40,7 +40,6 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from polydet.checkpoint import (
-    atomic_torch_save,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -97,7 +96,7 @@ def resolve_device(spec: str, info: DistInfo) -> torch.device:
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices)."""
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 - the legacy global generator is what we seed
     torch.manual_seed(seed)
 
 
@@ -123,9 +122,7 @@ def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
     """SGD (with momentum) or AdamW over the trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if tc.optimizer == "sgd":
-        return torch.optim.SGD(
-            params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay
-        )
+        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
     return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
 
 
@@ -173,24 +170,37 @@ class SeededItems(Dataset):
 
 @contextlib.contextmanager
 def _seeded_global_rng(seed: int) -> Iterator[None]:
-    py_state, np_state = random.getstate(), np.random.get_state()
+    py_state, np_state = random.getstate(), np.random.get_state()  # noqa: NPY002
     with torch.random.fork_rng(devices=[]):
         seed_everything(seed)
         try:
             yield
         finally:
             random.setstate(py_state)
-            np.random.set_state(np_state)
+            np.random.set_state(np_state)  # noqa: NPY002
+
+
+def num_workers(tc: TrainConfig, device: torch.device, world_size: int) -> int:
+    """Data-loading processes: ``train.num_workers``, or for ``-1`` (auto) up to 4 per GPU
+    process on CUDA (decoding overlaps the GPU's work) and none on CPU (the cores are busy
+    training; decoding a small PNG takes about a millisecond)."""
+    if tc.num_workers >= 0:
+        return tc.num_workers
+    if device.type != "cuda":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1) // max(1, world_size) - 1))
 
 
 def _loader(
-    dataset: Dataset, sampler: ResumableSampler, tc: TrainConfig, device: torch.device
+    dataset: Dataset, sampler: ResumableSampler, tc: TrainConfig, device: torch.device, workers: int
 ) -> DataLoader:
+    """A loader over ``sampler``'s current position (re-read at every ``iter``)."""
     return DataLoader(
         SeededItems(dataset, tc.seed),
         batch_size=tc.batch_size,
         sampler=sampler,
-        num_workers=tc.num_workers,
+        num_workers=workers,
+        persistent_workers=workers > 0,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
         # A private generator: creating a loader must not draw from the global stream,
@@ -302,12 +312,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine()
+    return f"{platform.machine()}, {torch.get_num_threads()} threads"
 
 
-def _train(
-    cfg: Config, resume: str | None, info: DistInfo, device: torch.device
-) -> dict[str, Any]:
+def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device) -> dict[str, Any]:
     tc = cfg.train
     out = Path(tc.out)
     last_ckpt = out / "checkpoints" / "last.pt"
@@ -316,11 +324,14 @@ def _train(
     state: dict[str, Any] | None = None
     if resume:
         resume_file = _resume_path(cfg, resume)
-        state = load_checkpoint(resume_file, map_location=device)
+        # On the CPU: load_state_dict copies onto the device; RNG states must stay there.
+        state = load_checkpoint(resume_file, map_location="cpu")
         changed = _check_resume_config(cfg, state["config"], resume_file)
         if changed and info.is_main:
-            print(f"polydet train: resuming with changed settings: {', '.join(changed)}",
-                  file=sys.stderr)
+            print(
+                f"polydet train: resuming with changed settings: {', '.join(changed)}",
+                file=sys.stderr,
+            )
 
     seed_everything(tc.seed)
     train_set = PolyDataset(cfg.data.out, "train", tc.augment)
@@ -370,8 +381,10 @@ def _train(
         net = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    workers = num_workers(tc, device, info.world_size)
+    train_loader = _loader(train_set, sampler, tc, device, workers)
     val_sampler = ResumableSampler(val_set, info.world_size, info.rank, shuffle=False)
-    val_loader = _loader(val_set, val_sampler, tc, device) if len(val_set) else None
+    val_loader = _loader(val_set, val_sampler, tc, device, workers) if len(val_set) else None
 
     # Generators last: everything above (model init included) is replayed identically.
     if state is not None:
@@ -386,7 +399,7 @@ def _train(
         window = state["log_window"]
         ctx.window.copy_(window["sums"])
         ctx.window_steps, ctx.window_images = int(window["steps"]), int(window["images"])
-    ctx.run(train_set, sampler, val_loader)
+    ctx.run(train_loader, sampler, val_loader)
 
     average_buffers(model, info)
     digests = all_gather_objects(state_digest(model), info)
@@ -412,9 +425,7 @@ def _train(
         "checkpoint": str(last_ckpt),
     }
     if info.is_main:
-        tmp = out / ".model.pt.tmp"
-        save_model(model, tmp, cfg.model, list(cfg.data.classes), anchors)
-        os.replace(tmp, out / "model.pt")
+        save_model(model, out / "model.pt", cfg.model, list(cfg.data.classes), anchors)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     barrier(info)
     return summary
@@ -457,19 +468,24 @@ class _Loop:
         self.window_images = 0
 
     def run(
-        self, train_set: Dataset, sampler: ResumableSampler, val_loader: DataLoader | None
+        self, train_loader: DataLoader, sampler: ResumableSampler, val_loader: DataLoader | None
     ) -> None:
         tc = self.tc
         bar = tqdm(
-            total=self.total_steps, initial=self.step, desc="train", unit="step",
-            disable=not self.info.is_main, dynamic_ncols=True, file=sys.stderr,
+            total=self.total_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            disable=not self.info.is_main,
+            dynamic_ncols=True,
+            file=sys.stderr,
         )
         window_start = time.perf_counter()
         self.model.train()
         while self.step < self.total_steps:
             epoch = self.step // self.steps_per_epoch
             sampler.set_position(epoch, (self.step % self.steps_per_epoch) * tc.batch_size)
-            for images, targets in _loader(train_set, sampler, tc, self.device):
+            for images, targets in train_loader:
                 lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 values, n_images = self._train_step(images, targets, epoch)
                 self.window += values
@@ -479,8 +495,12 @@ class _Loop:
                 mean = (self.window / self.window_steps).tolist()
                 bar.update(1)
                 bar.set_postfix(
-                    loss=f"{mean[-1]:.3f}", obj=f"{mean[0]:.3f}", rpn=f"{mean[1]:.3f}",
-                    cls=f"{mean[2]:.3f}", poly=f"{mean[3]:.3f}", img_s=f"{speed:.1f}",
+                    loss=f"{mean[-1]:.3f}",
+                    obj=f"{mean[0]:.3f}",
+                    rpn=f"{mean[1]:.3f}",
+                    cls=f"{mean[2]:.3f}",
+                    poly=f"{mean[3]:.3f}",
+                    img_s=f"{speed:.1f}",
                     refresh=False,
                 )
                 end_of_epoch = self.step % self.steps_per_epoch == 0
@@ -508,8 +528,12 @@ class _Loop:
         terms = dict(zip(LOSS_TERMS, values[: len(LOSS_TERMS)]))
         self.history.append(
             {
-                "step": self.step, "epoch": epoch + 1, "split": split, "lr": f"{lr:.6g}",
-                "loss": f"{values[-1]:.6g}", **{k: f"{v:.6g}" for k, v in terms.items()},
+                "step": self.step,
+                "epoch": epoch + 1,
+                "split": split,
+                "lr": f"{lr:.6g}",
+                "loss": f"{values[-1]:.6g}",
+                **{k: f"{v:.6g}" for k, v in terms.items()},
                 "images_per_s": "" if math.isnan(speed) else f"{speed:.3f}",
             }
         )
@@ -531,9 +555,11 @@ class _Loop:
         )
         # One collective gives both the rank mean for logging and a shared verdict on
         # finiteness (a NaN anywhere makes the sum NaN), so every rank stops together.
-        summed = all_reduce_sum(
-            torch.cat([local, local.new_tensor([len(images)])]), self.info
-        ).cpu().double()
+        summed = (
+            all_reduce_sum(torch.cat([local, local.new_tensor([len(images)])]), self.info)
+            .cpu()
+            .double()
+        )
         if not torch.isfinite(summed).all():
             self._stop_nonfinite(losses, targets, epoch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -567,7 +593,9 @@ class _Loop:
                 losses = self._loss_eval(images, targets)
                 n = len(images)
                 vals = [float(losses[k]) for k in LOSS_TERMS]
-                sums += torch.tensor([*(v * n for v in vals), sum(vals) * n, n], dtype=torch.float64)
+                sums += torch.tensor(
+                    [*(v * n for v in vals), sum(vals) * n, n], dtype=torch.float64
+                )
         sums = all_reduce_sum(sums, self.info)
         self.model.train()
         count = max(1.0, float(sums[-1]))

@@ -9,14 +9,14 @@
    self-intersecting ("bow tie") quad counts as its hull, and a non-convex quad (which
    ``polydet.data`` rejects on import) counts as its hull too. Zero-area quads and quads
    with a non-finite coordinate have IoU 0 with everything.
-2. Only pairs whose enclosing boxes (``polybox.hull_xyxy``) overlap are candidates; the
-   others are exactly 0 and cost one comparison each.
+2. Only pairs whose enclosing boxes (``polybox.hull_xyxy``) and enclosing 45-degree boxes
+   overlap are candidates; the others are exactly 0 and cost a few comparisons each.
 3. The intersection area of a candidate pair comes from Green's theorem: the boundary of
    ``A ∩ B`` is (A's edges clipped to B) + (B's edges clipped to A), so the area is a sum
    of ``cross(start, end) / 2`` over those clipped pieces. Each edge is clipped against the
    other quad's 4 half-planes from the signs of its end corners (Sutherland-Hodgman
    decisions), all in fixed-size ``[P, 4, 4]`` tensors: no sort, no variable-length
-   polygons, no Python loop over pairs. Two rules keep it exact in float32:
+   polygons, no Python loop over pairs. Two rules keep it exact where the signs are noisy:
 
    - a crossing of A's edge ``i`` with B's line ``k`` is computed once and used as the end
      of A's piece *and* the start of B's piece (two separately rounded points would leave
@@ -32,8 +32,9 @@
    float64). Why: where two edges are nearly collinear, the position of their crossing
    is ill-conditioned, and in float32 no collinearity tolerance keeps both the snapping
    error and the crossing error below ~1e-3 IoU for such pairs (measured on slivers and
-   near-duplicates); in float64 both stay below ~1e-7. It costs ~1.3-1.5x the float32
-   kernel's time on CPU. The result has the inputs' dtype (float32 for float16 input).
+   near-duplicates); in float64 both stay below ~1e-7 for any quad whose width is not
+   tiny next to its length. It costs ~1.5-2x the float32 kernel's time on CPU. The
+   result has the inputs' dtype (float32 for float16 input).
 
 ``nms`` / ``batched_nms`` are greedy NMS (a box is suppressed by an earlier-kept box with
 IoU ``> iou_threshold``, as in torchvision) whose candidate pairs come from a sweep over
@@ -49,9 +50,11 @@ from torch import Tensor
 
 from polydet import polybox
 
-# Pairs per intersection-kernel batch: the kernel holds ~30 float64 x 16 per pair (~4 KB),
-# and batches that stay in cache run fastest on CPU.
-DEFAULT_CHUNK = 1 << 14
+# Pairs per intersection-kernel batch. The kernel holds ~30 float64 x 16 per pair (~4 KB);
+# batches that stay in cache run fastest on CPU, and [16, 2048] tensors stay within torch's
+# parallel grain size (32768): on a busy 2-core machine a thread hand-off per op cost
+# 10-40x more wall time than it saved (measured).
+DEFAULT_CHUNK = 1 << 11
 # Elements of the dense candidate mask (rows x M) built at a time.
 _MASK_ELEMS = 1 << 22
 # Collinear-edge tolerance relative to the pair's size. A crossing of edges that are not
@@ -86,7 +89,9 @@ def hull_rings(polyboxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     centre = corners.mean(dim=-2)  # [N, 2]: (xc, yc) may be stale in decoded boxes
     rel = corners - centre[:, None]
     finite = torch.isfinite(rel).all(-1).all(-1) & torch.isfinite(centre).all(-1)
+    # A non-finite box becomes a point at the origin: zero area, overlapping nothing.
     rel = torch.where(finite[:, None, None], rel, torch.zeros_like(rel))
+    centre = torch.where(finite[:, None], centre, torch.zeros_like(centre))
     ring = polybox.canonicalize_corners(rel)
     # Angle order around the corner mean is the boundary order of a convex quad; for a quad
     # whose hull is a triangle, the inner corner is the only one turning the wrong way.
@@ -192,9 +197,28 @@ def _pair_iou(
     return torch.cat(out)
 
 
-def _hull_boxes(ring: Tensor, centre: Tensor) -> Tensor:
-    """Enclosing boxes ``[N, 4]`` of rings ``[N, 4, 2]`` around ``centre [N, 2]``."""
-    return torch.cat([ring.amin(1) + centre, ring.amax(1) + centre], dim=-1)
+def _bounds(ring: Tensor, centre: Tensor) -> Tensor:
+    """Extents ``[N, 4, 2]`` (lo, hi) of rings ``[N, 4, 2]`` around ``centre [N, 2]`` along x,
+    y, x + y and x - y (an enclosing octagon), as float32 rounded outwards.
+
+    Two convex quads whose extents are disjoint on any axis cannot overlap; the diagonal
+    axes drop a third of the enclosing-box candidates of randomly rotated quads. Rounding
+    outwards keeps the test a superset of the exact one at half the memory traffic.
+    """
+    c = ring + centre[:, None]  # [N, 4, 2]
+    proj = torch.stack([c[..., 0], c[..., 1], c[..., 0] + c[..., 1], c[..., 0] - c[..., 1]], 1)
+    lo = torch.nextafter(proj.amin(-1).float(), proj.new_tensor(-torch.inf, dtype=torch.float32))
+    hi = torch.nextafter(proj.amax(-1).float(), proj.new_tensor(torch.inf, dtype=torch.float32))
+    return torch.stack([lo, hi], -1)
+
+
+def _overlap(a: Tensor, b: Tensor) -> Tensor:
+    """Whether extents ``a [..., 4, 2]`` and ``b [..., 4, 2]`` (broadcast) overlap strictly on
+    every axis ``[...]``: touching quads have a zero-area intersection."""
+    out = (a[..., 0, 0] < b[..., 0, 1]) & (b[..., 0, 0] < a[..., 0, 1])
+    for axis in (1, 2, 3):
+        out &= (a[..., axis, 0] < b[..., axis, 1]) & (b[..., axis, 0] < a[..., axis, 1])
+    return out
 
 
 @torch.no_grad()
@@ -213,14 +237,10 @@ def pairwise_iou(a: Tensor, b: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> Te
         return out
     ring_a, centre_a, area_a = hull_rings(a)
     ring_b, centre_b, area_b = hull_rings(b)
-    box_a, box_b = _hull_boxes(ring_a, centre_a), _hull_boxes(ring_b, centre_b)
+    bound_a, bound_b = _bounds(ring_a, centre_a), _bounds(ring_b, centre_b)
     rows = max(1, _MASK_ELEMS // m)
     for r in range(0, n, rows):
-        ba = box_a[r : r + rows, None]  # [R, 1, 4]
-        # Strict overlap: touching boxes have a zero-area intersection.
-        cand = (torch.minimum(ba[..., 2], box_b[:, 2]) > torch.maximum(ba[..., 0], box_b[:, 0])) & (
-            torch.minimum(ba[..., 3], box_b[:, 3]) > torch.maximum(ba[..., 1], box_b[:, 1])
-        )
+        cand = _overlap(bound_a[r : r + rows, None], bound_b[None])  # [R, M]
         cand &= (area_a[r : r + rows, None] > 0) & (area_b > 0)
         i, j = cand.nonzero(as_tuple=True)
         i = i + r
@@ -231,28 +251,27 @@ def pairwise_iou(a: Tensor, b: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> Te
     return out
 
 
-def _overlap_pairs(box: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
-    """Index pairs ``(i, j)``, each unordered pair once, of boxes ``[N, 4]`` (xyxy) that
-    overlap with a positive area.
+def _overlap_pairs(bounds: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
+    """Index pairs ``(i, j)``, each unordered pair once, of quads whose extents ``[N, 4, 2]``
+    (:func:`_bounds`) overlap on every axis.
 
-    A blocked sweep: boxes sorted by their start along the axis where they overlap least;
-    a block of rows only meets the contiguous run of later boxes that start before one of
-    its boxes ends, tested densely (no per-pair gathers). Cost ~ N x (block + the number
-    of boxes one box overlaps on that axis), not ``N^2`` for spread-out boxes.
+    A blocked sweep: quads sorted by their start along the axis where they overlap least;
+    a block of rows only meets the contiguous run of later quads that start before one of
+    its quads ends, tested densely on all axes (no per-pair gathers). Cost ~ N x (block +
+    the number of quads one quad overlaps on that axis), not ``N^2`` for spread-out quads.
     """
-    n, dev = box.shape[0], box.device
+    n, dev = bounds.shape[0], bounds.device
     best = None
-    for axis in (0, 1):
-        order = box[:, axis].argsort()
-        lo = box[order, axis].contiguous()
-        # Boxes after u (in lo order) that start before u ends overlap u on this axis.
-        end = torch.searchsorted(lo, box[order, axis + 2].contiguous(), side="left")  # [N]
+    for axis in range(4):
+        order = bounds[:, axis, 0].argsort()
+        lo = bounds[order, axis, 0].contiguous()
+        # Quads after u (in lo order) that start before u ends overlap u on this axis.
+        end = torch.searchsorted(lo, bounds[order, axis, 1].contiguous(), side="left")  # [N]
         total = int((end - torch.arange(n, device=dev)).clamp_min(0).sum())
         if best is None or total < best[0]:
-            best = (total, axis, order, end)
-    _, axis, order, end = best
-    other_lo = box[order, 1 - axis].contiguous()  # the other axis, in sweep order
-    other_hi = box[order, 3 - axis].contiguous()
+            best = (total, order, end)
+    _, order, end = best
+    sorted_bounds = bounds[order]
     ii, jj = [], []
     for u0 in range(0, n, block):
         u1 = min(n, u0 + block)
@@ -261,10 +280,7 @@ def _overlap_pairs(box: Tensor, block: int = 256) -> tuple[Tensor, Tensor]:
             continue
         rows = torch.arange(u0, u1, device=dev)[:, None]  # [B, 1]
         cols = torch.arange(u0 + 1, v1, device=dev)[None]  # [1, C]
-        hit = (cols > rows) & (cols < end[u0:u1, None])
-        hit &= torch.minimum(other_hi[u0:u1, None], other_hi[None, u0 + 1 : v1]) > torch.maximum(
-            other_lo[u0:u1, None], other_lo[None, u0 + 1 : v1]
-        )
+        hit = (cols > rows) & _overlap(sorted_bounds[u0:u1, None], sorted_bounds[None, u0 + 1 : v1])
         r, c = hit.nonzero(as_tuple=True)
         ii.append(order[r + u0])
         jj.append(order[c + u0 + 1])
@@ -291,7 +307,7 @@ def _greedy_nms(
     order = torch.argsort(scores, descending=True, stable=True)  # rank -> box
     p = p[order]
     ring, centre, area = hull_rings(p)
-    i, j = _overlap_pairs(_hull_boxes(ring, centre))
+    i, j = _overlap_pairs(_bounds(ring, centre))
     # A pair can suppress only if it shares a class, both have area, and IoU <= min/max area
     # can exceed the threshold.
     ok = (area[i] > 0) & (area[j] > 0)

@@ -60,10 +60,13 @@ def canonicalize_corners(corners: Tensor) -> Tensor:
     angle = torch.atan2(rel[..., 1], rel[..., 0])  # [..., 4]; increasing = clockwise on screen
     order = angle.argsort(dim=-1, stable=True)
     ring = corners.gather(-2, order.unsqueeze(-1).expand(*order.shape, 2))  # [..., 4, 2]
-    # First corner: smallest x + y, ties to smaller y. The tie tolerance is relative to the
-    # box size so that float noise from a transform cannot move the start corner.
+    # First corner: smallest x + y, ties to smaller y. The tie tolerance (1e-5 of the box
+    # size or of the coordinates, at least 0.01 px) covers the float32 noise of transforms:
+    # a flip, W - x, rounds at the image size (~1e-3 px at 8000 px), so that noise cannot
+    # move the start corner.
     s = ring.sum(-1)  # [..., 4]
-    scale = (ring.amax(-2) - ring.amin(-2)).amax(-1, keepdim=True).clamp_min(1.0)  # [..., 1]
+    extent = (ring.amax(-2) - ring.amin(-2)).amax(-1, keepdim=True)  # [..., 1]
+    scale = torch.maximum(extent, ring.abs().amax(-2).amax(-1, keepdim=True)).clamp_min(1e3)
     tol = 1e-5 * scale
     is_min = s <= s.amin(-1, keepdim=True) + tol
     y = torch.where(is_min, ring[..., 1], torch.full_like(ring[..., 1], float("inf")))

@@ -319,6 +319,19 @@ def test_empty_class_image_without_ground_truth_and_class_without_detections() -
     assert r.metrics["map50_95"] is not None
 
 
+def test_no_overlap_at_all_and_degenerate_boxes() -> None:
+    gt, dt = make(
+        [(0, 0, rect(0, 0, 10, 10), False), (1, 0, rect(5, 5, 5, 5), False)],  # a point
+        [(0, 0, 0.9, rect(50, 50, 60, 60)), (1, 0, 0.8, rect(0, 0, 10, 10))],
+    )
+    r = ev.evaluate_detections(["a", "b"], ["car"], gt, dt)
+    assert r.det_outcome.tolist() == [ev.FP, ev.FP]
+    assert (r.metrics["map50"], r.metrics["map50_95"]) == (0.0, 0.0)
+    gt, dt = make([], [(0, 0, 0.9, rect(50, 50, 60, 60))])
+    r = ev.evaluate_detections(["a"], ["car"], gt, dt)
+    assert r.metrics["map50"] is None and r.metrics["map50_95"] is None
+
+
 def test_voc07_recall_of_three_tenths_misses_the_point_at_0_3() -> None:
     # The kit compares recall with np.arange(0, 1.1, 0.1), whose 4th value is
     # 0.30000000000000004 > 3/10: a curve that ends at recall 0.3 earns 3 points, not 4.
@@ -495,7 +508,7 @@ def write_random_dota(
     return gts, dets
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", range(5))
 def test_agrees_with_the_dota_kit_on_random_detections(tmp_path: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     classes = ["plane", "small-vehicle", "ship", "helicopter"]
@@ -520,8 +533,9 @@ def test_agrees_with_the_dota_kit_on_random_detections(tmp_path: Path, seed: int
         assert abs(result["map_voc_all"] - np.mean(apsall)) < 1e-9
 
 
-def test_coco_style_agrees_with_pycocotools_loop(tmp_path: Path) -> None:
-    rng = np.random.default_rng(5)
+@pytest.mark.parametrize("seed", [5, 6])
+def test_coco_style_agrees_with_pycocotools_loop(tmp_path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
     classes = ["a", "b", "c"]
     gts, dets = write_random_dota(tmp_path, rng, classes, num_images=12)
     image_ids, cls, gt, dt = ev.load_dota_dirs(tmp_path / "det", tmp_path / "ann", classes)
@@ -588,6 +602,9 @@ def test_cli_prints_map50_and_per_class_ap(tmp_path: Path, capsys: pytest.Captur
     out = json.loads(capsys.readouterr().out)
     assert 0.0 <= out["map50"] <= 1.0
     assert {"ap50/plane", "ap50/ship"} <= set(out)
+    # A usage problem is one line on stderr and exit code 2.
+    assert main(["evaluate", "--format", "dota", "--detections", str(tmp_path / "det")]) == 2
+    assert "needs --detections DIR and --annotations DIR" in capsys.readouterr().err
 
 
 def test_write_outputs_and_task1_round_trip(tmp_path: Path) -> None:

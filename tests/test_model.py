@@ -16,7 +16,7 @@ from torchvision.ops import FrozenBatchNorm2d, box_iou
 from polydet.config import ModelConfig, load_config
 from polydet.errors import ModelError
 from polydet.model import PolyDetector, build_model, load_model, save_model
-from polydet.polybox import from_corners, hull_xyxy, scale, to_corners
+from polydet.polybox import canonicalize, from_corners, hull_xyxy, scale, to_corners
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 KEYS = {"loss_rpn_objectness", "loss_rpn_polybox", "loss_classifier", "loss_polybox"}
@@ -90,6 +90,7 @@ def test_loss_and_predict_shapes_with_empty_images(model: PolyDetector) -> None:
         assert det["labels"].dtype == torch.int64
         assert ((det["labels"] >= 1) & (det["labels"] <= 2)).all()
         assert (det["scores"][:-1] >= det["scores"][1:]).all()
+        torch.testing.assert_close(canonicalize(det["polyboxes"]), det["polyboxes"])
         h, w = image.shape[-2:]
         corners = to_corners(det["polyboxes"])
         assert (corners[..., 0] >= -1e-3).all() and (corners[..., 0] <= w + 1e-3).all()
@@ -113,6 +114,22 @@ def test_loss_finite_at_extreme_aspect_ratios(model: PolyDetector) -> None:
     model.zero_grad()
     sum(losses.values()).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_mixed_precision_keeps_losses_and_outputs_in_float32(model: PolyDetector) -> None:
+    """AMP safety, checked with CPU bfloat16 autocast (no GPU here)."""
+    model.train()
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 128)]
+    targets = [target(quad(50, 50, 40, 30, 20), quad(90, 90, 30, 30, 0), labels=[1, 2]), target()]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model.loss(images, targets)
+    assert set(losses) == KEYS and _finite(losses)
+    assert all(v.dtype == torch.float32 for v in losses.values())
+    sum(losses.values()).backward()
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        det = model.predict(images)[0]
+    assert det["polyboxes"].dtype == torch.float32 and det["scores"].dtype == torch.float32
 
 
 def test_degenerate_ground_truth_does_not_make_every_anchor_positive(model: PolyDetector) -> None:
@@ -190,8 +207,9 @@ def test_inspect_reports_consistent_matching(model: PolyDetector) -> None:
         assert report["rpn_deltas"][i].shape == (pos.numel(), 10)
         # Decoding the reported targets on their anchors gives the matched ground truths.
         gt = gts[i]["polyboxes"][report["matched_gt"][i][pos]]
-        decoded = model.rpn.coder.decode(report["encoded_rpn_targets"][i], report["anchors"][i][pos])
-        torch.testing.assert_close(decoded, gt, rtol=0, atol=1e-3)
+        anchors = report["anchors"][i][pos]
+        decoded = model.rpn.coder.decode(report["encoded_rpn_targets"][i], anchors)
+        torch.testing.assert_close(canonicalize(decoded), gt, rtol=0, atol=1e-3)
         assert (report["anchor_ious"][i][pos] > 0).all()
         k = report["proposals"][i].shape[0]
         assert report["proposal_scores"][i].shape == (k,)
@@ -245,7 +263,9 @@ def test_load_model_errors_name_the_file(tmp_path: Path) -> None:
 
 
 def test_from_scratch_backbone_has_trainable_batchnorm(model: PolyDetector) -> None:
-    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d)]
+    norms = [
+        m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d)
+    ]
     assert norms and all(isinstance(m, nn.BatchNorm2d) for m in norms)
     assert all(p.requires_grad for p in model.parameters())
     features = model.backbone(torch.rand(1, 3, 128, 128))
@@ -280,11 +300,15 @@ def test_pretrained_weights_file_and_missing_weights(tmp_path: Path, monkeypatch
 @pytest.mark.parametrize("backbone", ["mobilenet_v3_fpn", "resnet50_fpn"])
 def test_other_backbones(backbone: str) -> None:
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(f"model.backbone={backbone}", "model.min_size=64", "model.max_size=64"))
+    model = build_model(
+        tiny_cfg(f"model.backbone={backbone}", "model.min_size=64", "model.max_size=64")
+    )
     model.train()
     losses = model.loss([torch.rand(3, 64, 64)], [target(quad(30, 30, 24, 16, 30))])
     assert set(losses) == KEYS and _finite(losses)
-    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d)]
+    norms = [
+        m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d | FrozenBatchNorm2d)
+    ]
     assert norms and all(isinstance(m, nn.BatchNorm2d) for m in norms)
 
 
@@ -296,4 +320,3 @@ def test_anchor_levels_must_match_the_backbone() -> None:
             tiny_cfg(),
             anchors={"sizes": [[16], [32, 40], [64], [128]], "aspect_ratios": [1.0]},
         )
-

@@ -131,8 +131,6 @@ def test_margin_keeps_champion(store: Path, model_file: Path):
 
 def test_champion_uri_loads_and_serves(store: Path, model_file: Path):
     """``models:/polydet@champion`` resolves to the model file and serves as a pyfunc."""
-    from mlflow.models import convert_input_example_to_serving_input, validate_serving_input
-
     cfg = _cfg()
     tracking.register_model(cfg, model_file, {"map50": 0.2})
     path = tracking.resolve_model_path("models:/polydet@champion")
@@ -150,11 +148,19 @@ def test_champion_uri_loads_and_serves(store: Path, model_file: Path):
     for boxes, scores, labels in zip(out["polyboxes"], out["scores"], out["labels"]):
         assert len(boxes) == len(scores) == len(labels)
         assert all(len(b) == 10 for b in boxes)
-    # What `mlflow models serve` does with a request body.
-    served = validate_serving_input(
-        "models:/polydet@champion", convert_input_example_to_serving_input(frame)
-    )
-    assert len(served) == 2
+    # `mlflow models serve` runs this app (in uvicorn): post a request as a client would.
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    body = {
+        "dataframe_split": {"columns": ["image"], "data": [[frame["image"][0]]]},
+        "params": {"score_thresh": 0.0},
+    }
+    answer = TestClient(scoring_server.init(model)).post("/invocations", json=body)
+    assert answer.status_code == 200, answer.text
+    (served,) = answer.json()["predictions"]
+    expected = [v for box in out["polyboxes"][0] for v in box]
+    assert [v for box in served["polyboxes"] for v in box] == pytest.approx(expected, abs=1e-3)
 
     with pytest.raises(ModelError, match="polydet@nobody"):
         tracking.resolve_model_path("models:/polydet@nobody")

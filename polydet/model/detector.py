@@ -35,7 +35,7 @@ from polydet.errors import ModelError
 from polydet.model.backbone import build_backbone
 from polydet.model.roi_heads import PolyRoIHeads
 from polydet.model.rpn import PolyRPN, PolyRPNHead
-from polydet.polybox import scale
+from polydet.polybox import canonicalize, scale
 
 # torchvision's ImageNet statistics (what its pretrained backbones expect).
 IMAGE_MEAN = [0.485, 0.456, 0.406]
@@ -212,7 +212,7 @@ class PolyDetector(nn.Module):
         ``anchor_labels [A]`` (1 / 0 / -1 ignored), ``matched_gt [A]``,
         ``encoded_rpn_targets [P, 10]`` and ``rpn_deltas [P, 10]`` of the P positive anchors,
         ``proposals [K, 4]``, ``proposal_scores [K]``, ``proposal_polyboxes [K, 10]`` (the
-        test-time proposals), ``encoded_roi_targets [Q, 10]`` and ``roi_deltas [Q, 10]`` of the
+        test-time proposals; the polyboxes canonicalised, the boxes their hulls), ``encoded_roi_targets [Q, 10]`` and ``roi_deltas [Q, 10]`` of the
         Q positive sampled RoIs (true class), ``detections`` (as :meth:`predict`, in the input
         image's pixels); plus ``losses`` (as :meth:`loss`, floats) and ``image_sizes``
         (``{"height", "width", "original_height", "original_width", "scale_x", "scale_y"}``,
@@ -270,7 +270,7 @@ class PolyDetector(nn.Module):
                 "rpn_deltas": out.deltas[i, pos].float(),
                 "proposals": props.boxes[i],
                 "proposal_scores": props.scores[i],
-                "proposal_polyboxes": props.polyboxes[i],
+                "proposal_polyboxes": canonicalize(props.polyboxes[i]),
                 "encoded_roi_targets": roi_targets[i],
                 "roi_deltas": roi_deltas[i],
             }

@@ -23,7 +23,7 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 from polydet.coder import PolyBoxCoder
 from polydet.config import RoIConfig
 from polydet.model.rpn import MIN_PROPOSAL_SIZE
-from polydet.ops import batched_nms
+from polydet.ops import nms
 from polydet.polybox import area, from_corners, hull_xyxy, to_corners
 
 # Detections whose hull is narrower than this, or whose area is below its square, are dropped
@@ -66,11 +66,12 @@ class RoIOutput:
     pos_deltas: Tensor
 
 
-def clip_polyboxes(polyboxes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Clamp each corner of polyboxes ``[N, 10]`` into an image of ``size = (h, w)``."""
+def clip_polyboxes(polyboxes: Tensor, sizes: Tensor) -> Tensor:
+    """Clamp each corner of polyboxes ``[N, 10]`` into its image, ``sizes [N, 2]`` = (h, w)
+    (then re-canonicalise: clamping moves the centre and can move the first corner)."""
     corners = to_corners(polyboxes)  # [N, 4, 2]
-    x = corners[..., 0].clamp(0, size[1])
-    y = corners[..., 1].clamp(0, size[0])
+    x = torch.minimum(corners[..., 0].clamp_min(0), sizes[:, 1:2])
+    y = torch.minimum(corners[..., 1].clamp_min(0), sizes[:, 0:1])
     return from_corners(torch.stack([x, y], dim=-1))
 
 
@@ -181,22 +182,34 @@ class PolyRoIHeads(nn.Module):
         logits, deltas = self.head(features, proposals, image_sizes)
         probs = F.softmax(logits.float(), dim=-1)  # [R, C]
         refs = torch.cat(proposals)
-        polyboxes = self.coder.decode(deltas.float(), refs).view(refs.shape[0], -1, 10)
-        classes = torch.arange(self.num_classes, device=probs.device)
-        counts = [p.shape[0] for p in proposals]
+        num_rois, device = refs.shape[0], probs.device
+        decoded = self.coder.decode(deltas.float(), refs).view(num_rois, -1, 10)
+        # Every (RoI, foreground class) pair is a candidate, all images at once.
+        poly = decoded[:, 1:].reshape(-1, 10)
+        score = probs[:, 1:].reshape(-1)
+        label = torch.arange(1, self.num_classes, device=device).repeat(num_rois)
+        counts = torch.tensor([p.shape[0] for p in proposals], device=device)
+        image = torch.arange(len(proposals), device=device).repeat_interleave(counts)
+        image = image.repeat_interleave(self.num_classes - 1)
+        keep = torch.where(score > cfg.score_thresh)[0]
+        poly, score, label, image = poly[keep], score[keep], label[keep], image[keep]
+        sizes = torch.tensor(image_sizes, dtype=poly.dtype, device=device)  # [B, 2] (h, w)
+        poly = clip_polyboxes(poly, sizes[image])
+        hulls = hull_xyxy(poly)
+        wh = hulls[:, 2:] - hulls[:, :2]
+        big = (wh >= MIN_DETECTION_SIZE).all(dim=1) & (area(poly) >= MIN_DETECTION_SIZE**2)
+        keep = torch.where(big)[0]
+        poly, score, label, image = poly[keep], score[keep], label[keep], image[keep]
+        # One polygon NMS for every (image, class) group: each group is shifted right of the
+        # previous ones (torchvision's coordinate trick), so no pair across groups is ever
+        # measured, and the per-call overhead is paid once per batch.
+        group = image * self.num_classes + label
+        stride = max(w for _, w in image_sizes) + 1.0
+        shifted = torch.cat([poly[:, :1] + group[:, None] * stride, poly[:, 1:]], dim=1)
+        keep = nms(shifted, score, cfg.nms_thresh)  # by descending score
+        kept_image = image[keep]
         results = []
-        for poly, score, size in zip(polyboxes.split(counts), probs.split(counts), image_sizes):
-            # Every (proposal, foreground class) pair is a candidate; background is dropped.
-            poly = poly[:, 1:].reshape(-1, 10)
-            label = classes[1:].expand(score.shape[0], -1).reshape(-1)
-            score = score[:, 1:].reshape(-1)
-            keep = torch.where(score > cfg.score_thresh)[0]
-            poly, score, label = clip_polyboxes(poly[keep], size), score[keep], label[keep]
-            hulls = hull_xyxy(poly)
-            wh = hulls[:, 2:] - hulls[:, :2]
-            big = (wh >= MIN_DETECTION_SIZE).all(dim=1) & (area(poly) >= MIN_DETECTION_SIZE**2)
-            keep = torch.where(big)[0]
-            poly, score, label = poly[keep], score[keep], label[keep]
-            keep = batched_nms(poly, score, label, cfg.nms_thresh)[: cfg.detections_per_img]
-            results.append({"polyboxes": poly[keep], "scores": score[keep], "labels": label[keep]})
+        for i in range(len(proposals)):
+            k = keep[kept_image == i][: cfg.detections_per_img]
+            results.append({"polyboxes": poly[k], "scores": score[k], "labels": label[k]})
         return results

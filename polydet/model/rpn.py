@@ -120,8 +120,9 @@ class RPNMatch:
 
 @dataclass
 class Proposals:
-    """Per image after filtering and NMS: ``boxes [K, 4]`` (hulls, xyxy), ``scores [K]``
-    (objectness probabilities) and the decoded ``polyboxes [K, 10]`` they enclose."""
+    """Per image after filtering and NMS: ``boxes [K, 4]`` (hulls, xyxy, clipped), ``scores
+    [K]`` (objectness probabilities) and the decoded ``polyboxes [K, 10]`` they enclose (raw
+    decoder output: corners in regressed order, not clipped)."""
 
     boxes: list[Tensor]
     scores: list[Tensor]
