@@ -3,14 +3,15 @@
 Both models get the same backbone (a copy of polydet's), anchors, RPN / RoI settings,
 images, batch and ground truths (random quads; torchvision gets their enclosing boxes), all
 from ``params.yaml``'s ``model`` section. Runs alternate between the two models so that load
-from other processes hits both alike; the median (and min) of ``--iters`` runs is reported.
-Memory is the most a single call raised the process's RSS above its level before the call
-(``/proc/self/clear_refs`` resets the peak on Linux). Untrained models score every proposal
-about 1/num_classes, so inference post-processes the maximum number of candidates: the worst
-case for polygon NMS.
+from other processes hits both alike; the median of ``--iters`` runs is reported, in wall
+time and in process CPU time (steadier on a shared machine). Peak memory is ``ru_maxrss`` of
+one fresh child process per model (both models built, only one of them run), so both
+sides share the same baseline; ``run_rss_mib`` is how far the runs raised it. Untrained models score every proposal about
+1/num_classes, so inference post-processes the maximum number of candidates: the worst case
+for polygon NMS.
 
     .venv/bin/python bench/bench_model.py [--params params.yaml] [--batch 4] [--iters 10]
-        [--set model.backbone=mobilenet_v3_fpn ...]
+        [--threads N] [--set model.backbone=mobilenet_v3_fpn ...]
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ import json
 import math
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torchvision.models.detection import FasterRCNN
@@ -101,53 +103,88 @@ def random_data(
     return images, targets
 
 
-def _status_mib(key: str) -> float | None:
-    """A ``/proc/self/status`` memory line (``VmRSS``, ``VmHWM``) in MiB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak() -> bool:
-    """Reset the process's peak RSS to its current RSS (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def bench(
     runs: dict[str, Callable[[], None]], iters: int, warmup: int
 ) -> dict[str, dict[str, float]]:
-    """Median / min seconds of each callable (interleaved) and the most memory one call added
-    on top of the process's RSS before it (``extra_rss_mib``; the peak RSS of the whole
-    process, ``ru_maxrss``, where ``/proc`` cannot be reset)."""
+    """Median / min wall seconds and median process CPU seconds (less sensitive to other
+    processes' load) of each callable, the callables interleaved."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    extra = dict.fromkeys(runs, 0.0)
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(iters):
         for name, fn in runs.items():
-            before = _status_mib("VmRSS") if _reset_peak() else None
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-            peak = _status_mib("VmHWM")
-            if before is None or peak is None:
-                used = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            else:
-                used = peak - before
-            extra[name] = max(extra[name], used)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     return {
-        name: {"median_s": statistics.median(t), "min_s": min(t), "extra_rss_mib": extra[name]}
-        for name, t in times.items()
+        name: {
+            "median_s": statistics.median(t),
+            "min_s": min(t),
+            "median_cpu_s": statistics.median(cpu[name]),
+        }
+        for name, t in wall.items()
     }
+
+
+def setup(
+    params: str, overrides: list[str], batch: int
+) -> tuple[dict[str, Callable[[], None]], dict[str, Callable[[], None]], ModelConfig]:
+    """Training-step and inference callables of both models, on the same data."""
+    cfg = load_config(params, overrides).model
+    torch.manual_seed(0)
+    ours = build_model(cfg)
+    tv = torchvision_twin(ours)
+    images, targets = random_data(cfg, batch, seed=0)
+    tv_targets = [{"boxes": hull_xyxy(t["polyboxes"]), "labels": t["labels"]} for t in targets]
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
+    opt_tv = torch.optim.SGD(tv.parameters(), lr=1e-4, momentum=0.9)
+
+    def train_ours() -> None:
+        ours.train()
+        loss = sum(ours.loss(images, targets).values())
+        opt_ours.zero_grad()
+        loss.backward()
+        opt_ours.step()
+
+    def train_tv() -> None:
+        tv.train()
+        loss = sum(tv(images, tv_targets).values())
+        opt_tv.zero_grad()
+        loss.backward()
+        opt_tv.step()
+
+    def infer_ours() -> None:
+        ours.eval()
+        ours.predict(images)
+
+    def infer_tv() -> None:
+        tv.eval()
+        with torch.no_grad():
+            tv(images)
+
+    train = {"polydet": train_ours, "torchvision": train_tv}
+    infer = {"polydet": infer_ours, "torchvision": infer_tv}
+    return train, infer, cfg
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_child(args: argparse.Namespace, name: str) -> dict[str, float]:
+    """Peak RSS (MiB) of a fresh process that builds both models and runs only ``name``'s
+    training step and inference twice (the same baseline on both sides), and how far it
+    rose above the peak after the set-up."""
+    train, infer, _ = setup(args.params, args.set, args.batch)
+    base = _peak_rss_mib()
+    for _ in range(2):
+        train[name]()
+        infer[name]()
+    peak = _peak_rss_mib()
+    return {"peak_rss_mib": peak, "run_rss_mib": peak - base}
 
 
 def main() -> None:
@@ -157,42 +194,30 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--peak-of", choices=["polydet", "torchvision"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.peak_of:  # child process of the memory measurement
+        print(json.dumps(_peak_child(args, args.peak_of)))
+        return
 
-    cfg = load_config(args.params, args.set).model
-    torch.manual_seed(0)
-    ours = build_model(cfg)
-    tv = torchvision_twin(ours)
-    images, targets = random_data(cfg, args.batch, seed=0)
-    tv_targets = [{"boxes": hull_xyxy(t["polyboxes"]), "labels": t["labels"]} for t in targets]
-    opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
-    opt_tv = torch.optim.SGD(tv.parameters(), lr=1e-4, momentum=0.9)
+    train_runs, infer_runs, cfg = setup(args.params, args.set, args.batch)
+    train = bench(train_runs, args.iters, args.warmup)
+    infer = bench(infer_runs, args.iters, args.warmup)
+    for name in train_runs:
+        child = subprocess.run(
+            [sys.executable, *sys.argv, "--peak-of", name],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        train[name].update(json.loads(child.stdout.splitlines()[-1]))
 
-    def train_ours() -> None:
-        loss = sum(ours.loss(images, targets).values())
-        opt_ours.zero_grad()
-        loss.backward()
-        opt_ours.step()
+    def ratio(table: dict[str, dict[str, float]], key: str) -> float:
+        return table["polydet"][key] / table["torchvision"][key]
 
-    def train_tv() -> None:
-        loss = sum(tv(images, tv_targets).values())
-        opt_tv.zero_grad()
-        loss.backward()
-        opt_tv.step()
-
-    ours.train()
-    tv.train()
-    train = bench({"polydet": train_ours, "torchvision": train_tv}, args.iters, args.warmup)
-    ours.eval()
-    tv.eval()
-
-    def infer_tv() -> None:
-        with torch.no_grad():
-            tv(images)
-
-    infer = bench(
-        {"polydet": lambda: ours.predict(images), "torchvision": infer_tv}, args.iters, args.warmup
-    )
     result = {
         "backbone": cfg.backbone,
         "fpn_channels": cfg.fpn_channels,
@@ -201,10 +226,12 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "train_step": train,
         "inference": infer,
-        "train_ratio": train["polydet"]["median_s"] / train["torchvision"]["median_s"],
-        "inference_ratio": infer["polydet"]["median_s"] / infer["torchvision"]["median_s"],
-        "train_ratio_min": train["polydet"]["min_s"] / train["torchvision"]["min_s"],
-        "inference_ratio_min": infer["polydet"]["min_s"] / infer["torchvision"]["min_s"],
+        "train_ratio": ratio(train, "median_s"),
+        "train_ratio_cpu": ratio(train, "median_cpu_s"),
+        "inference_ratio": ratio(infer, "median_s"),
+        "inference_ratio_cpu": ratio(infer, "median_cpu_s"),
+        "peak_rss_ratio": ratio(train, "peak_rss_mib"),
+        "run_rss_ratio": ratio(train, "run_rss_mib"),
     }
     print(json.dumps(result, indent=2))
 

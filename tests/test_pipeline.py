@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,10 +36,12 @@ def _run(*overrides: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def project(
-    tmp_path_factory: pytest.TempPathFactory, prefect_harness: str
+    tmp_path_factory: pytest.TempPathFactory, prefect_harness: str, mlflow_db: Path
 ) -> tuple[Path, dict[str, Any]]:
     """A project directory after one real pipeline run (the other tests build on it)."""
     path = tmp_path_factory.mktemp("project")
+    (path / "mlruns").mkdir()
+    shutil.copy(mlflow_db, path / "mlruns" / "mlflow.db")
     old = os.getcwd()
     os.chdir(path)
     saved = os.environ.pop("MLFLOW_TRACKING_URI", None)

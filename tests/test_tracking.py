@@ -7,6 +7,7 @@ untrained model, so nothing here trains.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import threading
@@ -26,10 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mlflow_db: Path) -> Path:
     """A fresh project directory whose default SQLite store is ``mlruns/mlflow.db``."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(mlflow_db, tmp_path / "mlruns" / "mlflow.db")
     return tmp_path
 
 

@@ -151,8 +151,7 @@ class PolyRoIHeads(nn.Module):
         logits = logits.float()
         labels = torch.cat(samples.labels)
         pos = torch.where(labels > 0)[0]
-        deltas_by_class = deltas.float().view(deltas.shape[0], -1, 10)
-        pos_deltas = deltas_by_class[pos, labels[pos]]  # [Q, 10]
+        pos_deltas = deltas.view(deltas.shape[0], -1, 10)[pos, labels[pos]].float()  # [Q, 10]
         targets_enc = self.coder.encode(
             torch.cat(samples.gt_polyboxes)[pos], torch.cat(samples.boxes)[pos]
         )

@@ -232,7 +232,7 @@ class PolyRPN(nn.Module):
         idx = torch.cat(top, dim=1)  # [B, K]
         level = torch.cat(levels)  # [K]
         scores = objectness.gather(1, idx).sigmoid()  # [B, K]
-        deltas = out.deltas.detach().float().gather(1, idx[..., None].expand(-1, -1, 10))
+        deltas = out.deltas.detach().gather(1, idx[..., None].expand(-1, -1, 10)).float()
         anchors = out.anchors[idx]  # [B, K, 4]
         polyboxes = self.coder.decode(deltas.reshape(-1, 10), anchors.reshape(-1, 4))
         polyboxes = polyboxes.view(num_images, -1, 10)
