@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torchvision.models.detection import FasterRCNN
@@ -171,6 +172,14 @@ def setup(
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak RSS in MiB. ``VmHWM`` where available: ``ru_maxrss`` survives
+    fork + exec, so a child would report its parent's peak if that were higher."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -203,20 +212,25 @@ def main() -> None:
         print(json.dumps(_peak_child(args, args.peak_of)))
         return
 
-    train_runs, infer_runs, cfg = setup(args.params, args.set, args.batch)
-    train = bench(train_runs, args.iters, args.warmup)
-    infer = bench(infer_runs, args.iters, args.warmup)
-    for name in train_runs:
+    # Memory first, while this process is still small.
+    memory = {}
+    for name in ("polydet", "torchvision"):
         child = subprocess.run(
             [sys.executable, *sys.argv, "--peak-of", name],
             check=True,
             capture_output=True,
             text=True,
         )
-        train[name].update(json.loads(child.stdout.splitlines()[-1]))
+        memory[name] = json.loads(child.stdout.splitlines()[-1])
+    train_runs, infer_runs, cfg = setup(args.params, args.set, args.batch)
+    train = bench(train_runs, args.iters, args.warmup)
+    infer = bench(infer_runs, args.iters, args.warmup)
+    for name, used in memory.items():
+        train[name].update(used)
 
-    def ratio(table: dict[str, dict[str, float]], key: str) -> float:
-        return table["polydet"][key] / table["torchvision"][key]
+    def ratio(table: dict[str, dict[str, float]], key: str) -> float | None:
+        ref = table["torchvision"][key]
+        return table["polydet"][key] / ref if ref > 0 else None
 
     result = {
         "backbone": cfg.backbone,

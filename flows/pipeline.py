@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from polydet import tracking
-from polydet.config import Config, load_config, to_dict
-from polydet.errors import PolydetError
+from polydet.config import Config, ConfigError, load_config, to_dict
+from polydet.errors import DataError, ModelError, PolydetError
 
 CACHE_VERSION = "polydet-pipeline-cache/1"  # bump to invalidate every cached stage result
 RESULTS_DIR = Path(".prefect") / "results"  # relative to the project (the working directory)
@@ -263,8 +264,14 @@ def synthesize(cfg: Config) -> str:
     return str(generate(cfg.synth))
 
 
+def _transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a failed registration unless the model or its metrics are what is wrong."""
+    error = state.result(raise_on_failure=False)
+    return not isinstance(error, DataError | ModelError | ConfigError)
+
+
 # Registering talks to the tracking server: a blip there should not cost the whole run.
-@task(retries=2, retry_delay_seconds=[3, 10], cache_policy=NO_CACHE)
+@task(retries=2, retry_delay_seconds=[3, 10], retry_condition_fn=_transient, cache_policy=NO_CACHE)
 def register(cfg: Config, cached: dict[str, bool], run_id: str) -> dict[str, Any]:
     """Log every stage's outputs to the MLflow run, register the model, apply the gate."""
     return tracking.record_and_register(cfg, cached, run_id=run_id)
@@ -289,7 +296,10 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
     summaries: dict[str, dict[str, Any]] = {}
     cached: dict[str, bool] = {}
     # Opening the run checks the tracking store first: a dead server fails here, in seconds.
-    run_tags = {"polydet.orchestrator": "prefect", "polydet.prefect_flow_run": flow_run.get_id()}
+    run_tags = {
+        "polydet.orchestrator": "prefect",
+        "polydet.prefect_flow_run": str(flow_run.get_id()),
+    }
     with tracking.pipeline_run(cfg, flow_run.get_name(), run_tags) as run_id:
         if needs_synthetic_data(cfg):
             synthesize(cfg)
@@ -300,7 +310,9 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
             )(stage.name, cfg, return_state=True)
             summaries[stage.name] = state.result()
             cached[stage.name] = state.name == "Cached"
+        started = time.perf_counter()
         record = register(cfg, cached, run_id)
+        record["timing"] = {"register": round(time.perf_counter() - started, 3)}
     record["run_link"] = tracking.run_link(cfg, run_id)
     record["cached"] = cached
     record["outputs"] = outputs_of(cfg)
@@ -342,14 +354,21 @@ def per_class_rows(metrics: dict[str, Any], classes: Sequence[str]) -> list[dict
     return rows
 
 
-def _import_rows(cfg: Config) -> list[dict[str, Any]]:
-    raw = tracking.read_json(Path(cfg.data.out) / "import_summary.json")
-    rows = []
-    for key, value in raw.items():
-        if isinstance(value, dict):
-            rows.append({"item": key, **{k: _fmt(v) for k, v in value.items()}})
-        else:
-            rows.append({"item": key, "value": _fmt(value)})
+def import_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The import summary (``import_summary.json``) as ``{"item", "count"}`` rows."""
+    rows: list[dict[str, Any]] = []
+    for section in ("images", "objects"):
+        counts = summary.get(section) or {}
+        for key, value in counts.items():
+            if isinstance(value, dict):  # {reason: count} of a repair / drop kind
+                kind = key.removesuffix("_by_reason")
+                rows += [{"item": f"{section} {kind}: {r}", "count": n} for r, n in value.items()]
+            else:
+                rows.append({"item": f"{section} {key}", "count": value})
+    for reason, n in (summary.get("warnings_by_reason") or {}).items():
+        rows.append({"item": f"warning: {reason}", "count": n})
+    if "num_issues" in summary:
+        rows.append({"item": "issues (see import_issues.txt)", "count": summary["num_issues"]})
     return rows
 
 
@@ -379,15 +398,25 @@ def summary_markdown(cfg: Config, summaries: dict[str, dict[str, Any]], record: 
         "## Anchor coverage",
         "",
     ]
-    coverage = tracking.read_json(Path(cfg.anchors.out) / "coverage.json")
-    numbers = tracking.numeric_metrics(coverage, "")
-    lines += [f"- {k}: {_fmt(v)}" for k, v in list(numbers.items())[:12]] or ["- (none)"]
+    lines += anchor_lines(tracking.read_json(Path(cfg.anchors.out) / "coverage.json"))
     lines += ["", "## Debug report findings", ""]
     debug = summaries.get("debug") or tracking.read_json(Path(cfg.debug.out) / "debug.json")
     findings = debug.get("findings") or []
     lines += [f"- {_finding(f)}" for f in findings] or ["- no findings"]
     lines += ["", f"Full report: `{Path(cfg.debug.out) / 'report.html'}`"]
     return "\n".join(lines) + "\n"
+
+
+def anchor_lines(coverage: dict[str, Any]) -> list[str]:
+    """Markdown lines on the chosen anchor set's coverage of the ground truths."""
+    chosen = coverage.get("chosen")
+    overall = (coverage.get("sets") or {}).get(chosen, {}).get("overall")
+    if not overall:
+        return ["- (no coverage report)"]
+    lines = [f"- anchor set: {chosen}, {overall.get('count')} training objects"]
+    lines += [f"- {k}: {_fmt(v)}" for k, v in overall.items() if k != "count"]
+    lines.append(f"- unreachable (best IoU < 0.5): {len(coverage.get('unreachable') or [])}")
+    return lines
 
 
 def _finding(f: Any) -> str:
@@ -410,7 +439,7 @@ def _publish(cfg: Config, summaries: dict[str, dict[str, Any]], record: dict) ->
         key="per-class-ap",
         description=f"per-class AP on the {cfg.evaluate.split} split",
     )
-    imports = _import_rows(cfg)
+    imports = import_rows(tracking.read_json(Path(cfg.data.out) / "import_summary.json"))
     if imports:
         create_table_artifact(imports, key="import-summary", description="dataset import")
 

@@ -203,6 +203,37 @@ def _pair_iou(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def paired_iou(
+    a: Tensor,
+    b: Tensor,
+    pairs: tuple[Tensor, Tensor] | None = None,
+    *,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> Tensor:
+    """Polygon IoU ``[P]`` of row ``p`` of ``a [P, 10]`` with row ``p`` of ``b [P, 10]``.
+
+    With ``pairs = (i [P], j [P])`` (int64 indices), of ``a[i[p]]`` with ``b[j[p]]`` for
+    ``a [N, 10]``, ``b [M, 10]``: each quad's hull ring is computed once, however many
+    pairs it is in. The diagonal of :func:`pairwise_iou` without its ``N x M`` work: the
+    same hull rings and kernel, float64 inside, the promoted input dtype out.
+    """
+    a, b = _check(a, "a"), _check(b, "b")
+    if pairs is None:
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"paired_iou: a has {a.shape[0]} rows, b has {b.shape[0]}")
+        i = j = slice(None)
+    else:
+        i, j = pairs
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    ring_a, centre_a, area_a = hull_rings(a)
+    ring_b, centre_b, area_b = hull_rings(b)
+    iou = _pair_iou(
+        ring_a[i], centre_a[i], area_a[i], ring_b[j], centre_b[j], area_b[j], chunk_size
+    )
+    return iou.to(dtype)
+
+
 def _bounds(ring: Tensor, centre: Tensor) -> Tensor:
     """Extents ``[N, 4, 2]`` (lo, hi) of rings ``[N, 4, 2]`` around ``centre [N, 2]`` along x,
     y, x + y and x - y (an enclosing octagon), as float32 rounded outwards.

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import time
@@ -41,7 +42,7 @@ from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
 from polydet.config import Config, flatten, flatten_dict, to_dict
-from polydet.errors import ModelError, TrackingError
+from polydet.errors import DataError, ModelError, TrackingError
 
 FALLBACK_URI = "sqlite:///mlruns/mlflow.db"  # when neither the env nor params.yaml names one
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -454,6 +455,26 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
         return self.classes[label - 1] if 0 < label <= len(self.classes) else str(label)
 
 
+def model_signature() -> Any:
+    """The pyfunc model's interface: ``image`` strings in; polyboxes, scores, labels out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.string, "image")]),
+        outputs=Schema(
+            [
+                ColSpec(Array(Array(DataType.double)), "polyboxes"),
+                ColSpec(Array(DataType.double), "scores"),
+                ColSpec(Array(DataType.long), "labels"),
+                ColSpec(Array(DataType.string), "classes"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("score_thresh", DataType.double, 0.0)]),
+    )
+
+
 def decode_image(value: str | bytes) -> Any:
     """An image from a path or base64 bytes as a ``[3,H,W]`` float tensor in [0,1]."""
     import numpy as np
@@ -530,7 +551,7 @@ def ap50(metrics: Mapping[str, Any]) -> float:
         value = metrics.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
-    raise TrackingError("evaluation metrics have no numeric 'map50' nor 'map50_coco'")
+    raise DataError("evaluation metrics have no numeric 'map50' nor 'map50_coco'")
 
 
 def register_model(
@@ -604,13 +625,9 @@ def _log_and_register(
     metrics: Mapping[str, Any],
     run_id: str,
 ) -> str:
-    from mlflow.models import Model, infer_signature
+    from mlflow.models import Model
 
-    wrapper = PolydetPyfunc()
-    wrapper.load_context(type("Ctx", (), {"artifacts": {"model": str(model_path)}})())
     example = pd.DataFrame({"image": [_example_image(cfg)]})
-    params = {"score_thresh": 0.0}
-    signature = infer_signature(example, wrapper.predict(None, example, params), params)
     with tempfile.TemporaryDirectory() as tmp:
         # "Models from code": the model is this module's class, named in a tiny script
         # (no pickled object to trust when loading).
@@ -625,8 +642,8 @@ def _log_and_register(
             run_id=run_id,
             python_model=str(code),
             artifacts={"model": str(model_path)},
-            signature=signature,
-            input_example=example,
+            signature=model_signature(),
+            input_example=example,  # MLflow checks the model answers it when logging
             pip_requirements=_pip_requirements(),
             tags={TAG + "map50": str(ap50(metrics))},
         )
@@ -766,13 +783,15 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
     check_reachable(store)
     dst = Path("outputs/models") / _cache_name(uri, store)
     if not dst.exists():
-        tmp = dst.with_name(dst.name + ".part")
-        tmp.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(dst.name + ".part")  # renamed when complete: never half a model
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         try:
             mlflow.artifacts.download_artifacts(
                 artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
             )
         except (MlflowException, OSError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise ModelError(f"{uri}: cannot download from {store}: {e}") from e
         tmp.rename(dst)
     found = sorted(dst.rglob("model.pt"))

@@ -196,3 +196,36 @@ def test_task1_bad_line_is_named(tmp_path: Path) -> None:
     (tmp_path / "Task1_card.txt").write_text("a 0.5 0 0 1 0 1 1 0 1\nb 0.5 0 0 1\n")
     with pytest.raises(DataError, match=r"Task1_card.txt:2: wrong field count"):
         F.read_task1_dir(tmp_path)
+
+
+def test_label_txt_fast_path_reads_what_formats_reads(tmp_path: Path) -> None:
+    files = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"]
+    files[0].write_text(
+        "imagesource:GoogleEarth\ngsd:0.146\n1 2 30 2 30 40 1 40 small-vehicle 1\n\n"
+        "  5 5 9 5 9 9 5 9   plane\n"  # 9 fields: not difficult; extra spaces
+    )
+    files[1].write_text("")  # an image without objects
+    files[2].write_text("0.5 0.5 10.25 0.5 10.25 7 0.5 7 plane 0\n")
+    img, names, corners, difficult = F._dota_table(files)
+    ref = [(i, o) for i, p in enumerate(files) for o in F.read_dota(p).objects]
+    assert img.tolist() == [i for i, _ in ref]
+    assert names == [o.cls for _, o in ref]
+    assert corners.tolist() == [list(o.points) for _, o in ref]
+    assert difficult.tolist() == [o.difficult for _, o in ref] == [True, False, False]
+    files[2].write_text("0 0 10 0 10 10 0 10\n")  # 8 fields: the slow path names the line
+    assert F._dota_table(files) is None
+    with pytest.raises(DataError, match=r"c\.txt:1: wrong field count"):
+        F.read_dota_arrays(files)
+
+
+def test_task1_fast_path_keeps_na_like_ids_and_names_bad_lines(tmp_path: Path) -> None:
+    # pandas reads "NA" / "null" as missing by default; an image id may be spelled so.
+    p = tmp_path / "Task1_card.txt"
+    p.write_text("NA 0.5 0 0 10 0 10 10 0 10\nnull 0.25 1 1 9 1 9 9 1 9.5\n")
+    ids, scores, corners = F.read_task1_arrays(p)
+    assert ids == ["NA", "null"] and scores.tolist() == [0.5, 0.25]
+    assert [d.image_id for d in F.read_task1(p)] == ids
+    assert [list(d.points) for d in F.read_task1(p)] == corners.tolist()
+    p.write_text("a 0.5 0 0 10 0 10 10 0 10\nb 0.5 0 0 10 0 10 10 0 NA\n")
+    with pytest.raises(DataError, match=r"Task1_card\.txt:2: not a number"):
+        F.read_task1_arrays(p)

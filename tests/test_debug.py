@@ -185,13 +185,13 @@ def synthetic_inspect(
 GT_BOXES = torch.tensor([[20.0, 30, 50, 60], [100, 100, 160, 130], [180, 40, 200, 100]])
 
 
-def test_matching_with_fitting_anchors_has_no_matching_finding() -> None:
+def match_gt_boxes(
+    anchors: torch.Tensor, proposals: torch.Tensor, scores: torch.Tensor
+) -> tuple[dict, list[dbg.Finding]]:
+    """``analyze_matching`` of :data:`GT_BOXES` (classes car, ship, car) in one image."""
     gt = from_xyxy(GT_BOXES)
-    anchors = torch.cat([grid_anchors(s, 4, 256) for s in (24, 32, 48)])
-    props = torch.cat([gt, from_xyxy(torch.tensor([[0.0, 0, 10, 10]]))])
-    scores = torch.tensor([0.9, 0.8, 0.7, 0.1])
-    stats, findings = dbg.analyze_matching(
-        synthetic_inspect(anchors, gt, props, scores),
+    return dbg.analyze_matching(
+        synthetic_inspect(anchors, gt, proposals, scores),
         [{"polyboxes": gt, "labels": torch.tensor([1, 2, 1])}],
         0.7,
         0.3,
@@ -199,6 +199,14 @@ def test_matching_with_fitting_anchors_has_no_matching_finding() -> None:
         image_ids=["img"],
         classes=["car", "ship"],
     )
+
+
+def test_matching_with_fitting_anchors_has_no_matching_finding() -> None:
+    gt = from_xyxy(GT_BOXES)
+    anchors = torch.cat([grid_anchors(s, 4, 256) for s in (24, 32, 48)])
+    props = torch.cat([gt, from_xyxy(torch.tensor([[0.0, 0, 10, 10]]))])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.1])
+    stats, findings = match_gt_boxes(anchors, props, scores)
     assert not codes(findings) & {"gt_unreachable", "gt_without_positive", "too_many_positives"}
     assert stats["rpn_recall"]["poly@0.7"] == 1.0
     assert stats["positives_per_gt"]["min"] >= 2
@@ -211,17 +219,10 @@ def test_matching_with_fitting_anchors_has_no_matching_finding() -> None:
 
 
 def test_anchors_far_too_large_raise_the_matching_findings() -> None:
-    gt = from_xyxy(GT_BOXES)
     anchors = grid_anchors(512, 16, 256)
     scores = torch.full((4,), 0.001)  # and the objectness collapsed to 0
-    stats, findings = dbg.analyze_matching(
-        synthetic_inspect(anchors, gt, from_xyxy(torch.tensor([[0.0, 0, 256, 256]] * 4)), scores),
-        [{"polyboxes": gt, "labels": torch.tensor([1, 2, 1])}],
-        0.7,
-        0.3,
-        top_n=100,
-        image_ids=["img"],
-        classes=["car", "ship"],
+    stats, findings = match_gt_boxes(
+        anchors, from_xyxy(torch.tensor([[0.0, 0, 256, 256]] * 4)), scores
     )
     c = codes(findings)
     assert {"gt_unreachable", "objectness_collapse_low", "low_rpn_recall"} <= c

@@ -564,18 +564,15 @@ def test_dota_files_errors_name_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "det").mkdir()
     (tmp_path / "ann" / "P1.txt").write_text("gsd:0.1\n0 0 10 0 10 10 0 10 plane 0\n")
     det = tmp_path / "det" / "Task1_plane.txt"
-    det.write_text("P1 0.9 0 0 10 0 10 10 0 10\nP1 0.8 0 0 10 0 10 ten 0 10\n")
-    with pytest.raises(DataError, match=r"Task1_plane\.txt:2: not a number"):
-        ev.evaluate_dota_dirs(tmp_path / "det", tmp_path / "ann")
-    det.write_text("P1 0.9 0 0 10 0 10 10 0 10\nP1 0.8 0 0 10 0 10 nan 0 10\n")
-    with pytest.raises(DataError, match=r"Task1_plane\.txt:2: non-finite"):
-        ev.evaluate_dota_dirs(tmp_path / "det", tmp_path / "ann")
-    det.write_text("P1 0.9 0 0 10 0 10 10 0 10\nP2 0.9 0 0 10 0 10 10 0 10\n")
-    with pytest.raises(DataError, match=r"Task1_plane\.txt:2: image 'P2' has no annotation"):
-        ev.evaluate_dota_dirs(tmp_path / "det", tmp_path / "ann")
-    det.write_text("P1 0.9 0 0 10 0 10 10 0 10\nP1 0.9 0 0 10 0 10 10 0\n")
-    with pytest.raises(DataError, match=r"Task1_plane\.txt:2: wrong field count"):
-        ev.evaluate_dota_dirs(tmp_path / "det", tmp_path / "ann")
+    for second_line, error in [
+        ("P1 0.8 0 0 10 0 10 ten 0 10", "not a number"),
+        ("P1 0.8 0 0 10 0 10 nan 0 10", "non-finite"),
+        ("P2 0.9 0 0 10 0 10 10 0 10", "image 'P2' has no annotation"),
+        ("P1 0.9 0 0 10 0 10 10 0", "wrong field count"),
+    ]:
+        det.write_text(f"P1 0.9 0 0 10 0 10 10 0 10\n{second_line}\n")
+        with pytest.raises(DataError, match=rf"Task1_plane\.txt:2: {error}"):
+            ev.evaluate_dota_dirs(tmp_path / "det", tmp_path / "ann")
     det.write_text("")  # an empty result file: no detections, AP 0
     assert ev.evaluate_dota_dirs(tmp_path / "det", tmp_path / "ann")["map50"] == 0.0
     (tmp_path / "ann" / "P1.txt").write_text("0 0 10 0 10 10 0 10 plane 2\n")
@@ -642,23 +639,3 @@ def test_pairs_are_pairwise_iou_of_same_image_boxes() -> None:
         assert np.abs(piou - dense[rr, cc]).max() < 1e-9
         ref = np.array([shapely_iou(q[30 + d], q[g]) for d, g in zip(pd, pg)])
         assert np.abs(piou - ref).max() < 1e-9
-
-
-def test_label_txt_fast_path_reads_what_formats_reads(tmp_path: Path) -> None:
-    from polydet.data import formats
-
-    files = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"]
-    files[0].write_text(
-        "imagesource:GoogleEarth\ngsd:0.146\n1 2 30 2 30 40 1 40 small-vehicle 1\n\n"
-        "  5 5 9 5 9 9 5 9   plane\n"  # 9 fields: not difficult; extra spaces
-    )
-    files[1].write_text("")  # an image without objects
-    files[2].write_text("0.5 0.5 10.25 0.5 10.25 7 0.5 7 plane 0\n")
-    img, names, corners, difficult = ev._read_label_txts(files)
-    ref = [(i, o) for i, p in enumerate(files) for o in formats.read_dota(p).objects]
-    assert img.tolist() == [i for i, _ in ref]
-    assert names == [o.cls for _, o in ref]
-    assert corners.tolist() == [list(o.points) for _, o in ref]
-    assert difficult.tolist() == [o.difficult for _, o in ref] == [True, False, False]
-    files[2].write_text("0 0 10 0 10 10 0 10\n")  # 8 fields: the slow path names the line
-    assert ev._read_label_txts(files) is None

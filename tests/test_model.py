@@ -3,53 +3,21 @@ backbones and weights. Tiny models (32-channel FPN) on 64-128 px images keep thi
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import quad, tiny_cfg
 from torch import nn
 from torchvision.models import resnet18
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from polydet.config import ModelConfig, load_config
 from polydet.errors import ModelError
 from polydet.model import PolyDetector, build_model, load_model, save_model
-from polydet.polybox import canonicalize, from_corners, hull_xyxy, scale, to_corners
+from polydet.polybox import canonicalize, hull_xyxy, scale, to_corners
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 KEYS = {"loss_rpn_objectness", "loss_rpn_polybox", "loss_classifier", "loss_polybox"}
-
-
-def tiny_cfg(*overrides: str) -> ModelConfig:
-    base = [
-        "model.backbone=resnet18_fpn",
-        "model.weights=null",
-        "model.returned_layers=[2, 3, 4]",
-        "model.fpn_channels=32",
-        "model.min_size=128",
-        "model.max_size=128",
-        "model.anchor_sizes=[[16], [32], [64], [128]]",
-        "model.aspect_ratios=[0.5, 1.0, 2.0]",
-        "model.rpn.pre_nms_top_n_train=200",
-        "model.rpn.post_nms_top_n_train=100",
-        "model.rpn.pre_nms_top_n_test=100",
-        "model.rpn.post_nms_top_n_test=50",
-        "model.roi.representation_size=64",
-        "model.roi.batch_size_per_image=32",
-        "data.classes=[a, b]",
-        "model.num_classes=3",
-    ]
-    return load_config(PARAMS, [*base, *overrides]).model
-
-
-def quad(cx: float, cy: float, w: float, h: float, angle_deg: float) -> torch.Tensor:
-    """A rotated rectangle as a canonical polybox ``[10]``."""
-    a = math.radians(angle_deg)
-    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    half = torch.tensor([[-w / 2, -h / 2], [w / 2, -h / 2], [w / 2, h / 2], [-w / 2, h / 2]])
-    return from_corners(half @ rot.T + torch.tensor([cx, cy]))
 
 
 def target(*polyboxes: torch.Tensor, labels: list[int] | None = None) -> dict[str, torch.Tensor]:

@@ -3,25 +3,14 @@ with the right class at polygon IoU > 0.8 (shapely as the independent reference)
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import torch
+from helpers import quad, tiny_cfg
 from shapely.geometry import Polygon
 
-from polydet.config import load_config
 from polydet.model import build_model
-from polydet.polybox import from_corners, to_corners
+from polydet.polybox import to_corners
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 COLOURS = {1: (0.9, 0.2, 0.2), 2: (0.2, 0.3, 0.9)}
-
-
-def quad(cx: float, cy: float, w: float, h: float, angle_deg: float) -> torch.Tensor:
-    a = math.radians(angle_deg)
-    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
-    half = torch.tensor([[-w / 2, -h / 2], [w / 2, -h / 2], [w / 2, h / 2], [-w / 2, h / 2]])
-    return from_corners(half @ rot.T + torch.tensor([cx, cy]))
 
 
 def draw(size: int, polyboxes: torch.Tensor, labels: list[int], g: torch.Generator) -> torch.Tensor:
@@ -55,27 +44,7 @@ def test_overfits_a_handful_of_images() -> None:
         for q, lb in specs
     ]
     images = [draw(128, t["polyboxes"], lb, g) for t, (_, lb) in zip(targets, specs)]
-    cfg = load_config(
-        PARAMS,
-        [
-            "model.backbone=resnet18_fpn",
-            "model.weights=null",
-            "model.returned_layers=[2, 3, 4]",
-            "model.fpn_channels=32",
-            "model.min_size=128",
-            "model.max_size=128",
-            "model.anchor_sizes=[[16], [32], [64], [128]]",
-            "model.aspect_ratios=[0.5, 1.0, 2.0]",
-            "model.rpn.pre_nms_top_n_train=200",
-            "model.rpn.post_nms_top_n_train=100",
-            "model.rpn.pre_nms_top_n_test=100",
-            "model.rpn.post_nms_top_n_test=50",
-            "model.roi.representation_size=64",
-            "model.roi.batch_size_per_image=32",
-            "data.classes=[a, b]",
-            "model.num_classes=3",
-        ],
-    ).model
+    cfg = tiny_cfg()
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()

@@ -14,33 +14,25 @@ and the final detections (polygon NMS = box NMS on rectangles).
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_cfg
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from polydet.config import load_config
 from polydet.model import PolyDetector, build_model
 from polydet.polybox import from_xyxy, hull_xyxy
 
-PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 NUM_CLASSES = 3
 SIZES = [[16], [32], [64], [128]]
 RATIOS = [0.25, 1.0, 4.0]
 
 
 def _models() -> tuple[PolyDetector, FasterRCNN]:
-    overrides = [
-        "model.backbone=resnet18_fpn",
-        "model.weights=null",
-        "model.returned_layers=[2, 3, 4]",
-        "model.fpn_channels=32",
-        "model.min_size=128",
-        "model.max_size=128",
+    cfg = tiny_cfg(  # the tiny model, with anchors and sampling as described above
         f"model.anchor_sizes={SIZES}",
         f"model.aspect_ratios={RATIOS}",
         "model.rpn.pre_nms_top_n_train=300",
@@ -54,10 +46,8 @@ def _models() -> tuple[PolyDetector, FasterRCNN]:
         "model.roi.batch_size_per_image=48",
         "model.roi.coder_weights=[10, 10, 10, 10, 10, 10, 10, 10, 10, 10]",
         "model.roi.score_thresh=0.05",
-        "data.classes=[a, b]",
         f"model.num_classes={NUM_CLASSES}",
-    ]
-    cfg = load_config(PARAMS, overrides).model
+    )
     torch.manual_seed(0)
     ours = build_model(cfg)
     rpn, roi = cfg.rpn, cfg.roi

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polydet import polybox
-from polydet.ops import batched_nms, hull_rings, nms, pairwise_iou
+from polydet.ops import batched_nms, hull_rings, nms, paired_iou, pairwise_iou
 
 
 def random_quads(
@@ -256,6 +256,35 @@ def test_degenerate_and_non_finite_boxes_have_zero_iou() -> None:
     assert iou[0, 0].item() == pytest.approx(1.0)
     assert torch.isfinite(iou).all()
     assert iou[1:].abs().max() == 0 and iou[:, 1:].abs().max() == 0
+
+
+def test_paired_iou_is_the_diagonal_of_pairwise_iou_and_matches_shapely() -> None:
+    rng = np.random.default_rng(7)
+    a = random_quads(rng, 400)
+    # Jittered copies (mostly IoU > 0.3), unrelated quads (mostly disjoint) and degenerate rows.
+    b = np.concatenate([a[:300] + rng.normal(0, 3, (300, 4, 2)), random_quads(rng, 100)])
+    pa, pb = poly(a), poly(b)
+    pb[-3] = poly(a[-3])[0]  # identical
+    pb[-2] = 0.0  # a point
+    pb[-1, 2] = float("nan")
+    got = paired_iou(pa, pb)
+    assert got.shape == (400,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, pairwise_iou(pa, pb).diagonal(), rtol=0, atol=1e-12)
+    ref = shapely_iou(exact_corners(pa[:-1]), exact_corners(pb[:-1])).diagonal()  # no NaN
+    assert (ref > 0.3).sum() > 150 and (ref == 0).sum() > 50
+    assert np.abs(got[:-1].double().numpy() - ref).max() < 1e-5
+    assert got[-3].item() == pytest.approx(1.0) and got[-2:].tolist() == [0.0, 0.0]
+    assert paired_iou(pa.double(), pb).dtype == torch.float64
+    # Indexed pairs: any rows of a against any rows of b, as pairwise_iou has them.
+    i, j = torch.from_numpy(rng.integers(0, 400, 500)), torch.from_numpy(rng.integers(0, 400, 500))
+    i[:300] = j[:300] = torch.arange(300)  # overlapping pairs, not only disjoint ones
+    torch.testing.assert_close(
+        paired_iou(pa, pb[:350], (i, j % 350)), pairwise_iou(pa, pb[:350])[i, j % 350],
+        rtol=0, atol=1e-12,
+    )  # fmt: skip
+    assert paired_iou(torch.zeros(0, 10), torch.zeros(0, 10)).shape == (0,)
+    with pytest.raises(ValueError, match="rows"):
+        paired_iou(pa, pb[:5])
 
 
 # --- shapes, dtypes, chunking, devices ------------------------------------------------------

@@ -259,3 +259,14 @@ def test_prefect_yaml_describes_the_flow():
     assert cfg.train.device == "cuda"
     assert deployment["schedules"][0]["cron"] == "0 3 * * *"
     assert deployment["work_pool"]["name"]
+
+
+def test_registration_retries_only_transient_errors():
+    from prefect.states import Failed
+
+    from polydet.errors import DataError, ModelError
+
+    assert fp._transient(None, None, Failed(data=TrackingError("server went away")))
+    assert fp._transient(None, None, Failed(data=ConnectionError("reset by peer")))
+    assert not fp._transient(None, None, Failed(data=DataError("no map50 in metrics")))
+    assert not fp._transient(None, None, Failed(data=ModelError("model.pt is not a model")))

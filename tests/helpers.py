@@ -1,0 +1,45 @@
+"""Shared by the model tests: the tiny detector configuration and rotated-rectangle quads."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from polydet.config import ModelConfig, load_config
+from polydet.polybox import from_corners
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+# A 32-channel FPN on 128 px images, two classes: fast enough for CPU tests.
+TINY_MODEL = (
+    "model.backbone=resnet18_fpn",
+    "model.weights=null",
+    "model.returned_layers=[2, 3, 4]",
+    "model.fpn_channels=32",
+    "model.min_size=128",
+    "model.max_size=128",
+    "model.anchor_sizes=[[16], [32], [64], [128]]",
+    "model.aspect_ratios=[0.5, 1.0, 2.0]",
+    "model.rpn.pre_nms_top_n_train=200",
+    "model.rpn.post_nms_top_n_train=100",
+    "model.rpn.pre_nms_top_n_test=100",
+    "model.rpn.post_nms_top_n_test=50",
+    "model.roi.representation_size=64",
+    "model.roi.batch_size_per_image=32",
+    "data.classes=[a, b]",
+    "model.num_classes=3",
+)
+
+
+def tiny_cfg(*overrides: str) -> ModelConfig:
+    """The tiny model's config; ``overrides`` (``key=value``) win over :data:`TINY_MODEL`."""
+    return load_config(PARAMS, [*TINY_MODEL, *overrides]).model
+
+
+def quad(cx: float, cy: float, w: float, h: float, angle_deg: float) -> torch.Tensor:
+    """A rotated rectangle as a canonical polybox ``[10]``."""
+    a = math.radians(angle_deg)
+    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    half = torch.tensor([[-w / 2, -h / 2], [w / 2, -h / 2], [w / 2, h / 2], [-w / 2, h / 2]])
+    return from_corners(half @ rot.T + torch.tensor([cx, cy]))
