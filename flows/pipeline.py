@@ -121,6 +121,7 @@ class Stage:
 
 _CORE = ("polydet/ops.py", "polydet/polybox.py", "polydet/config.py")  # used by every stage
 _MODEL = ("polydet/model", "polydet/coder.py")  # the detector
+_EVALUATE = ("polydet/evaluate.py", "polydet/metrics.py", "polydet/eval_plots.py")
 
 STAGES: tuple[Stage, ...] = (
     Stage(
@@ -168,7 +169,7 @@ STAGES: tuple[Stage, ...] = (
             c.data.root,
         ],
         lambda c: [str(Path(c.evaluate.out) / "metrics.json")],
-        ("polydet/evaluate.py", *_MODEL, "polydet/data", *_CORE),
+        (*_EVALUATE, *_MODEL, "polydet/data", *_CORE),
         _run_evaluate,
     ),
     Stage(
@@ -182,7 +183,15 @@ STAGES: tuple[Stage, ...] = (
             c.data.root,
         ],
         lambda c: [str(Path(c.debug.out) / "report.md")],
-        ("polydet/debug.py", "polydet/evaluate.py", *_MODEL, "polydet/data", *_CORE),
+        (
+            "polydet/debug.py",
+            "polydet/debug_analysis.py",
+            "polydet/debug_plots.py",
+            *_EVALUATE,
+            *_MODEL,
+            "polydet/data",
+            *_CORE,
+        ),
         _run_debug,
     ),
 )
@@ -300,19 +309,25 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
         "polydet.orchestrator": "prefect",
         "polydet.prefect_flow_run": str(flow_run.get_id()),
     }
+    timing: dict[str, float] = {}  # wall seconds of each step, as the flow saw them
     with tracking.pipeline_run(cfg, flow_run.get_name(), run_tags) as run_id:
         if needs_synthetic_data(cfg):
+            started = time.perf_counter()
             synthesize(cfg)
+            timing["synth"] = time.perf_counter() - started
         for stage in STAGES:
+            started = time.perf_counter()
             outputs_present = all(Path(p).exists() for p in stage.outs(cfg))
             state = run_stage.with_options(
                 result_storage=results, refresh_cache=not outputs_present
             )(stage.name, cfg, return_state=True)
             summaries[stage.name] = state.result()
             cached[stage.name] = state.name == "Cached"
+            timing[stage.name] = time.perf_counter() - started
         started = time.perf_counter()
         record = register(cfg, cached, run_id)
-        record["timing"] = {"register": round(time.perf_counter() - started, 3)}
+        timing["register"] = time.perf_counter() - started
+    record["timing"] = {k: round(v, 3) for k, v in timing.items()}
     record["run_link"] = tracking.run_link(cfg, run_id)
     record["cached"] = cached
     record["outputs"] = outputs_of(cfg)

@@ -392,13 +392,11 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
         restore_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
 
     ctx = _Loop(cfg, info, device, model, net, optimizer, scheduler, scaler, anchors, history)
-    ctx.total_steps, ctx.steps_per_epoch = total_steps, steps_per_epoch
-    ctx.step, ctx.images_seen, ctx.last_ckpt = step, images_seen, last_ckpt
+    ctx.total_steps, ctx.steps_per_epoch, ctx.last_ckpt = total_steps, steps_per_epoch, last_ckpt
     ctx.elapsed_before, ctx.session_start = elapsed_before, started
+    ctx.step, ctx.images_seen = step, images_seen
     if state is not None:
-        window = state["log_window"]
-        ctx.window.copy_(window["sums"])
-        ctx.window_steps, ctx.window_images = int(window["steps"]), int(window["images"])
+        ctx.restore_window(state["log_window"])
     ctx.run(train_loader, sampler, val_loader)
 
     average_buffers(model, info)
@@ -434,12 +432,13 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
 class _Loop:
     """The mutable state of one training session and its step / validate / checkpoint."""
 
+    # Set by _train before run(): the schedule, where this session starts, and its clock.
     total_steps: int
     steps_per_epoch: int
+    last_ckpt: Path
     step: int
     images_seen: int
-    last_ckpt: Path
-    elapsed_before: float
+    elapsed_before: float  # seconds trained by the sessions this one resumes
     session_start: float
 
     def __init__(
@@ -467,9 +466,15 @@ class _Loop:
         self.window_steps = 0
         self.window_images = 0
 
+    def restore_window(self, window: dict[str, Any]) -> None:
+        """Continue the open logging window saved in a checkpoint."""
+        self.window.copy_(window["sums"])
+        self.window_steps, self.window_images = int(window["steps"]), int(window["images"])
+
     def run(
         self, train_loader: DataLoader, sampler: ResumableSampler, val_loader: DataLoader | None
     ) -> None:
+        """Train from ``self.step`` to ``self.total_steps``: log, validate, checkpoint."""
         tc = self.tc
         bar = tqdm(
             total=self.total_steps,
