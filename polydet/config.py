@@ -200,7 +200,7 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     device: str  # "auto", "cpu", "cuda", "cuda:1"
-    amp: bool  # mixed precision on CUDA
+    amp: bool  # mixed precision: float16 on CUDA, bfloat16 on CPUs with fast bf16 (AVX-512/AMX)
     epochs: int
     max_steps: int  # 0 = no cap
     batch_size: int

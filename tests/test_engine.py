@@ -38,6 +38,7 @@ from polydet.engine import (
     LOSS_TERMS,
     NonFiniteLossError,
     SeededItems,
+    autocast_dtype,
     lr_factor,
     train,
 )
@@ -132,6 +133,7 @@ def tiny_overrides(prepared: Path, out: Path, *extra: str) -> list[str]:
         "train.log_every=2",
         "train.checkpoint_every=3",
         "train.num_workers=0",
+        "train.amp=false",  # the same float32 numbers on every machine
         *extra,
     ]
 
@@ -323,8 +325,12 @@ def test_train_writes_outputs_and_resume_is_bit_exact(
 
 
 def test_resume_refuses_a_different_model(prepared: Path, tmp_path: Path) -> None:
-    cfg = tiny_config(prepared, tmp_path, "train.max_steps=1")
-    train(cfg)
+    cfg = tiny_config(prepared, tmp_path, "train.max_steps=1", "train.amp=true")
+    summary = train(cfg)
+    # On a CPU, train.amp means bfloat16 where oneDNN has fast kernels for it, else float32.
+    dtype = autocast_dtype(cfg.train, torch.device("cpu"))
+    assert summary["precision"] == ("bf16-mixed" if dtype == torch.bfloat16 else "fp32")
+    assert dtype in (torch.bfloat16, None)
     other = tiny_config(prepared, tmp_path, "train.max_steps=1", "model.fpn_channels=8")
     with pytest.raises(ConfigError, match="model.fpn_channels"):
         train(other, resume="last")
