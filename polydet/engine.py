@@ -45,7 +45,7 @@ from polydet.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from polydet.config import Config, ConfigError, TrainConfig, to_dict
+from polydet.config import Config, ConfigError, TrainConfig, flatten_dict, to_dict
 from polydet.data.dataset import PolyDataset, collate
 from polydet.distributed import (
     DistInfo,
@@ -306,8 +306,8 @@ def _resume_path(cfg: Config, resume: str) -> Path:
 
 def _check_resume_config(cfg: Config, saved: dict[str, Any], path: Path) -> list[str]:
     """Keys whose value differs from the checkpoint's; a different model is an error."""
-    now = _flat(to_dict(cfg))
-    then = _flat(saved)
+    now = flatten_dict(to_dict(cfg))
+    then = flatten_dict(saved)
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
     model_changes = [k for k in changed if k.startswith("model.")]
     if model_changes:
@@ -317,16 +317,6 @@ def _check_resume_config(cfg: Config, saved: dict[str, Any], path: Path) -> list
             "a checkpoint resumes only the model it was made with"
         )
     return [k for k in changed if k != "train.out"]
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _device_name(device: torch.device) -> str:

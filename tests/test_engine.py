@@ -13,13 +13,13 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import one_thread  # noqa: F401  (a fixture, used below)
 from PIL import Image, ImageDraw
 
 from polydet import polybox
@@ -45,6 +45,8 @@ from polydet.engine import (
 from polydet.errors import ModelError
 from polydet.model import PolyDetector, load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["card", "plate", "kite"]
 
@@ -64,16 +66,6 @@ TINY_MODEL = [
     "model.rpn.batch_size_per_image=32",
     "model.roi.batch_size_per_image=16",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads per
-    process made these tiny steps 5-8x slower (measured 3.9 s against 0.6 s for 3 steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_dataset(root: Path, n_train: int = 10, n_val: int = 2, size: int = 64) -> Path:

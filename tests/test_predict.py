@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from helpers import one_thread  # noqa: F401  (a fixture, used below)
 from PIL import Image
 
 from polydet import polybox
@@ -19,6 +19,8 @@ from polydet.data.formats import read_task1_dir
 from polydet.errors import DataError, ModelError
 from polydet.model import build_model, save_model
 from polydet.predict import detect, list_images, predict_paths
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["card", "plate", "kite"]
@@ -39,16 +41,6 @@ TINY = [
     "data.tile.size=64",
     "data.tile.overlap=16",
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads per
-    process made these tiny steps 5-8x slower (measured 3.9 s against 0.6 s for 3 steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(tmp: Path) -> Config:
