@@ -496,6 +496,8 @@ class _Loop:
             disable=not self.info.is_main,
             dynamic_ncols=True,
             file=sys.stderr,
+            # In a log file (DVC, Prefect, CI) every refresh is another line: fewer of them.
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )
         window_start = time.perf_counter()
         self.model.train()
