@@ -342,6 +342,13 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
                 f"polydet train: resuming with changed settings: {', '.join(changed)}",
                 file=sys.stderr,
             )
+        if int(state["world_size"]) != info.world_size and info.is_main:
+            # Steps count global batches, whose size and shards depend on the process count.
+            print(
+                f"polydet train: {resume_file} was written by {state['world_size']} process(es), "
+                f"this run has {info.world_size}: the data order will not continue exactly",
+                file=sys.stderr,
+            )
 
     seed_everything(tc.seed)
     train_set = PolyDataset(cfg.data.out, "train", tc.augment)
