@@ -89,7 +89,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     cfg = _cfg(args)
     result = predict_paths(
-        cfg, Path(args.input), model=args.model, out_dir=Path(args.out),
+        cfg,
+        Path(args.input),
+        model=args.model,
+        out_dir=Path(args.out),
         score_thresh=args.score_thresh,
     )
     _print_json(result)
@@ -138,7 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--params", default="params.yaml", help="settings file (params.yaml)")
         p.add_argument(
-            "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
             help="override one setting (repeatable), e.g. --set train.lr=0.01",
         )
         p.set_defaults(func=fn)

@@ -47,6 +47,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Reference corners (top-left, top-right, bottom-right, bottom-left) in units of (w, h).
@@ -106,6 +107,20 @@ class PolyBoxCoder:
         chosen = rotations[torch.arange(len(best), device=best.device), best]  # [N, 4, 2]
         return torch.cat([polyboxes[:, :2], chosen.flatten(1)], dim=-1)
 
+    def encode_rolls(self, polyboxes: Tensor, ref_boxes: Tensor, check: bool = True) -> Tensor:
+        """Targets ``[N, 4, 10]`` of the 4 cyclic rolls of each polybox's corners (roll ``r``
+        starts at corner ``r``; orientation kept): the same object written 4 ways, for a loss
+        that does not depend on which corner comes first (:func:`order_free_loss`)."""
+        if polyboxes.dim() != 2 or polyboxes.shape[-1] != 10:
+            raise ValueError(f"polyboxes: expected shape [N, 10], got {tuple(polyboxes.shape)}")
+        if check:
+            self._check_ref(ref_boxes, polyboxes.shape[0], "polyboxes")
+        corners = polyboxes[:, 2:].unflatten(-1, (4, 2))  # [N, 4, 2]
+        rolls = torch.stack([corners.roll(-r, dims=1).flatten(1) for r in range(4)], 1)
+        rolled = torch.cat([polyboxes[:, None, :2].expand(-1, 4, -1), rolls], dim=-1)
+        offset, size = self._scales(ref_boxes.to(polyboxes.dtype))
+        return (rolled - offset[:, None]) / size[:, None] * polyboxes.new_tensor(self.weights)
+
     def encode(self, polyboxes: Tensor, ref_boxes: Tensor, best_match: bool = False) -> Tensor:
         """Regression targets ``[N, 10]`` of polyboxes ``[N, 10]`` relative to ``ref_boxes
         [N, 4]`` (xyxy, pixels); with ``best_match`` corners are first rotated to the
@@ -119,14 +134,43 @@ class PolyBoxCoder:
         offset, size = self._scales(ref_boxes.to(polyboxes.dtype))
         return (polyboxes - offset) / size * polyboxes.new_tensor(self.weights)
 
-    def decode(self, deltas: Tensor, ref_boxes: Tensor) -> Tensor:
+    def decode(self, deltas: Tensor, ref_boxes: Tensor, check: bool = True) -> Tensor:
         """Polyboxes (raw, pixels) from ``deltas [N, 10]`` or ``[N, K * 10]`` (K classes)
-        relative to ``ref_boxes [N, 4]``; the result has the shape of ``deltas``."""
+        relative to ``ref_boxes [N, 4]``; the result has the shape of ``deltas``.
+        ``check=False`` skips the reference-box check, whose ``bool`` reads the device (a
+        host sync on CUDA): for callers whose boxes have positive sizes by construction."""
         if deltas.dim() != 2 or deltas.shape[-1] % 10 != 0:
             raise ValueError(f"deltas: expected shape [N, K * 10], got {tuple(deltas.shape)}")
-        self._check_ref(ref_boxes, deltas.shape[0], "deltas")
+        if check:
+            self._check_ref(ref_boxes, deltas.shape[0], "deltas")
         dtype = torch.promote_types(deltas.dtype, ref_boxes.dtype)
         offset, size = self._scales(ref_boxes.to(dtype))
         d = deltas.to(dtype).unflatten(-1, (-1, 10)) / deltas.new_tensor(self.weights, dtype=dtype)
         d = d.clamp(-self.clamp, self.clamp)  # [N, K, 10]
         return (offset[:, None] + d * size[:, None]).flatten(1)
+
+
+def order_free_loss(
+    deltas: Tensor, polyboxes: Tensor, ref_boxes: Tensor, coder: PolyBoxCoder, beta: float
+) -> tuple[Tensor, Tensor]:
+    """Smooth-L1 of predicted ``deltas [N, 10]`` against the closest of the 4 corner rolls of
+    the ground truths ``polyboxes [N, 10]`` (relative to ``ref_boxes [N, 4]``, positive sizes).
+
+    The canonical corner order switches as a quad turns through ~45 degrees, so the canonical
+    targets of two nearly identical objects differ by a whole cyclic shift; a regressor fed
+    both learns their average, the edge-midpoint rhombus (IoU 0.5 with the object). Taking the
+    minimum over the 4 rolls (the permutation-invariant loss of quadrilateral detectors) makes
+    the loss a function of the corner *set*: continuous in the object's angle and the same
+    whichever corner the ground truth starts at. Decoded outputs are re-canonicalised anyway.
+
+    Returns the summed loss (a scalar, 0 for ``N == 0``) and the targets of the chosen rolls
+    ``[N, 10]`` (for reports).
+    """
+    targets = coder.encode_rolls(polyboxes, ref_boxes, check=False)  # [N, 4, 10]
+    per_roll = F.smooth_l1_loss(
+        deltas[:, None].expand_as(targets), targets, beta=beta, reduction="none"
+    ).sum(-1)  # [N, 4]
+    best = per_roll.argmin(dim=1)  # ties: the lowest roll, i.e. the canonical order first
+    chosen = per_roll.gather(1, best[:, None]).squeeze(1)
+    rows = torch.arange(len(best), device=best.device)
+    return chosen.sum(), targets[rows, best]

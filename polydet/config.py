@@ -127,11 +127,14 @@ class RPNConfig:
     # 10 per-term weights of PolyBoxCoder; (1, 1, 2, ..., 2) matches torchvision's RPN (1, 1, 1, 1)
     # because a corner term is about -weight/2 * log(size ratio).
     coder_weights: tuple[float, ...]
+    order_free: bool  # polybox loss against the closest cyclic roll of the corners (coder.py)
+    loss_weight: float  # multiplies loss_rpn_polybox
 
 
 @dataclass(frozen=True)
 class RoIConfig:
     pool_size: int  # MultiScaleRoIAlign output side (torchvision: 7)
+    sampling_ratio: int  # RoIAlign samples per bin side (torchvision: 2; 1 is ~3x cheaper on CPU)
     representation_size: int  # width of the TwoMLPHead
     batch_size_per_image: int  # sampled proposals per image for the losses
     positive_fraction: float
@@ -142,6 +145,8 @@ class RoIConfig:
     detections_per_img: int
     # 10 per-term weights of PolyBoxCoder; all 10 match torchvision's box head (10, 10, 5, 5).
     coder_weights: tuple[float, ...]
+    order_free: bool  # polybox loss against the closest cyclic roll of the corners (coder.py)
+    loss_weight: float  # multiplies loss_polybox
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,16 @@ def check_model_config(model: ModelConfig) -> None:
 
 
 def model_config_from_dict(raw: dict) -> ModelConfig:
-    """A :class:`ModelConfig` from a plain mapping (e.g. the ``model`` entry of a model file)."""
+    """A :class:`ModelConfig` from a plain mapping (e.g. the ``model`` entry of a model file).
+
+    Model files written before the loss keys existed were trained with the canonical-order
+    loss at weight 1; those keys are filled in so that such files keep loading."""
+    raw = {**raw}
+    for stage in ("rpn", "roi"):
+        if isinstance(raw.get(stage), dict):
+            raw[stage] = {"order_free": False, "loss_weight": 1.0, **raw[stage]}
+    if isinstance(raw.get("roi"), dict):
+        raw["roi"] = {"sampling_ratio": 2, **raw["roi"]}
     model = _build(ModelConfig, raw, "model")
     check_model_config(model)
     return model
@@ -209,6 +223,8 @@ class TrainConfig:
     lr: float
     momentum: float
     weight_decay: float
+    decay_norm_and_bias: bool  # weight decay on norm parameters and biases too (usual: false)
+    lr_scaling: Literal["linear", "none"]  # linear: lr x number of processes (DDP)
     warmup_steps: int
     schedule: Literal["cosine", "step", "constant"]
     step_milestones: tuple[int, ...]

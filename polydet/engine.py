@@ -138,12 +138,35 @@ def load_anchors(cfg: Config) -> dict[str, list]:
     }
 
 
-def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (with momentum) or AdamW over the trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: weights with ``train.weight_decay``, and
+    normalisation parameters and biases (every parameter of fewer than 2 dimensions) without
+    it unless ``train.decay_norm_and_bias`` (decaying a norm's scale towards 0 fights the
+    normalisation; torchvision's reference recipes and timm exempt them)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 and not tc.decay_norm_and_bias else decay).append(p)
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def base_lr(tc: TrainConfig, world_size: int) -> float:
+    """``train.lr`` is the rate of one process's batch of ``train.batch_size`` images; with
+    ``train.lr_scaling: linear`` it grows with the global batch (Goyal et al.'s rule)."""
+    return tc.lr * (world_size if tc.lr_scaling == "linear" else 1)
+
+
+def build_optimizer(
+    model: nn.Module, tc: TrainConfig, world_size: int = 1
+) -> torch.optim.Optimizer:
+    """SGD (with momentum) or AdamW over the trainable parameters (:func:`param_groups`)."""
+    groups, lr = param_groups(model, tc), base_lr(tc, world_size)
     if tc.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=tc.lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
-    return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+        return torch.optim.SGD(groups, lr=lr, momentum=tc.momentum)
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def lr_factor(step: int, total_steps: int, tc: TrainConfig) -> float:
@@ -358,7 +381,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
 
     anchors = state["anchors"] if state is not None else load_anchors(cfg)
     model = build_model(cfg.model, anchors=anchors).to(device)
-    optimizer = build_optimizer(model, tc)
+    optimizer = build_optimizer(model, tc, info.world_size)
 
     sampler = ResumableSampler(train_set, info.world_size, info.rank, shuffle=True, seed=tc.seed)
     steps_per_epoch = math.ceil(len(sampler) / tc.batch_size)
@@ -481,7 +504,7 @@ class _Loop:
         self.last_train: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
         # Loss sums [terms..., total] of the steps since the last 'train' history row.
-        self.window = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64)
+        self.window = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=device)
         self.window_steps = 0
         self.window_images = 0
 
@@ -518,22 +541,24 @@ class _Loop:
                 self.window_steps += 1
                 self.window_images += n_images
                 speed = self.window_images / max(1e-9, time.perf_counter() - window_start)
-                mean = (self.window / self.window_steps).tolist()
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{mean[-1]:.3f}",
-                    obj=f"{mean[0]:.3f}",
-                    rpn=f"{mean[1]:.3f}",
-                    cls=f"{mean[2]:.3f}",
-                    poly=f"{mean[3]:.3f}",
-                    img_s=f"{speed:.1f}",
-                    refresh=False,
-                )
                 end_of_epoch = self.step % self.steps_per_epoch == 0
                 done = self.step >= self.total_steps
+                log_now = self.step % tc.log_every == 0 or end_of_epoch or done
+                bar.update(1)
+                if log_now or self.device.type != "cuda":  # reading the window syncs CUDA
+                    mean = (self.window / self.window_steps).tolist()
+                    bar.set_postfix(
+                        loss=f"{mean[-1]:.3f}",
+                        obj=f"{mean[0]:.3f}",
+                        rpn=f"{mean[1]:.3f}",
+                        cls=f"{mean[2]:.3f}",
+                        poly=f"{mean[3]:.3f}",
+                        img_s=f"{speed:.1f}",
+                        refresh=False,
+                    )
                 # Rows at fixed steps (not "every N steps of this session") and the open
                 # window in the checkpoint: a resumed run logs the rows of an uninterrupted one.
-                if self.step % tc.log_every == 0 or end_of_epoch or done:
+                if log_now:
                     self.last_train = self._row("train", epoch, lr, mean, speed)
                     self.window.zero_()
                     self.window_steps, self.window_images = 0, 0
@@ -585,12 +610,14 @@ class _Loop:
         )
         # One collective gives both the rank mean for logging and a shared verdict on
         # finiteness (a NaN anywhere makes the sum NaN), so every rank stops together.
-        summed = (
-            all_reduce_sum(torch.cat([local, local.new_tensor([len(images)])]), self.info)
-            .cpu()
-            .double()
-        )
-        if not torch.isfinite(summed).all():
+        summed = all_reduce_sum(
+            torch.cat([local, local.new_tensor([len(images)])]), self.info
+        ).double()
+        # On CUDA, reading a value waits for the GPU to finish the step: there the verdict
+        # is read when a logging window closes or a checkpoint is due (the window's sums
+        # carry a NaN of any step since the last check), not at every step.
+        check = self.device.type != "cuda" or self._sync_due()
+        if check and not bool(torch.isfinite(summed).all() & torch.isfinite(self.window).all()):
             self._stop_nonfinite(losses, targets, epoch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -602,9 +629,20 @@ class _Loop:
         self.scaler.update()
         self.scheduler.step()
         self.step += 1
-        n_images = int(summed[-1])
+        n_images = len(images) * self.info.world_size  # shards are equal (DistributedSampler)
         self.images_seen += n_images
         return summed[:-1] / self.info.world_size, n_images
+
+    def _sync_due(self) -> bool:
+        """Whether the step about to finish ends a logging window or writes a checkpoint."""
+        step, tc = self.step + 1, self.tc
+        every = tc.checkpoint_every
+        return (
+            step % tc.log_every == 0
+            or step % self.steps_per_epoch == 0
+            or step >= self.total_steps
+            or (every > 0 and step % every == 0)
+        )
 
     @torch.no_grad()
     def _validate(self, loader: DataLoader) -> list[float]:
@@ -654,7 +692,7 @@ class _Loop:
                 "world_size": self.info.world_size,
                 "rng": rng,
                 "log_window": {
-                    "sums": self.window.clone(),
+                    "sums": self.window.cpu().clone(),
                     "steps": self.window_steps,
                     "images": self.window_images,
                 },

@@ -21,6 +21,10 @@ the mean; the official kit would count it as 0).
   crowd regions, but with the ordinary IoU). For the size ranges (polygon area below
   ``size_bounds[0]²``, between, above ``size_bounds[1]²`` pixels²) ground truths outside the
   range are ignored, and so are unmatched detections outside it.
+* ``map50_coco/orient_<bucket>``, ``map75/orient_<bucket>``: the same by orientation, buckets
+  of ``|angle mod 90 - 45|`` (:data:`ORIENTATIONS`: ``diagonal`` 0-15 degrees, i.e. objects
+  near 45 degrees where the canonical first corner switches, ``oblique`` 15-30, ``axis``
+  30-45), as :func:`orientation_offset` measures it.
 * ``recall_at_p{P}`` (per class and mean): the highest recall reached at precision >= P on
   the VOC curve at IoU t, with ``score_at_p{P}/<class>`` the score threshold that reaches it.
 * ``confusion/*``: at the operating point ``score >= score_thresh``, each false positive is a
@@ -60,6 +64,10 @@ COCO_MAX_DETS = 100
 # Same-class overlap from which a false positive counts as a poor localisation, not background.
 MISLOCALISED_IOU = 0.1
 SIZES = ("small", "medium", "large")
+# Orientation buckets of |angle mod 90 - 45| (degrees; :func:`orientation_offset`): objects
+# near 45 degrees are where a quad's canonical first corner switches, so their AP shows
+# whether the regression copes with it. Each bucket is 15 degrees wide.
+ORIENTATIONS = {"diagonal": (0.0, 15.0), "oblique": (15.0, 30.0), "axis": (30.0, 45.0 + 1e-9)}
 # Pairs per call of the intersection kernel: enough to amortise its ~100 tensor ops, few
 # enough for its [4, 4, P] float64 temporaries to stay in cache (measured on 2 cores:
 # 2k-4k pairs ~1 us/pair, 32k pairs ~3 us/pair).
@@ -558,6 +566,20 @@ def _recall_at_precision(
         metrics[f"recall_at_{pk}"] = _mean(recalls)
 
 
+def orientation_offset(polyboxes: np.ndarray) -> np.ndarray:
+    """``|angle mod 90 - 45|`` in degrees ``[N]`` of polyboxes ``[N, 10]``: 0 for an object
+    at 45 degrees, 45 for an axis-aligned one. The angle is the mean direction of the 4 edges
+    modulo 90 degrees (a circular mean of 4x the edge angles, weighted by edge length), which
+    is a rectangle's rotation exactly and does not depend on the corner order."""
+    corners = polyboxes[:, 2:].reshape(-1, 4, 2).astype(np.float64)
+    edges = np.roll(corners, -1, axis=1) - corners  # [N, 4, 2]
+    length = np.hypot(edges[..., 0], edges[..., 1])
+    angle4 = 4.0 * np.arctan2(edges[..., 1], edges[..., 0])
+    mean4 = np.arctan2((length * np.sin(angle4)).sum(1), (length * np.cos(angle4)).sum(1))
+    angle = np.degrees(mean4 / 4.0) % 90.0  # [0, 90)
+    return np.abs(angle - 45.0)
+
+
 def _coco_metrics(
     classes: Sequence[str],
     gt: GroundTruth,
@@ -580,11 +602,18 @@ def _coco_metrics(
     gt_area = polybox_area(torch.from_numpy(gt.polyboxes)).numpy()
     det_area = polybox_area(torch.from_numpy(dets.polyboxes)).numpy()
     lo, hi = size_bounds[0] ** 2, size_bounds[1] ** 2
-    ranges = {"all": (0.0, 1e10), "small": (0.0, lo), "medium": (lo, hi), "large": (hi, 1e10)}
-    gt_ignore = np.stack(
-        [gt.difficult | (gt_area < a0) | (gt_area > a1) for a0, a1 in ranges.values()]
-    )
-    det_out = np.stack([(det_area < a0) | (det_area > a1) for a0, a1 in ranges.values()])
+    # Ranges of a property (area or orientation) as COCO's area ranges: ground truths outside
+    # are ignored, and so are unmatched detections outside.
+    gt_orient, det_orient = orientation_offset(gt.polyboxes), orientation_offset(dets.polyboxes)
+    ranges = {
+        "all": (gt_area, det_area, 0.0, 1e10),
+        "small": (gt_area, det_area, 0.0, lo),
+        "medium": (gt_area, det_area, lo, hi),
+        "large": (gt_area, det_area, hi, 1e10),
+        **{f"orient_{k}": (gt_orient, det_orient, a, b) for k, (a, b) in ORIENTATIONS.items()},
+    }
+    gt_ignore = np.stack([gt.difficult | (g < a0) | (g > a1) for g, _, a0, a1 in ranges.values()])
+    det_out = np.stack([(d < a0) | (d > a1) for _, d, a0, a1 in ranges.values()])
     matched = _coco_match(pd, pg, piou, det_rank, gt_ignore, gt.difficult, D)  # [R, T, D]
     # Accumulation order per class: score descending, then image, then rank in image.
     orders = []
@@ -616,6 +645,11 @@ def _coco_metrics(
         arr = np.array([per_range[rname][n] for n in classes]).reshape(len(classes), -1)
         out[f"map50_95/{rname}"] = _mean(arr.mean(axis=1))
         out[f"map50_coco/{rname}"] = _mean(arr[:, 0])
+    for oname in ORIENTATIONS:
+        arr = np.array([per_range[f"orient_{oname}"][n] for n in classes])
+        arr = arr.reshape(len(classes), -1)
+        out[f"map50_coco/orient_{oname}"] = _mean(arr[:, 0])
+        out[f"map75/orient_{oname}"] = _mean(arr[:, 5])
     return out
 
 

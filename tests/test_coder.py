@@ -9,7 +9,7 @@ import torch
 from torchvision.models.detection._utils import BoxCoder
 
 from polydet import polybox
-from polydet.coder import PolyBoxCoder
+from polydet.coder import PolyBoxCoder, order_free_loss
 
 
 def random_polyboxes(n: int, seed: int = 0) -> torch.Tensor:
@@ -190,3 +190,74 @@ def test_bad_input_raises() -> None:
         coder.decode(torch.zeros(1, 10), torch.tensor([[5.0, 5.0, 5.0, 9.0]]))
     with pytest.raises(ValueError, match="deltas"):
         coder.decode(torch.zeros(1, 12), torch.tensor([[0.0, 0.0, 1.0, 1.0]]))
+
+
+def _rotated_rect(deg: float, w: float = 40.0, h: float = 12.0) -> torch.Tensor:
+    """A canonical ``w x h`` rectangle centred at (100, 100), rotated by ``deg`` degrees."""
+    side = torch.tensor([[-w, -h], [w, -h], [w, h], [-w, h]], dtype=torch.float64) / 2
+    a = math.radians(deg)
+    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]], dtype=side.dtype)
+    return polybox.from_corners((side @ rot.T + 100)[None])
+
+
+@pytest.mark.parametrize("weights", [(1, 1) + (2,) * 8, (10,) * 10])  # RPN's and RoI's
+def test_order_free_loss_is_continuous_across_the_45_degree_switch(weights: tuple) -> None:
+    """Either side of 45 degrees the canonical first corner flips, so the canonical targets
+    jump; the order-free loss of a fixed prediction changes no more than the object does.
+    The reference is the object's own hull: nearly square exactly there, which is where
+    ``best_match`` flips at the same angle and cannot help."""
+    coder = PolyBoxCoder(weights)
+    g = torch.Generator().manual_seed(0)
+    lo, hi = -45.3, -44.7  # the switch (found by bisection: the tie rule has a tolerance)
+    start = _rotated_rect(lo)[:, 2:4]
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if torch.equal(_rotated_rect(mid)[:, 2:4] < 0, start < 0) else (lo, mid)
+    for eps, bound in ((0.001, 1e-3), (0.2, 0.25)):
+        p1, p2 = _rotated_rect(lo - eps), _rotated_rect(hi + eps)
+        assert (p1[:, 2:4] - p2[:, 2:4]).abs().max() > 5.0  # canonical start flipped
+        ref = polybox.hull_xyxy(p1)
+        for _ in range(5):
+            pred = coder.encode(p1, ref) + torch.randn(1, 10, generator=g, dtype=p1.dtype)
+            free = [order_free_loss(pred, p, ref, coder, beta=1 / 9)[0] for p in (p1, p2)]
+            canon = [
+                torch.nn.functional.smooth_l1_loss(
+                    pred, coder.encode(p, ref), beta=1 / 9, reduction="sum"
+                )
+                for p in (p1, p2)
+            ]
+            assert abs(float(free[0] - free[1])) < bound
+            assert abs(float(canon[0] - canon[1])) > 1.0  # a whole cyclic shift
+
+
+def test_order_free_loss_does_not_depend_on_the_first_corner() -> None:
+    p = random_polyboxes(64).double()
+    ref = hull_refs(p).double()
+    coder = PolyBoxCoder()
+    pred = torch.randn(64, 10, generator=torch.Generator().manual_seed(3), dtype=p.dtype) * 3
+    base, chosen = order_free_loss(pred, p, ref, coder, beta=1 / 9)
+    corners = p[:, 2:].unflatten(-1, (4, 2))
+    for r in range(1, 4):
+        rolled = torch.cat([p[:, :2], corners.roll(-r, dims=1).flatten(1)], dim=-1)
+        loss, chosen_r = order_free_loss(pred, rolled, ref, coder, beta=1 / 9)
+        assert torch.allclose(loss, base, rtol=0, atol=1e-9)
+        assert torch.allclose(chosen_r, chosen, atol=1e-9)
+    # The chosen targets are one of the 4 rolls, and the loss is the smallest of the 4.
+    rolls = coder.encode_rolls(p, ref)
+    per_roll = torch.nn.functional.smooth_l1_loss(
+        pred[:, None].expand_as(rolls), rolls, beta=1 / 9, reduction="none"
+    ).sum(-1)
+    assert torch.allclose(base, per_roll.min(dim=1).values.sum())
+    assert torch.allclose(rolls[:, 0], coder.encode(p, ref))  # roll 0 = the canonical order
+
+
+def test_order_free_loss_gradient_reaches_the_chosen_roll_only() -> None:
+    p = random_polyboxes(8).double()
+    ref = hull_refs(p).double()
+    coder = PolyBoxCoder()
+    pred = coder.encode(p, ref).clone().requires_grad_(True)  # exactly the canonical roll
+    loss, chosen = order_free_loss(pred, p, ref, coder, beta=1 / 9)
+    loss.backward()
+    assert float(loss) == pytest.approx(0.0, abs=1e-12)
+    assert torch.allclose(pred.grad, torch.zeros_like(pred))
+    assert torch.allclose(chosen, pred.detach())

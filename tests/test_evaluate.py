@@ -15,6 +15,7 @@ from shapely.geometry import Polygon
 
 from polydet import evaluate as ev
 from polydet.errors import DataError
+from polydet.metrics import orientation_offset
 from polydet.polybox import from_corners
 
 # --- independent references (per detection, as the originals loop) -----------------------
@@ -402,6 +403,45 @@ def test_ap_by_size_ignores_objects_of_other_sizes() -> None:
     assert r.metrics["map50_95/large"] == pytest.approx(0.0)
     assert r.metrics["map50_95/medium"] is None
     assert (r.metrics["num_gt/small"], r.metrics["num_gt/large"]) == (1, 1)
+
+
+def rotated_rect(cx: float, cy: float, w: float, h: float, degrees: float) -> list[float]:
+    """Corners (8 numbers) of a ``w x h`` rectangle centred at ``(cx, cy)``, rotated."""
+    t = math.radians(degrees)
+    c, s = math.cos(t), math.sin(t)
+    pts = [(-w / 2, -h / 2), (w / 2, -h / 2), (w / 2, h / 2), (-w / 2, h / 2)]
+    return [v for x, y in pts for v in (cx + c * x - s * y, cy + s * x + c * y)]
+
+
+@pytest.mark.parametrize("degrees", [0.0, 10.0, 37.5, 44.9, 45.1, 60.0, 89.0, 135.0, -20.0])
+def test_orientation_offset_is_the_rotation_whatever_the_corner_order(degrees: float) -> None:
+    corners = np.array(rotated_rect(50, 40, 30, 12, degrees)).reshape(4, 2)
+    expected = abs(degrees % 90.0 - 45.0)
+    for start in range(4):  # any first corner, and the reversed ring too
+        for ring in (np.roll(corners, -start, 0), np.roll(corners[::-1], -start, 0)):
+            p = np.r_[ring.mean(0), (ring - ring.mean(0)).ravel()][None]
+            assert orientation_offset(p)[0] == pytest.approx(expected, abs=1e-6)
+
+
+def test_ap_by_orientation_ignores_objects_of_other_orientations() -> None:
+    # A 45-degree object found exactly, an axis-aligned one found loosely (IoU 0.6: a true
+    # positive at 0.5, not at 0.75), a 20-degree one (oblique) missed.
+    gt, dt = make(
+        [
+            (0, 0, rotated_rect(50, 50, 40, 20, 45.0), False),
+            (0, 0, rect(100, 0, 140, 40), False),
+            (0, 0, rotated_rect(200, 200, 40, 20, 20.0), False),
+        ],
+        [(0, 0, 0.9, rotated_rect(50, 50, 40, 20, 45.0)), (0, 0, 0.8, rect(100, 0, 140, 24))],
+    )
+    m = ev.evaluate_detections(["a"], ["car"], gt, dt).metrics
+    assert m["map50_coco/orient_diagonal"] == pytest.approx(1.0)
+    assert m["map75/orient_diagonal"] == pytest.approx(1.0)
+    assert m["map50_coco/orient_axis"] == pytest.approx(1.0)
+    assert m["map75/orient_axis"] == pytest.approx(0.0)
+    assert m["map50_coco/orient_oblique"] == pytest.approx(0.0)
+    counts = [m[f"num_gt/orient_{k}"] for k in ("diagonal", "oblique", "axis")]
+    assert counts == [1, 1, 1]
 
 
 def test_confusion_summary() -> None:

@@ -41,6 +41,12 @@ def _models() -> tuple[PolyDetector, FasterRCNN]:
         "model.rpn.post_nms_top_n_test=100",
         "model.rpn.batch_size_per_image=64",
         "model.rpn.coder_weights=[1, 1, 2, 2, 2, 2, 2, 2, 2, 2]",
+        # torchvision's loss: canonical corner order, weight 1, RoIAlign sampling ratio 2
+        "model.rpn.order_free=false",
+        "model.rpn.loss_weight=1.0",
+        "model.roi.order_free=false",
+        "model.roi.loss_weight=1.0",
+        "model.roi.sampling_ratio=2",
         "model.roi.pool_size=7",
         "model.roi.representation_size=64",
         "model.roi.batch_size_per_image=48",

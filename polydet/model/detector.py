@@ -34,7 +34,7 @@ from polydet.config import ConfigError, ModelConfig, check_model_config
 from polydet.errors import ModelError
 from polydet.model.backbone import build_backbone
 from polydet.model.roi_heads import PolyRoIHeads
-from polydet.model.rpn import PolyRPN, PolyRPNHead
+from polydet.model.rpn import PolyRPN, PolyRPNHead, polybox_loss
 from polydet.polybox import canonicalize, scale
 
 # torchvision's ImageNet statistics (what its pretrained backbones expect).
@@ -260,7 +260,13 @@ class PolyDetector(nn.Module):
         for i, gt in enumerate(gts):
             pos = torch.where(match.labels[i] > 0)[0]
             gt_pos = gt["polyboxes"][match.matched_gt[i][pos]]
-            rpn_targets = self.rpn.coder.encode(gt_pos, out.anchors[pos])
+            _, rpn_targets = polybox_loss(  # the targets the loss used (chosen corner roll)
+                out.deltas[i, pos].float(),
+                gt_pos.float(),
+                out.anchors[pos],
+                self.rpn.coder,
+                self.cfg.rpn.order_free,
+            )
             per_image = {
                 "anchors": out.anchors,
                 "anchor_ious": match.ious[i],

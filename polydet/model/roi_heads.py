@@ -22,7 +22,7 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from polydet.coder import PolyBoxCoder
 from polydet.config import RoIConfig
-from polydet.model.rpn import MIN_PROPOSAL_SIZE
+from polydet.model.rpn import MIN_PROPOSAL_SIZE, polybox_loss
 from polydet.ops import nms
 from polydet.polybox import area, from_corners, hull_xyxy, to_corners
 
@@ -85,7 +85,9 @@ class PolyRoIHeads(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_classes = num_classes
-        self.box_roi_pool = MultiScaleRoIAlign(featmap_names, cfg.pool_size, sampling_ratio=2)
+        self.box_roi_pool = MultiScaleRoIAlign(
+            featmap_names, cfg.pool_size, sampling_ratio=cfg.sampling_ratio
+        )
         self.box_head = TwoMLPHead(in_channels * cfg.pool_size**2, cfg.representation_size)
         self.box_predictor = PolyPredictor(cfg.representation_size, num_classes)
         self.coder = PolyBoxCoder(cfg.coder_weights)
@@ -152,17 +154,20 @@ class PolyRoIHeads(nn.Module):
         labels = torch.cat(samples.labels)
         pos = torch.where(labels > 0)[0]
         pos_deltas = deltas.view(deltas.shape[0], -1, 10)[pos, labels[pos]].float()  # [Q, 10]
-        targets_enc = self.coder.encode(
-            torch.cat(samples.gt_polyboxes)[pos], torch.cat(samples.boxes)[pos]
+        loss_box, targets_enc = polybox_loss(
+            pos_deltas,
+            torch.cat(samples.gt_polyboxes)[pos],
+            torch.cat(samples.boxes)[pos],
+            self.coder,
+            self.cfg.order_free,
         )
         if labels.numel() == 0:  # no proposal and no ground truth in the whole batch
             zero = logits.sum() * 0.0 + deltas.sum() * 0.0
             losses = {"loss_classifier": zero, "loss_polybox": zero}
         else:
-            loss_box = F.smooth_l1_loss(pos_deltas, targets_enc, beta=1 / 9, reduction="sum")
             losses = {
                 "loss_classifier": F.cross_entropy(logits, labels),
-                "loss_polybox": loss_box / labels.numel(),
+                "loss_polybox": loss_box * self.cfg.loss_weight / labels.numel(),
             }
         return losses, samples, RoIOutput(logits, deltas, targets_enc, pos_deltas)
 
@@ -182,7 +187,7 @@ class PolyRoIHeads(nn.Module):
         probs = F.softmax(logits.float(), dim=-1)  # [R, C]
         refs = torch.cat(proposals)
         num_rois, device = refs.shape[0], probs.device
-        decoded = self.coder.decode(deltas.float(), refs).view(num_rois, -1, 10)
+        decoded = self.coder.decode(deltas.float(), refs, check=False).view(num_rois, -1, 10)
         # Every (RoI, foreground class) pair is a candidate, all images at once.
         poly = decoded[:, 1:].reshape(-1, 10)
         score = probs[:, 1:].reshape(-1)

@@ -35,7 +35,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import Conv2dNormActivation, box_iou
 from torchvision.ops import boxes as box_ops
 
-from polydet.coder import PolyBoxCoder
+from polydet.coder import PolyBoxCoder, order_free_loss
 from polydet.config import RPNConfig
 from polydet.polybox import hull_xyxy
 
@@ -58,6 +58,18 @@ class Matcher(det_utils.Matcher):
         is_best = (match_quality_matrix == highest[:, None]) & (highest[:, None] > 0)  # [G, N]
         preds = torch.where(is_best)[1]
         matches[preds] = all_matches[preds]
+
+
+def polybox_loss(
+    deltas: Tensor, gt: Tensor, refs: Tensor, coder: PolyBoxCoder, order_free: bool
+) -> tuple[Tensor, Tensor]:
+    """Summed smooth-L1 (beta 1/9, torchvision's) of ``deltas [N, 10]`` against the encoded
+    ground truths ``gt [N, 10]`` relative to ``refs [N, 4]``, and the targets used ``[N, 10]``:
+    the closest corner roll (:func:`polydet.coder.order_free_loss`) or the canonical order."""
+    if order_free:
+        return order_free_loss(deltas, gt, refs, coder, beta=1 / 9)
+    targets = coder.encode(gt, refs)
+    return F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="sum"), targets
 
 
 class PolyRPNHead(nn.Module):
@@ -199,10 +211,11 @@ class PolyRPN(nn.Module):
         offset = torch.tensor(offsets, device=pos.device)
         all_gt = torch.cat([gt.float() for gt in gt_polyboxes])  # [sum G, 10]
         gt_index = torch.cat(match.matched_gt)[pos] + offset[image]
-        targets = self.coder.encode(all_gt[gt_index], out.anchors[anchor])
         preds = out.deltas.reshape(-1, 10)[pos].float()
-        loss_box = F.smooth_l1_loss(preds, targets, beta=1 / 9, reduction="sum")
-        loss_box = loss_box / sampled.numel()
+        loss_box, _ = polybox_loss(
+            preds, all_gt[gt_index], out.anchors[anchor], self.coder, self.cfg.order_free
+        )
+        loss_box = loss_box * self.cfg.loss_weight / max(1, sampled.numel())
         return {"loss_rpn_objectness": loss_obj, "loss_rpn_polybox": loss_box}, match
 
     # --- proposals ---------------------------------------------------------------------
@@ -234,7 +247,7 @@ class PolyRPN(nn.Module):
         scores = objectness.gather(1, idx).sigmoid()  # [B, K]
         deltas = out.deltas.detach().gather(1, idx[..., None].expand(-1, -1, 10)).float()
         anchors = out.anchors[idx]  # [B, K, 4]
-        polyboxes = self.coder.decode(deltas.reshape(-1, 10), anchors.reshape(-1, 4))
+        polyboxes = self.coder.decode(deltas.reshape(-1, 10), anchors.reshape(-1, 4), check=False)
         polyboxes = polyboxes.view(num_images, -1, 10)
         hulls = hull_xyxy(polyboxes)  # [B, K, 4]
 
