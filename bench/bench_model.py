@@ -20,6 +20,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -62,7 +63,9 @@ def torchvision_twin(model: PolyDetector) -> FasterRCNN:
         rpn_positive_fraction=rpn.positive_fraction,
         rpn_score_thresh=rpn.score_thresh,
         box_roi_pool=MultiScaleRoIAlign(
-            model.roi_heads.box_roi_pool.featmap_names, roi.pool_size, sampling_ratio=2
+            model.roi_heads.box_roi_pool.featmap_names,
+            roi.pool_size,
+            sampling_ratio=roi.sampling_ratio,
         ),
         box_head=TwoMLPHead(channels * roi.pool_size**2, roi.representation_size),
         box_predictor=FastRCNNPredictor(roi.representation_size, cfg.num_classes),
@@ -238,6 +241,10 @@ def main() -> None:
         "image_size": cfg.min_size,
         "batch": args.batch,
         "threads": torch.get_num_threads(),
+        # The instruction set ATen's kernels run with (ATEN_CPU_CAPABILITY=avx2 forces AVX2 on
+        # an AVX-512 machine: the slowest CPU of this machine kind has no AVX-512).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_isa": os.environ.get("ONEDNN_MAX_CPU_ISA", "default"),
         "train_step": train,
         "inference": infer,
         "train_ratio": ratio(train, "median_s"),

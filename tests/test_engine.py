@@ -39,6 +39,7 @@ from polydet.engine import (
     NonFiniteLossError,
     SeededItems,
     autocast_dtype,
+    build_optimizer,
     lr_factor,
     train,
 )
@@ -163,6 +164,32 @@ def test_lr_schedule_warmup_cosine_and_steps(prepared: Path, tmp_path: Path) -> 
     assert [lr_factor(s, 100, tc) for s in (0, 19, 20, 39, 40, 99)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01]
     )
+
+
+def test_optimizer_exempts_norms_and_biases_from_weight_decay_and_scales_lr(
+    prepared: Path, tmp_path: Path
+) -> None:
+    cfg = tiny_config(prepared, tmp_path, "train.weight_decay=0.01")
+    model = torch.nn.Sequential(  # only parameters are read: a small stand-in
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.GroupNorm(2, 4),
+        torch.nn.Flatten(), torch.nn.Linear(4, 2),
+    )  # fmt: skip
+    matrices = {id(model[0].weight), id(model[4].weight)}
+    opt = build_optimizer(model, cfg.train, world_size=1)
+    decay = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert len(decay) == len(list(model.parameters()))  # every parameter, once
+    for p in model.parameters():
+        assert decay[id(p)] == (0.01 if id(p) in matrices else 0.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(cfg.train.lr)
+    # Linear scaling: the rate grows with the number of processes (the global batch).
+    assert build_optimizer(model, cfg.train, 4).param_groups[0]["lr"] == pytest.approx(
+        4 * cfg.train.lr
+    )
+    fixed = tiny_config(prepared, tmp_path, "train.lr_scaling=none").train
+    assert build_optimizer(model, fixed, 4).param_groups[0]["lr"] == pytest.approx(fixed.lr)
+    everything = tiny_config(prepared, tmp_path, "train.decay_norm_and_bias=true").train
+    opt = build_optimizer(model, everything, 1)
+    assert all(g["weight_decay"] == everything.weight_decay for g in opt.param_groups)
 
 
 def test_sampler_resumes_mid_epoch_and_shards_disjointly() -> None:
