@@ -232,6 +232,7 @@ class TrainConfig:
     grad_clip: float  # 0 = off
     log_every: int  # steps per 'train' row of history.csv (loss averaged over them)
     checkpoint_every: int  # steps; 0 = only at the end
+    snapshot_every: int  # steps; >0 keeps a model file per N steps (learning curves); 0 = off
     seed: int
     augment: AugmentConfig
     out: str
@@ -251,6 +252,7 @@ class TrainConfig:
             "grad_clip": self.grad_clip >= 0.0,
             "log_every": self.log_every >= 1,
             "checkpoint_every": self.checkpoint_every >= 0,
+            "snapshot_every": self.snapshot_every >= 0,
         }
         for key, ok in checks.items():
             if not ok:

@@ -569,6 +569,8 @@ class _Loop:
                 every = tc.checkpoint_every
                 if done or (every > 0 and self.step % every == 0):
                     self._checkpoint(epoch)
+                if tc.snapshot_every > 0 and self.step % tc.snapshot_every == 0:
+                    self._snapshot()
                 if done:
                     break
         bar.close()
@@ -673,6 +675,16 @@ class _Loop:
         # The bare model, not the DDP wrapper: no gradient sync is wanted (or possible) here.
         with self._autocast():
             return self.model.loss(images, targets)
+
+    def _snapshot(self) -> None:
+        """A model file of the current weights, ``snapshots/step_<N>.pt`` (rank 0), for
+        learning curves (``bench/learning_curve.py`` evaluates them)."""
+        average_buffers(self.model, self.info)
+        if self.info.is_main:
+            path = Path(self.tc.out) / "snapshots" / f"step_{self.step:06d}.pt"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            classes = list(self.cfg.data.classes)
+            save_model(self.model, path, self.cfg.model, classes, self.anchors)
 
     def _checkpoint(self, epoch: int) -> None:
         average_buffers(self.model, self.info)
