@@ -158,6 +158,8 @@ class ModelConfig:
     # the FPN adds one max-pooled level, so anchor_sizes needs len(returned_layers) + 1 levels.
     returned_layers: tuple[int, ...]
     fpn_channels: int
+    # Also pool RoIs from ResNet layer 1 (stride 4) through the FPN; the RPN does not see it.
+    fine_roi_level: bool
     num_classes: int  # including background
     min_size: int
     max_size: int
@@ -185,7 +187,7 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
 
     Model files written before the loss keys existed were trained with the canonical-order
     loss at weight 1; those keys are filled in so that such files keep loading."""
-    raw = {**raw}
+    raw = {"fine_roi_level": False, **raw}
     for stage in ("rpn", "roi"):
         if isinstance(raw.get(stage), dict):
             raw[stage] = {"order_free": False, "loss_weight": 1.0, **raw[stage]}

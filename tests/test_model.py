@@ -291,3 +291,29 @@ def test_anchor_levels_must_match_the_backbone() -> None:
             tiny_cfg(),
             anchors={"sizes": [[16], [32, 40], [64], [128]], "aspect_ratios": [1.0]},
         )
+
+
+def test_fine_roi_level_pools_small_objects_at_stride_4_and_hides_it_from_the_rpn() -> None:
+    torch.manual_seed(0)
+    fine = build_model(tiny_cfg("model.fine_roi_level=true"))
+    plain = build_model(tiny_cfg())
+    images = [torch.rand(3, 128, 128)]
+    batch, _, _ = fine.preprocess(images)
+    feats = fine.backbone(batch.tensors)
+    assert list(feats) == ["0", "1", "2", "3", "pool"]
+    assert feats["0"].shape[-1] == 128 // 4  # ResNet layer 1: stride 4
+    # The RPN sees exactly the levels (and so the anchors) of the model without it.
+    rpn_levels = [f.shape[-2:] for f in fine.rpn_features(feats)]
+    plain_feats = plain.backbone(batch.tensors)
+    assert rpn_levels == [f.shape[-2:] for f in plain.rpn_features(plain_feats)]
+    assert fine.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2", "3"]
+    # torchvision's level mapper sends a 20 px RoI to the stride-4 level: pooled from a
+    # pyramid whose level "0" alone is non-zero, it is non-zero.
+    marked = {k: torch.full_like(f, float(k == "0")) for k, f in feats.items()}
+    small = [torch.tensor([[10.0, 10.0, 30.0, 30.0]])]
+    pooled = fine.roi_heads.box_roi_pool(marked, small, batch.image_sizes)
+    assert torch.allclose(pooled, torch.ones_like(pooled))
+    losses = fine.loss(images, [target(quad(60, 60, 30, 20, 30))])
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ModelError, match="fine_roi_level"):
+        build_model(tiny_cfg("model.fine_roi_level=true", "model.backbone=mobilenet_v3_fpn"))

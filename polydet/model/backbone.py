@@ -80,7 +80,8 @@ def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> BackboneWithF
 
     Returns a module mapping a ``[B, 3, H, W]`` normalised batch to an ordered dict of
     ``len(cfg.returned_layers) + 1`` feature maps ``[B, fpn_channels, H/s, W/s]`` named
-    ``"0", "1", ..., "pool"``, with ``out_channels == cfg.fpn_channels``. With
+    ``"0", "1", ..., "pool"`` (one more, the stride-4 level first, with
+    ``cfg.fine_roi_level``), with ``out_channels == cfg.fpn_channels``. With
     ``load_weights=False`` a pretrained configuration gets its architecture (frozen
     BatchNorm, frozen stages) without reading the weights (``load_model`` restores them).
     """
@@ -108,6 +109,13 @@ def build_backbone(cfg: ModelConfig, load_weights: bool = True) -> BackboneWithF
             f"for {cfg.backbone}"
         )
     layers = list(cfg.returned_layers)
+    if cfg.fine_roi_level:  # ResNet layer 1 (stride 4) as FPN level "0", for RoIAlign only
+        if cfg.backbone == "mobilenet_v3_fpn" or min(layers) <= 1:
+            raise ModelError(
+                "model.fine_roi_level: needs a ResNet backbone whose returned_layers start "
+                f"above layer 1 (got {cfg.backbone}, {layers})"
+            )
+        layers = [1, *layers]
     try:
         if cfg.backbone == "mobilenet_v3_fpn":
             body = _mobilenet_extractor(trunk, True, trainable, returned_layers=layers)

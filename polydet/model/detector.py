@@ -101,6 +101,13 @@ class PolyDetector(nn.Module):
         self.anchors = anchors  # {"sizes", "aspect_ratios"} as given, for save_model
         self.classes: list[str] | None = None  # set by load_model
 
+    def rpn_features(self, features: Mapping[str, Tensor]) -> list[Tensor]:
+        """The FPN levels the RPN sees: all of them, except the stride-4 level that
+        ``model.fine_roi_level`` adds for RoIAlign alone (anchors there would cost ~4x the
+        RPN's work for objects the stride-8 level already proposes)."""
+        levels = list(features.values())
+        return levels[1:] if self.cfg.fine_roi_level else levels
+
     # --- input / output ----------------------------------------------------------------
 
     def _resize(self, image: Tensor) -> Tensor:
@@ -181,7 +188,7 @@ class PolyDetector(nn.Module):
         ``{"polyboxes": [N, 10] (image pixels), "labels": [N] int64 (from 1)}``."""
         image_list, gts, _ = self.preprocess(images, targets)
         features = self.backbone(image_list.tensors)
-        out = self.rpn(image_list, list(features.values()))
+        out = self.rpn(image_list, self.rpn_features(features))
         losses, _ = self.rpn.loss(out, [t["polyboxes"] for t in gts])
         proposals = self.rpn.propose(out, image_list.image_sizes, training=True)
         roi_losses, _, _ = self.roi_heads.loss(
@@ -196,7 +203,7 @@ class PolyDetector(nn.Module):
         pixels, best first."""
         image_list, _, originals = self.preprocess(images)
         features = self.backbone(image_list.tensors)
-        out = self.rpn(image_list, list(features.values()))
+        out = self.rpn(image_list, self.rpn_features(features))
         proposals = self.rpn.propose(out, image_list.image_sizes, training=False)
         detections = self.roi_heads.detect(features, proposals.boxes, image_list.image_sizes)
         return self._to_original(detections, image_list.image_sizes, originals)
@@ -224,7 +231,7 @@ class PolyDetector(nn.Module):
             image_list, gts, originals = self.preprocess(images, targets)
             sizes = image_list.image_sizes
             features = self.backbone(image_list.tensors)
-            out = self.rpn(image_list, list(features.values()))
+            out = self.rpn(image_list, self.rpn_features(features))
             losses, match = self.rpn.loss(out, [t["polyboxes"] for t in gts])
             train_props = self.rpn.propose(out, sizes, training=True)
             roi_losses, samples, roi_out = self.roi_heads.loss(
@@ -309,7 +316,7 @@ def _build(cfg: ModelConfig, anchors: Mapping[str, Any] | None, load_weights: bo
     head = PolyRPNHead(backbone.out_channels, generator.num_anchors_per_location()[0])
     rpn = PolyRPN(generator, head, cfg.rpn)
     # Like torchvision, the pooled extra level feeds the RPN but not RoIAlign.
-    featmap_names = [str(i) for i in range(len(cfg.returned_layers))]
+    featmap_names = [str(i) for i in range(len(cfg.returned_layers) + cfg.fine_roi_level)]
     roi_heads = PolyRoIHeads(featmap_names, backbone.out_channels, cfg.num_classes, cfg.roi)
     transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, IMAGE_MEAN, IMAGE_STD)
     given = {
