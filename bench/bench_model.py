@@ -40,13 +40,24 @@ from polydet.model import PolyDetector, build_model
 from polydet.polybox import from_corners, hull_xyxy
 
 
+class _RPNWithoutFinestLevel(torch.nn.Module):
+    """torchvision's RPN fed all FPN levels but the first, as ``model.fine_roi_level`` does."""
+
+    def __init__(self, rpn: torch.nn.Module) -> None:
+        super().__init__()
+        self.rpn = rpn
+
+    def forward(self, images, features, targets=None):  # noqa: ANN001, ANN201
+        return self.rpn(images, dict(list(features.items())[1:]), targets)
+
+
 def torchvision_twin(model: PolyDetector) -> FasterRCNN:
     """torchvision's Faster R-CNN with the same backbone, anchors and settings."""
     cfg: ModelConfig = model.cfg
     rpn, roi = cfg.rpn, cfg.roi
     generator = model.rpn.anchor_generator
     channels = model.backbone.out_channels
-    return FasterRCNN(
+    twin = FasterRCNN(
         copy.deepcopy(model.backbone),
         num_classes=None,
         min_size=cfg.min_size,
@@ -77,6 +88,9 @@ def torchvision_twin(model: PolyDetector) -> FasterRCNN:
         box_batch_size_per_image=roi.batch_size_per_image,
         box_positive_fraction=roi.positive_fraction,
     )
+    if cfg.fine_roi_level:
+        twin.rpn = _RPNWithoutFinestLevel(twin.rpn)
+    return twin
 
 
 def random_data(
