@@ -387,6 +387,12 @@ def import_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _metric(cfg: Config, key: str) -> Any:
+    """One value of the evaluation's ``metrics.json`` (None when absent)."""
+    path = Path(cfg.evaluate.out) / "metrics.json"
+    return tracking.read_json(path).get(key) if path.is_file() else None
+
+
 def summary_markdown(cfg: Config, summaries: dict[str, dict[str, Any]], record: dict) -> str:
     """The run's Markdown summary: metrics, anchor coverage, debug findings, MLflow links."""
     metrics = tracking.read_json(Path(cfg.evaluate.out) / "metrics.json")
@@ -394,7 +400,7 @@ def summary_markdown(cfg: Config, summaries: dict[str, dict[str, Any]], record: 
     lines = [
         f"# polydet pipeline — {cfg.tracking.model_name} v{record['version']}",
         "",
-        f"**{cfg.evaluate.split} AP50 {_fmt(record['map50'])}**; "
+        f"**{cfg.evaluate.split} AP50 {_fmt(record['map50'])}, AP75 {_fmt(metrics.get('map75'))}**; "
         f"promotion: {record['promotion']['reason']}; champion: v{record.get('champion')}.",
         "",
         f"MLflow run: [{record['run_id']}]({record['run_link']}) in `{record['tracking_uri']}` "
@@ -474,7 +480,8 @@ def where_to_look(cfg: Config, record: dict[str, Any]) -> str:
     return "\n".join(
         [
             "polydet pipeline finished. Where to look:",
-            f"  metrics   {out['metrics']}  ({cfg.evaluate.split} AP50 {_fmt(record['map50'])})",
+            f"  metrics   {out['metrics']}  ({cfg.evaluate.split} AP50 {_fmt(record['map50'])}, "
+            f"AP75 {_fmt(_metric(cfg, 'map75'))})",
             f"  report    {out['report']}  (and {out['report_md']}; anchors: {out['anchors']})",
             f"  MLflow    {ui}",
             f"            run {record['run_link']}",
