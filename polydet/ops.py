@@ -254,7 +254,7 @@ def _prepare(polyboxes: Tensor, mode: str) -> Quads:
 def iou_areas(polyboxes: Tensor, mode: str = "hull") -> tuple[Tensor, Tensor]:
     """``(area [N], cover [N])`` of polyboxes ``[N, 10]`` as :func:`pairwise_iou` measures
     them in ``mode`` (float64): the area counted in a union, and an upper bound of
-    ``|intersection|`` with anything (equal for all but self-intersecting quads)."""
+    ``|intersection|`` with anything (equal, up to rounding, unless self-intersecting)."""
     q = _prepare(_check(polyboxes, "polyboxes"), mode)
     return q.area, q.cover
 
