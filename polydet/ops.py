@@ -261,21 +261,19 @@ def iou_areas(polyboxes: Tensor, mode: str = "hull") -> tuple[Tensor, Tensor]:
 
 def _pair_iou(qa: Quads, qb: Quads, i: Tensor, j: Tensor, chunk_size: int) -> Tensor:
     """IoU ``[P]`` (float64) of quads ``qa[i[p]]`` and ``qb[j[p]]``."""
-    one_piece = qa.pieces.shape[1] == 1 and qb.pieces.shape[1] == 1
-    if one_piece:  # hull mode: one ring per quad, nothing to expand
+    ka, kb = qa.pieces.shape[1], qb.pieces.shape[1]
+    if ka == 1 and kb == 1:  # hull mode: one ring per quad, nothing to expand
         src, w, ia, ib = None, None, i, j
-        ua = ub = torch.zeros_like(i)
-    else:  # every pair of pieces with a non-zero weight
+    else:  # every pair of pieces with a non-zero weight, as rows of pieces [N * K, 4, 2]
         wp = qa.weight[i][:, :, None] * qb.weight[j][:, None, :]  # [P, Ka, Kb]
         src, ua, ub = wp.nonzero(as_tuple=True)
-        w, ia, ib = wp[src, ua, ub], i[src], j[src]
+        w, ia, ib = wp[src, ua, ub], i[src] * ka + ua, j[src] * kb + ub
+    pa, pb = qa.pieces.flatten(0, 1), qb.pieces.flatten(0, 1)
     parts = []
     for s in range(0, ia.shape[0], chunk_size):
-        sl = slice(s, s + chunk_size)
-        offset = (qb.centre[ib[sl]] - qa.centre[ia[sl]])[:, None]  # B in A's frame
-        parts.append(
-            intersection_area(qa.pieces[ia[sl], ua[sl]], qb.pieces[ib[sl], ub[sl]] + offset)
-        )
+        ra, rb = ia[s : s + chunk_size], ib[s : s + chunk_size]
+        offset = qb.centre[rb // kb if kb > 1 else rb] - qa.centre[ra // ka if ka > 1 else ra]
+        parts.append(intersection_area(pa[ra], pb[rb] + offset[:, None]))  # B in A's frame
     inter = torch.cat(parts) if parts else qa.area.new_zeros(0)
     if src is not None:
         inter = qa.area.new_zeros(i.shape[0]).index_add_(0, src, inter * w)
@@ -329,13 +327,20 @@ def _bounds(ring: Tensor, centre: Tensor) -> Tensor:
     return torch.stack([lo, hi], -1)
 
 
-def _overlap(a: Tensor, b: Tensor) -> Tensor:
+def _overlap(a: Tensor, b: Tensor, axes: tuple[int, ...] = (0, 1, 2, 3)) -> Tensor:
     """Whether extents ``a [..., 4, 2]`` and ``b [..., 4, 2]`` (broadcast) overlap strictly on
-    every axis ``[...]``: touching quads have a zero-area intersection."""
-    out = (a[..., 0, 0] < b[..., 0, 1]) & (b[..., 0, 0] < a[..., 0, 1])
-    for axis in (1, 2, 3):
+    every axis in ``axes`` ``[...]``: touching quads have a zero-area intersection."""
+    out = (a[..., axes[0], 0] < b[..., axes[0], 1]) & (b[..., axes[0], 0] < a[..., axes[0], 1])
+    for axis in axes[1:]:
         out &= (a[..., axis, 0] < b[..., axis, 1]) & (b[..., axis, 0] < a[..., axis, 1])
     return out
+
+
+def _live_bounds(q: Quads) -> Tensor:
+    """:func:`_bounds` of prepared quads, empty (overlapping nothing) where nothing is covered."""
+    bounds = _bounds(q.pieces.flatten(1, 2), q.centre)
+    empty = bounds.new_tensor([torch.inf, -torch.inf])
+    return torch.where((q.cover > 0)[:, None, None], bounds, empty)
 
 
 @torch.no_grad()
@@ -357,16 +362,16 @@ def pairwise_iou(
     out = a.new_zeros(n, m, dtype=dtype)
     if n == 0 or m == 0:
         return out
-    bound_a, bound_b = (
-        _bounds(qa.pieces.flatten(1, 2), qa.centre),
-        _bounds(qb.pieces.flatten(1, 2), qb.centre),
-    )
+    bound_a, bound_b = _live_bounds(qa), _live_bounds(qb)
     rows = max(1, _MASK_ELEMS // m)
     for r in range(0, n, rows):
-        cand = _overlap(bound_a[r : r + rows, None], bound_b[None])  # [R, M]
-        cand &= (qa.cover[r : r + rows, None] > 0) & (qb.cover > 0)
+        # Dense test on x and y, the 45-degree axes on the (few) survivors: 10-20% faster.
+        cand = _overlap(bound_a[r : r + rows, None], bound_b[None], (0, 1))  # [R, M]
         i, j = cand.nonzero(as_tuple=True)
-        out[i + r, j] = _pair_iou(qa, qb, i + r, j, chunk_size).to(dtype)
+        i = i + r
+        keep = _overlap(bound_a[i], bound_b[j], (2, 3))
+        i, j = i[keep], j[keep]
+        out[i, j] = _pair_iou(qa, qb, i, j, chunk_size).to(dtype)
     return out
 
 
