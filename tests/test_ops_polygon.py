@@ -115,6 +115,17 @@ def test_simple_non_convex_quads_match_shapely() -> None:
     torch.testing.assert_close(cover, area, rtol=1e-12, atol=0)
 
 
+def test_hand_computed_dart() -> None:
+    # The dart (0,0), (10,0), (3,3), (0,10) (area 30) meets the square [2, 12]^2 in the
+    # quad (2,2), (16/3,2), (3,3), (2,16/3): two triangles of base 10/3, height 1 -> 10/3.
+    # Its hull, the triangle of area 50, meets the square in a right triangle of legs 6.
+    dart = as_given([[0, 0], [10, 0], [3, 3], [0, 10]])
+    square = as_given([[2, 2], [12, 2], [12, 12], [2, 12]])
+    assert pairwise_iou(dart, square, mode="polygon").item() == pytest.approx(1 / 38, abs=1e-12)
+    assert pairwise_iou(dart, square).item() == pytest.approx(18 / 132, abs=1e-12)
+    assert iou_areas(dart, mode="polygon")[0].item() == pytest.approx(30.0, abs=1e-12)
+
+
 def test_convex_quads_equal_hull_mode_in_either_orientation() -> None:
     rng = np.random.default_rng(1)
     a, b = random_quads(rng, 200, img=150), random_quads(rng, 200, img=150)
