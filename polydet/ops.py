@@ -69,10 +69,10 @@ hull is the shape the model is trained on; the polygon rule exists to reproduce 
 number on files polydet did not make. Speed is not the reason: on convex quads both modes
 run the same kernel once per pair (``bench/bench_iou.py`` prints both).
 
-``nms`` / ``batched_nms`` are greedy NMS (``mode="hull"``) (a box is suppressed by an earlier-kept box with
-IoU ``> iou_threshold``, as in torchvision) whose candidate pairs come from a sweep over
-enclosing boxes plus an area-ratio bound, so polygon IoU is computed only for pairs that
-could suppress each other. None of these functions propagate gradients.
+``nms`` / ``batched_nms`` are greedy NMS on hull IoU (a box is suppressed by an earlier-kept
+box with IoU ``> iou_threshold``, as in torchvision) whose candidate pairs come from a sweep
+over enclosing boxes plus an area-ratio bound, so IoU is computed only for pairs that could
+suppress each other. None of these functions propagate gradients.
 """
 
 from __future__ import annotations
