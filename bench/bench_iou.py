@@ -1,14 +1,18 @@
-"""Benchmark: ``polydet.ops.pairwise_iou`` against vectorized shapely 2 and torchvision's
-``box_iou`` (on the same quads' enclosing boxes), and ``polydet.ops.nms`` on 10,000 quads.
+"""Benchmark: ``polydet.ops.pairwise_iou`` (``mode="hull"`` and ``"polygon"``) against
+vectorized shapely 2 and torchvision's ``box_iou`` (on the same quads' enclosing boxes), and
+``polydet.ops.nms`` on 10,000 quads.
 
 Inputs: random convex quads (4 points at sorted random angles on an ellipse: perspective-like
-shapes, not only rectangles), sizes 16-256 px log-uniform, aspect up to 4:1, any rotation,
-in a 1024 x 1024 image; the same inputs for every method. Targets: pairwise_iou >= 50x
-faster than shapely at 1000 x 1000, and within 30x of box_iou. Shapely at 4000 x 4000 is
-timed on a subsample of rows and extrapolated (said so in the output). Times are wall and
-CPU (this process) time, best of N runs, torch on 1 thread like shapely: when other jobs
-load the machine beyond its cores, wall time measures the share of CPU each side got and
-CPU time is the steadier comparison.
+shapes, not only rectangles), log-uniform sizes, any rotation, the ellipse's axes stretched by
+up to 4 and 1/4; two cases side by side, the same inputs for every method:
+**sparse**: sizes 16-256 px in a 1024 x 1024 image (~2% of pairs overlap);
+**crowded**: sizes 4-60 px in a 200 x 200 px area (as in NMS of raw candidates or a dense
+harbour: about the same share of pairs overlap, with quads a fifth of the size). Targets at 1000 x 1000, on both: >= 50x faster than shapely,
+within 30x of box_iou, max |IoU - shapely| <= 1e-6. Shapely's full grid at 4000 x 4000 is
+timed on a subsample of rows and extrapolated (said so in the output). Times are CPU (this
+process) and wall time, best of N runs, torch on 1 thread like shapely: when other jobs load
+the machine beyond its cores, wall time measures the share of CPU each side got and CPU
+time is the steadier comparison, so ratios are of CPU times (wall in brackets).
 Run: ``.venv/bin/python bench/bench_iou.py [--threads 1] [--repeats 3]``.
 """
 
@@ -36,11 +40,13 @@ from polydet.ops import nms, pairwise_iou  # noqa: E402
 T = TypeVar("T")
 
 
-def random_quads(rng: np.random.Generator, n: int, img: float = 1024.0) -> np.ndarray:
+def random_quads(
+    rng: np.random.Generator, n: int, img: float = 1024.0, smin: float = 16.0, smax: float = 256.0
+) -> np.ndarray:
     """Corners ``[n, 4, 2]`` of random convex quads (see module docstring)."""
     ang = np.sort(rng.uniform(0, 2 * np.pi, (n, 4)), axis=1)
     pts = np.stack([np.cos(ang), np.sin(ang)], -1)
-    size = np.exp(rng.uniform(np.log(16), np.log(256), (n, 1, 1)))
+    size = np.exp(rng.uniform(np.log(smin), np.log(smax), (n, 1, 1)))
     asp = np.exp(rng.uniform(-np.log(4), np.log(4), (n, 1)))
     pts = pts * np.stack([asp, 1 / asp], -1) * size / 2
     th = rng.uniform(0, np.pi, n)
@@ -118,36 +124,83 @@ def shapely_greedy_nms(corners: np.ndarray, scores: np.ndarray, thr: float) -> l
     return keep
 
 
-def bench_pairwise(rng: np.random.Generator, n: int, repeats: int, shapely_rows: int) -> None:
-    ca, cb = random_quads(rng, n), random_quads(rng, n)
+CASES = {  # name -> (image size, smallest and largest quad size), the same shape generator
+    "sparse": (1024.0, 16.0, 256.0),
+    "crowded": (200.0, 4.0, 60.0),
+}
+
+
+def measure_pairwise(
+    rng: np.random.Generator, n: int, case: str, repeats: int, shapely_rows: int
+) -> dict[str, float]:
+    """Times (wall and CPU, ms) and accuracy of every method on one ``n x n`` case."""
+    img, smin, smax = CASES[case]
+    ca, cb = random_quads(rng, n, img, smin, smax), random_quads(rng, n, img, smin, smax)
     a = polybox.from_corners(torch.tensor(ca, dtype=torch.float32))
     b = polybox.from_corners(torch.tensor(cb, dtype=torch.float32))
     ha, hb = polybox.hull_xyxy(a), polybox.hull_xyxy(b)
     # shapely sees the float32 corners the polyboxes stand for.
     pa = shapely.polygons(polybox.to_corners(a.double()).numpy())
     pb = shapely.polygons(polybox.to_corners(b.double()).numpy())
-    t_ours, iou = best_of(repeats, lambda: pairwise_iou(a, b))
-    t_box, box = best_of(repeats, lambda: torchvision.ops.box_iou(ha, hb))
+    out: dict[str, float] = {}
+
+    def timed(key: str, fn: Callable[[], T], runs: int = repeats, scale: float = 1.0) -> T:
+        wall, result = best_of(runs, fn)
+        out[f"{key} wall"], out[f"{key} cpu"] = wall * 1e3 * scale, cpu_of(result) * 1e3 * scale
+        return result
+
+    iou = timed("hull", lambda: pairwise_iou(a, b))
+    iou_poly = timed("polygon", lambda: pairwise_iou(a, b, mode="polygon"))
+    timed("box_iou", lambda: torchvision.ops.box_iou(ha, hb), runs=max(repeats, 5))
     rows = min(n, shapely_rows)
-    t_shp, ref = best_of(1 if rows < n else repeats, lambda: shapely_iou(pa[:rows], pb))
-    t_shp, c_shp = t_shp * n / rows, cpu_of(ref) * n / rows
-    t_pre, ref_pre = best_of(1 if n > 1000 else repeats, lambda: shapely_iou_prefiltered(pa, pb))
-    c_ours, c_box, c_pre = cpu_of(iou), cpu_of(box), cpu_of(ref_pre)
-    err = np.abs(iou[:rows].double().numpy() - ref).max()
-    err_pre = np.abs(iou.double().numpy() - ref_pre).max()
-    note = f"  (shapely: {rows} of {n} rows timed, x{n / rows:.0f})" if rows < n else ""
-    print(
-        f"{n:5d} x {n:<5d} overlapping pairs {int((iou > 0).sum()):8d}{note}\n"
-        f"                            wall ms    cpu ms    polydet vs it (wall / cpu)\n"
-        f"  polydet pairwise_iou  {t_ours * 1e3:9.1f} {c_ours * 1e3:9.1f}    max |diff| vs "
-        f"shapely {max(err, err_pre):.1e}\n"
-        f"  shapely, full grid    {t_shp * 1e3:9.1f} {c_shp * 1e3:9.1f}    {t_shp / t_ours:6.1f}x / "
-        f"{c_shp / c_ours:6.1f}x faster (target >= 50x)\n"
-        f"  shapely, box filter   {t_pre * 1e3:9.1f} {c_pre * 1e3:9.1f}    {t_pre / t_ours:6.1f}x / "
-        f"{c_pre / c_ours:6.1f}x faster\n"
-        f"  torchvision box_iou   {t_box * 1e3:9.1f} {c_box * 1e3:9.1f}    {t_ours / t_box:6.1f}x / "
-        f"{c_ours / c_box:6.1f}x slower (target <= 30x)"
+    ref = timed("shapely", lambda: shapely_iou(pa[:rows], pb), 1 if rows < n else repeats, n / rows)
+    ref_pre = timed("shapely+filter", lambda: shapely_iou_prefiltered(pa, pb), 1)
+    err = max(
+        np.abs(iou[:rows].double().numpy() - ref).max(),
+        np.abs(iou.double().numpy() - ref_pre).max(),
+        np.abs(iou_poly.double().numpy() - ref_pre).max(),
     )
+    out["err"], out["rows"] = float(err), float(rows)
+    out["overlapping"] = float((ref_pre > 0).sum())
+    return out
+
+
+def bench_pairwise(rng: np.random.Generator, n: int, repeats: int, shapely_rows: int) -> None:
+    """Sparse and crowded ``n x n`` side by side; ratios from CPU time (wall in brackets)."""
+    res = {case: measure_pairwise(rng, n, case, repeats, shapely_rows) for case in CASES}
+
+    def row(label: str, fn: Callable[[dict[str, float]], str]) -> None:
+        print(f"  {label:34s}" + "".join(f"{fn(r):>30s}" for r in res.values()))
+
+    def ms(key: str) -> Callable[[dict[str, float]], str]:
+        return lambda r: f"{r[key + ' cpu']:.1f} ({r[key + ' wall']:.1f})"
+
+    def ratio(num: str, den: str) -> Callable[[dict[str, float]], str]:
+        return lambda r: (
+            f"{r[num + ' cpu'] / r[den + ' cpu']:.1f}x ({r[num + ' wall'] / r[den + ' wall']:.1f}x)"
+        )
+
+    print(f"pairwise IoU, {n} x {n}" + "".join(f"{c:>30s}" for c in CASES))
+    desc = iter(f"{img:.0f}; {lo:.0f}-{hi:.0f}" for img, lo, hi in CASES.values())
+    row("image px; quad sizes px", lambda r: next(desc))
+    row("overlapping pairs", lambda r: f"{r['overlapping']:.0f} of {n * n}")
+    print("  times in ms: CPU (wall)")
+    row("polydet pairwise_iou (hull)", ms("hull"))
+    row("polydet pairwise_iou (polygon)", ms("polygon"))
+    row("shapely 2, full grid", ms("shapely"))
+    row("shapely 2, box filter", ms("shapely+filter"))
+    row("torchvision box_iou", ms("box_iou"))
+    print("  ratios: CPU (wall)")
+    row("shapely / polydet hull (>= 50x)", ratio("shapely", "hull"))
+    row("shapely / polydet polygon (>= 50x)", ratio("shapely", "polygon"))
+    row("shapely+filter / polydet hull", ratio("shapely+filter", "hull"))
+    row("polydet hull / box_iou (<= 30x)", ratio("hull", "box_iou"))
+    row("polydet polygon / box_iou (<= 30x)", ratio("polygon", "box_iou"))
+    row("max |IoU - shapely| (<= 1e-6)", lambda r: f"{r['err']:.1e}")
+    if any(r["rows"] < n for r in res.values()):
+        print(
+            f"  (shapely full grid: {shapely_rows} of {n} rows timed, scaled x{n / shapely_rows:.0f})"
+        )
 
 
 def bench_nms(rng: np.random.Generator, repeats: int, subset: int) -> None:
@@ -181,6 +234,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shapely uses 1)")
     parser.add_argument("--repeats", type=int, default=3, help="best of N runs")
     parser.add_argument("--shapely-rows", type=int, default=250, help="rows timed at 4000^2")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 4000], help="N x N")
+    parser.add_argument("--no-nms", action="store_true", help="skip the NMS benchmark")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -189,9 +244,10 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     rng = np.random.default_rng(0)
-    for n in (200, 1000, 4000):
+    for n in args.sizes:
         bench_pairwise(rng, n, args.repeats, shapely_rows=n if n <= 1000 else args.shapely_rows)
-    bench_nms(rng, args.repeats, subset=2000)
+    if not args.no_nms:
+        bench_nms(rng, args.repeats, subset=2000)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ from polydet.metrics import (
     voc_all_point_ap,
     voc_outcome,
 )
-from polydet.polybox import from_corners
 
 __all__ = [
     "COCO_IOUS",
@@ -90,9 +89,12 @@ _TASK1 = re.compile(r"^Task1_(.+)\.txt$")
 
 
 def _corners_to_polyboxes(corners: np.ndarray) -> np.ndarray:
-    """Corners ``[n, 8]`` (any order) -> canonical polyboxes ``[n, 10]`` float64."""
-    t = torch.from_numpy(np.ascontiguousarray(corners, np.float64)).reshape(-1, 4, 2)
-    return from_corners(t).numpy()
+    """Corners ``[n, 8]`` -> polyboxes ``[n, 10]`` float64 with the corners *in the given
+    order* (not canonical): the DOTA kit measures the polygon they trace, and so does the
+    evaluation (``polydet.ops.pairwise_iou(..., mode="polygon")``)."""
+    c = np.ascontiguousarray(corners, np.float64).reshape(-1, 4, 2)
+    centre = c.mean(1)
+    return np.concatenate([centre, (c - centre[:, None]).reshape(-1, 8)], 1)
 
 
 def read_task1_dir(

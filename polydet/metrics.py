@@ -35,11 +35,11 @@ the mean; the official kit would count it as 0).
   detections of its class) or ``missed``. Because matching is greedy by score, the outcome
   of the detections above a threshold does not depend on those below it.
 
-Polygons are measured as ``polydet.ops.pairwise_iou`` measures them: the convex hull of
-the 4 corners, listed in any order. For the convex quadrilaterals of DOTA-style data this
-is the polygon the kit measures; a non-convex quad counts as its hull (the kit's ``polyiou``
-measures the simple polygon) and a self-intersecting one as its hull too (where ``polyiou``
-returns a signed-area artefact). The IoUs of all overlapping same-image pairs of the whole
+Polygons are measured as the kit's ``polyiou`` measures them, by
+``polydet.ops.paired_iou(..., mode="polygon")``: the polygon the 4 corners trace in the
+order given (a Task1 or labelTxt line's order; a model's canonical order), exactly for
+convex and non-convex quads, and by the kit's winding-number rule for self-intersecting
+ones (``polydet.ops`` docstring), so any Task1 file gets the kit's number. The IoUs of all overlapping same-image pairs of the whole
 evaluation go through ``polydet.ops``' kernel in one batch (:func:`overlapping_pairs`);
 matching is numpy, without a Python loop over detections.
 """
@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from polydet.ops import hull_rings, paired_iou
+from polydet.ops import iou_areas, paired_iou
 from polydet.polybox import area as polybox_area
 
 # COCO's constants (pycocotools Params): IoU thresholds, recall points, detections per image.
@@ -184,8 +184,8 @@ def overlapping_pairs(
     pairs of different classes. Either may be an array ``[D]`` per detection (``inf``: none).
 
     All classes at once, so that cross-class overlaps (mislabelled detections) come for
-    free; sorted by (det, gt). The geometry is ``polydet.ops.paired_iou`` (the kernel
-    behind ``pairwise_iou``: the same numbers), applied to the candidate pairs of all
+    free; sorted by (det, gt). The geometry is ``polydet.ops.paired_iou(mode="polygon")``
+    (the kernel behind ``pairwise_iou``: the same numbers), applied to the candidate pairs of all
     images in one batch: one ``pairwise_iou`` call per image would spend ~1 ms
     each on kernel launch overhead alone. Candidates: the ground truths of the detection's
     image whose centre lies within the detection's x range widened by the image's widest
@@ -208,22 +208,25 @@ def overlapping_pairs(
     t = np.where(same, same_t[ii], other_t[ii])
     keep = np.isfinite(t)
     ii, jj, t = ii[keep], jj[keep], t[keep]
-    # Hull rings only of the boxes that have a candidate (often a fraction of detections).
+    # Areas only of the boxes that have a candidate (often a fraction of detections).
     ud, ii = np.unique(ii, return_inverse=True)
     ug, jj = np.unique(jj, return_inverse=True)
-    area_d = hull_rings(torch.from_numpy(dets.polyboxes[ud]))[2]
-    area_g = hull_rings(torch.from_numpy(gt.polyboxes[ug]))[2]
-    # The polygons' intersection is at most the boxes' and the smaller area: an IoU bound.
+    area_d, cover_d = iou_areas(torch.from_numpy(dets.polyboxes[ud]), mode="polygon")
+    area_g, cover_g = iou_areas(torch.from_numpy(gt.polyboxes[ug]), mode="polygon")
+    # |intersection| is at most the boxes' and the smaller cover (the area, unless a bow
+    # tie): an IoU bound (a bow tie's union may be <= 0: then the pair is always kept).
     bd, bg = _boxes(dets.polyboxes[ud]), _boxes(gt.polyboxes[ug])
     iw = np.minimum(bd[2][ii], bg[2][jj]) - np.maximum(bd[0][ii], bg[0][jj])
     ih = np.minimum(bd[3][ii], bg[3][jj]) - np.maximum(bd[1][ii], bg[1][jj])
     a, b = area_d.numpy()[ii], area_g.numpy()[jj]
-    upper = np.minimum(iw * ih, np.minimum(a, b))
-    keep = np.flatnonzero((a > 0) & (b > 0) & (upper >= (1 - 1e-9) * t * (a + b - upper)))
+    ca, cb = cover_d.numpy()[ii], cover_g.numpy()[jj]
+    upper = np.minimum(iw * ih, np.minimum(ca, cb))
+    keep = np.flatnonzero((ca > 0) & (cb > 0) & (upper >= (1 - 1e-9) * t * (a + b - upper)))
     iou = paired_iou(
         torch.from_numpy(dets.polyboxes[ud]),
         torch.from_numpy(gt.polyboxes[ug]),
         (torch.from_numpy(ii[keep]), torch.from_numpy(jj[keep])),
+        mode="polygon",
         chunk_size=_KERNEL_CHUNK,
     ).numpy()
     hit = iou >= t[keep]

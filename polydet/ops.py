@@ -1,17 +1,44 @@
 """Polygon IoU and non-maximum suppression for polyboxes, in batched tensor code.
 
-``pairwise_iou`` measures every pair of quadrilaterals exactly (up to float rounding):
+``pairwise_iou`` / ``paired_iou`` measure pairs of quadrilaterals exactly (up to float
+rounding), by one of two semantics (``mode``):
 
-1. Each polybox becomes a ring of 4 corners relative to its centre, in the canonical
-   (clockwise on screen) order, and a non-convex quad is replaced by its **convex hull**:
-   the corner that the hull does not use is collapsed onto its predecessor. So IoU is
-   measured on the canonical ring whatever order the corners were stored in, a
-   self-intersecting ("bow tie") quad counts as its hull, and a non-convex quad (which
-   ``polydet.data`` rejects on import) counts as its hull too. Zero-area quads and quads
-   with a non-finite coordinate have IoU 0 with everything.
+* ``"hull"`` (the default; training matching, NMS, tiling, debug statistics): each quad's
+  **convex hull**. The polybox becomes a ring of 4 corners relative to its centre in the
+  canonical (clockwise on screen) order, and a corner the hull does not use is collapsed
+  onto its predecessor. So the order the corners were stored in does not matter, and a
+  self-intersecting ("bow tie") or non-convex quad (``polydet.data`` repairs the first and
+  rejects the second on import) counts as its hull. The model's quads are canonical and
+  nearly always convex, where both modes agree; the hull is one convex piece per quad, the
+  cheapest case of the kernel.
+* ``"polygon"`` (evaluation: ``polydet.metrics``, ``polydet evaluate``, including
+  ``--format dota``): the polygon the corners trace **in the stored order**, exactly as the
+  DOTA kit's ``polyiou.iou_poly`` measures it, so any Task1 file gets the kit's number.
+  The kit (``polyiou.cpp``) reverses a ring whose shoelace area is negative, then sums the
+  signed intersections of the triangles (origin, p_i, p_i+1) x (origin, q_j, q_j+1); that
+  sum is the integral of ``w_P * w_Q``, the product of the two rings' winding numbers, and
+  the union is ``|area P| + |area Q| - that``. Here a convex ring is one piece, any other
+  ring two triangles cut along the diagonal from its most reflex corner, each weighted by
+  the sign of its area (``polygon_pieces``): the same winding-number function, so the same
+  IoU. Consequences, all as in the kit: a simple non-convex quad is measured exactly; a
+  bow tie counts +1 on its larger lobe and -1 on the other, its area is the difference of
+  the lobes, and its IoU can be negative or exceed 1 (a bow tie with lobes 16/3 and 4/3
+  has IoU 5 with itself). Where the union is exactly 0 (e.g. two zero-area quads), IoU is
+  0 here, where the kit divides by zero (NaN or inf). The kit's 1e-8 tolerances on
+  degenerate triangles change its numbers by far less than 1e-9 on real boxes.
+  Measured against the kit's compiled ``polyiou`` on 300 random quads (convex, darts, bow
+  ties) at 0 and 1234.5 px offsets: max difference 1.6e-10 (the kit's own rounding).
+
+In both modes zero-area quads and quads with a non-finite coordinate have IoU 0 with
+everything. Then:
+
 2. Only pairs whose enclosing boxes (``polybox.hull_xyxy``) and enclosing 45-degree boxes
    overlap are candidates; the others are exactly 0 and cost a few comparisons each.
-3. The intersection area of a candidate pair comes from Green's theorem: the boundary of
+3. The intersection is a sum over pairs of convex pieces (one per quad in hull mode; in
+   polygon mode 1 x 1 for two convex quads, 2 x 1 or 2 x 2 weighted pairs otherwise, so
+   polygon mode costs what hull mode costs on convex quads, and 2-4x the kernel work on
+   the pairs that involve a non-convex or self-intersecting quad). The intersection area
+   of two convex pieces comes from Green's theorem: the boundary of
    ``A ∩ B`` is (A's edges clipped to B) + (B's edges clipped to A), so the area is a sum
    of ``cross(start, end) / 2`` over those clipped pieces. Each edge is clipped against the
    other quad's 4 half-planes from the signs of its end corners (Sutherland-Hodgman
@@ -36,13 +63,21 @@
    tiny next to its length. It costs ~1.5-2x the float32 kernel's time on CPU. The
    result has the inputs' dtype (float32 for float16 input).
 
-``nms`` / ``batched_nms`` are greedy NMS (a box is suppressed by an earlier-kept box with
-IoU ``> iou_threshold``, as in torchvision) whose candidate pairs come from a sweep over
-enclosing boxes plus an area-ratio bound, so polygon IoU is computed only for pairs that
-could suppress each other. None of these functions propagate gradients.
+Why training and NMS keep the hull: polydet's own quads are canonical, and the data rules
+(``polydet.polybox``) make a quad that is not convex either its hull or an error, so the
+hull is the shape the model is trained on; the polygon rule exists to reproduce the kit's
+number on files polydet did not make. Speed is not the reason: on convex quads both modes
+run the same kernel once per pair (``bench/bench_iou.py`` prints both).
+
+``nms`` / ``batched_nms`` are greedy NMS on hull IoU (a box is suppressed by an earlier-kept
+box with IoU ``> iou_threshold``, as in torchvision) whose candidate pairs come from a sweep
+over enclosing boxes plus an area-ratio bound, so IoU is computed only for pairs that could
+suppress each other. None of these functions propagate gradients.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -50,6 +85,8 @@ from torch import Tensor
 
 from polydet import polybox
 
+# IoU semantics (module docstring).
+MODES = ("hull", "polygon")
 # Pairs per intersection-kernel batch. The kernel holds ~30 float64 x 16 per pair (~4 KB):
 # 2000 pairs keep its tensors in L2 cache (measured fastest: 4096 took 1.8x the time) and
 # under torch's parallel grain size (16 x 2000 < 32768), so kernel ops never fork threads.
@@ -180,27 +217,105 @@ def intersection_area(a: Tensor, b: Tensor) -> Tensor:
     return (0.5 * (twice_a + twice_b)).clamp_min(0.0)
 
 
-def _pair_iou(
-    ring_a: Tensor,
-    centre_a: Tensor,
-    area_a: Tensor,
-    ring_b: Tensor,
-    centre_b: Tensor,
-    area_b: Tensor,
-    chunk_size: int,
-) -> Tensor:
-    """IoU ``[P]`` of pairs already gathered: rings ``[P, 4, 2]``, centres ``[P, 2]``."""
-    out = []
-    for s in range(0, ring_a.shape[0], chunk_size):
-        sl = slice(s, s + chunk_size)
-        offset = (centre_b[sl] - centre_a[sl])[:, None]  # B in A's frame
-        inter = intersection_area(ring_a[sl], ring_b[sl] + offset)
-        inter = torch.minimum(inter, torch.minimum(area_a[sl], area_b[sl]))
-        union = area_a[sl] + area_b[sl] - inter
-        out.append(torch.where(union > 0, inter / union.clamp_min(1e-30), torch.zeros_like(inter)))
-    if not out:
-        return ring_a.new_zeros(0)
-    return torch.cat(out)
+class Quads(NamedTuple):
+    """Quads prepared for :func:`intersection_area` (float64, on the inputs' device).
+
+    A quad is a signed sum of convex pieces: its winding-number function (1 inside a simple
+    quad, +1 / -1 on the two lobes of a bow tie, 0 outside) is ``sum_k weight[k] *
+    indicator(piece[k])``, so the intersection of two quads is ``sum_kl w_k w_l
+    area(piece_k ∩ piece_l)`` over convex pieces only.
+    """
+
+    pieces: Tensor  # [N, K, 4, 2] convex rings relative to centre, clockwise on screen
+    weight: Tensor  # [N, K] +1, -1, or 0 for an absent piece
+    centre: Tensor  # [N, 2] absolute
+    area: Tensor  # [N] area counted in the union
+    cover: Tensor  # [N] sum of |piece areas|: bounds |intersection| with anything
+
+
+def polygon_pieces(polyboxes: Tensor) -> Quads:
+    """Polyboxes ``[N, 10]`` as the polygons their corners trace *in the stored order*, as
+    the DOTA kit's ``polyiou`` measures them (``mode="polygon"``; module docstring).
+
+    A convex ring is one piece. Any other ring is cut along the diagonal from its most
+    reflex corner ``r`` into the triangles ``(r, r+1, r+2)`` and ``(r+2, r+3, r)``: their
+    signed areas add up to the ring's winding-number function whatever the ring is (for a
+    simple non-convex quad both are positive and disjoint; for a bow tie they have opposite
+    signs). The ring is first oriented so that its signed area is >= 0, as the kit reverses
+    a ring with negative area; ``area`` is ``|signed area|`` (a bow tie's lobes net out).
+    """
+    corners = polybox.to_corners(polyboxes.double())  # [N, 4, 2]
+    centre = corners.mean(dim=-2)
+    rel = corners - centre[:, None]
+    finite = torch.isfinite(rel).all(-1).all(-1) & torch.isfinite(centre).all(-1)
+    rel = torch.where(finite[:, None, None], rel, torch.zeros_like(rel))
+    centre = torch.where(finite[:, None], centre, torch.zeros_like(centre))
+    signed = 0.5 * _cross(rel, rel.roll(-1, 1)).sum(-1)  # [N]
+    orient = torch.where(signed < 0, -1.0, 1.0).to(rel.dtype)
+    turn = _cross(rel - rel.roll(1, 1), rel.roll(-1, 1) - rel) * orient[:, None]  # [N, 4]
+    convex = turn.amin(1) >= 0
+    idx = (turn.argmin(1)[:, None] + torch.arange(4, device=rel.device)) % 4
+    q = rel.gather(1, idx[..., None].expand(-1, -1, 2))  # [N, 4, 2] from the reflex corner
+    tri = q[:, [[0, 1, 2, 2], [2, 3, 0, 0]]]  # [N, 2, 4, 2]: a repeated corner closes each
+    tri_area = 0.5 * _cross(tri[:, :, 1] - tri[:, :, 0], tri[:, :, 2] - tri[:, :, 0])  # [N, 2]
+    tri = torch.where((tri_area < 0)[..., None, None], tri.flip(2), tri)
+    whole = torch.where((orient < 0)[:, None, None], rel.flip(1), rel)
+    pieces = torch.where(
+        convex[:, None, None, None], torch.stack([whole, torch.zeros_like(whole)], 1), tri
+    )
+    one = (signed != 0).to(rel.dtype)
+    weight = torch.where(
+        convex[:, None],
+        torch.stack([one, torch.zeros_like(one)], 1),
+        tri_area.sign() * orient[:, None],
+    )
+    weight = weight * finite[:, None]
+    area = signed.abs() * finite
+    cover = torch.where(convex, area, tri_area.abs().sum(1)) * finite
+    return Quads(pieces, weight, centre, area, cover)
+
+
+def _prepare(polyboxes: Tensor, mode: str) -> Quads:
+    if mode == "hull":
+        ring, centre, area = hull_rings(polyboxes)
+        return Quads(ring[:, None], (area > 0).to(area.dtype)[:, None], centre, area, area)
+    if mode == "polygon":
+        return polygon_pieces(polyboxes)
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def iou_areas(polyboxes: Tensor, mode: str = "hull") -> tuple[Tensor, Tensor]:
+    """``(area [N], cover [N])`` of polyboxes ``[N, 10]`` as :func:`pairwise_iou` measures
+    them in ``mode`` (float64): the area counted in a union, and an upper bound of
+    ``|intersection|`` with anything (equal, up to rounding, unless self-intersecting)."""
+    q = _prepare(_check(polyboxes, "polyboxes"), mode)
+    return q.area, q.cover
+
+
+def _pair_iou(qa: Quads, qb: Quads, i: Tensor, j: Tensor, chunk_size: int) -> Tensor:
+    """IoU ``[P]`` (float64) of quads ``qa[i[p]]`` and ``qb[j[p]]``."""
+    ka, kb = qa.pieces.shape[1], qb.pieces.shape[1]
+    if ka == 1 and kb == 1:  # hull mode: one ring per quad, nothing to expand
+        src, w, ia, ib = None, None, i, j
+    else:  # every pair of pieces with a non-zero weight, as rows of pieces [N * K, 4, 2]
+        wp = qa.weight[i][:, :, None] * qb.weight[j][:, None, :]  # [P, Ka, Kb]
+        src, ua, ub = wp.nonzero(as_tuple=True)
+        w, ia, ib = wp[src, ua, ub], i[src] * ka + ua, j[src] * kb + ub
+    pa, pb = qa.pieces.flatten(0, 1), qb.pieces.flatten(0, 1)
+    parts = []
+    for s in range(0, ia.shape[0], chunk_size):
+        ra, rb = ia[s : s + chunk_size], ib[s : s + chunk_size]
+        offset = qb.centre[rb // kb if kb > 1 else rb] - qa.centre[ra // ka if ka > 1 else ra]
+        parts.append(intersection_area(pa[ra], pb[rb] + offset[:, None]))  # B in A's frame
+    inter = torch.cat(parts) if parts else qa.area.new_zeros(0)
+    if src is not None:
+        inter = qa.area.new_zeros(i.shape[0]).index_add_(0, src, inter * w)
+    # |A ∩ B| <= either cover (= area for simple quads): rounding cannot push IoU above 1.
+    cap = torch.minimum(qa.cover[i], qb.cover[j])
+    inter = torch.maximum(torch.minimum(inter, cap), -cap)
+    union = qa.area[i] + qb.area[j] - inter
+    ok = union != 0
+    return torch.where(ok, inter / torch.where(ok, union, torch.ones_like(union)), 0.0)
 
 
 @torch.no_grad()
@@ -209,29 +324,25 @@ def paired_iou(
     b: Tensor,
     pairs: tuple[Tensor, Tensor] | None = None,
     *,
+    mode: str = "hull",
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
-    """Polygon IoU ``[P]`` of row ``p`` of ``a [P, 10]`` with row ``p`` of ``b [P, 10]``.
+    """IoU ``[P]`` of row ``p`` of ``a [P, 10]`` with row ``p`` of ``b [P, 10]``.
 
     With ``pairs = (i [P], j [P])`` (int64 indices), of ``a[i[p]]`` with ``b[j[p]]`` for
-    ``a [N, 10]``, ``b [M, 10]``: each quad's hull ring is computed once, however many
-    pairs it is in. The diagonal of :func:`pairwise_iou` without its ``N x M`` work: the
-    same hull rings and kernel, float64 inside, the promoted input dtype out.
+    ``a [N, 10]``, ``b [M, 10]``: each quad is prepared once, however many pairs it is in.
+    The diagonal of :func:`pairwise_iou` (same ``mode``) without its ``N x M`` work: the
+    same kernel, float64 inside, the promoted input dtype out.
     """
     a, b = _check(a, "a"), _check(b, "b")
     if pairs is None:
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"paired_iou: a has {a.shape[0]} rows, b has {b.shape[0]}")
-        i = j = slice(None)
+        i = j = torch.arange(a.shape[0], device=a.device)
     else:
         i, j = pairs
     dtype = torch.promote_types(a.dtype, b.dtype)
-    ring_a, centre_a, area_a = hull_rings(a)
-    ring_b, centre_b, area_b = hull_rings(b)
-    iou = _pair_iou(
-        ring_a[i], centre_a[i], area_a[i], ring_b[j], centre_b[j], area_b[j], chunk_size
-    )
-    return iou.to(dtype)
+    return _pair_iou(_prepare(a, mode), _prepare(b, mode), i, j, chunk_size).to(dtype)
 
 
 def _bounds(ring: Tensor, centre: Tensor) -> Tensor:
@@ -249,42 +360,51 @@ def _bounds(ring: Tensor, centre: Tensor) -> Tensor:
     return torch.stack([lo, hi], -1)
 
 
-def _overlap(a: Tensor, b: Tensor) -> Tensor:
+def _overlap(a: Tensor, b: Tensor, axes: tuple[int, ...] = (0, 1, 2, 3)) -> Tensor:
     """Whether extents ``a [..., 4, 2]`` and ``b [..., 4, 2]`` (broadcast) overlap strictly on
-    every axis ``[...]``: touching quads have a zero-area intersection."""
-    out = (a[..., 0, 0] < b[..., 0, 1]) & (b[..., 0, 0] < a[..., 0, 1])
-    for axis in (1, 2, 3):
+    every axis in ``axes`` ``[...]``: touching quads have a zero-area intersection."""
+    out = (a[..., axes[0], 0] < b[..., axes[0], 1]) & (b[..., axes[0], 0] < a[..., axes[0], 1])
+    for axis in axes[1:]:
         out &= (a[..., axis, 0] < b[..., axis, 1]) & (b[..., axis, 0] < a[..., axis, 1])
     return out
 
 
-@torch.no_grad()
-def pairwise_iou(a: Tensor, b: Tensor, *, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
-    """Exact polygon IoU ``[N, M]`` of polyboxes ``a [N, 10]`` and ``b [M, 10]`` (pixels).
+def _live_bounds(q: Quads) -> Tensor:
+    """:func:`_bounds` of prepared quads, empty (overlapping nothing) where nothing is covered."""
+    bounds = _bounds(q.pieces.flatten(1, 2), q.centre)
+    empty = bounds.new_tensor([torch.inf, -torch.inf])
+    return torch.where((q.cover > 0)[:, None, None], bounds, empty)
 
-    Measured on each quad's convex hull in canonical order (module docstring), in float64,
-    on the inputs' device; ``chunk_size`` pairs go through the kernel at a time (bounds
-    memory). The result has the promoted input dtype (float16/bfloat16 give float32).
+
+@torch.no_grad()
+def pairwise_iou(
+    a: Tensor, b: Tensor, *, mode: str = "hull", chunk_size: int = DEFAULT_CHUNK
+) -> Tensor:
+    """Exact IoU ``[N, M]`` of polyboxes ``a [N, 10]`` and ``b [M, 10]`` (pixels).
+
+    ``mode="hull"`` (training, NMS) measures each quad's convex hull; ``mode="polygon"``
+    (evaluation) the polygon its corners trace in the stored order, as the DOTA kit does
+    (module docstring). Float64 inside, on the inputs' device; ``chunk_size`` pairs of
+    pieces go through the kernel at a time (bounds memory). The result has the promoted
+    input dtype (float16/bfloat16 give float32).
     """
     a, b = _check(a, "a"), _check(b, "b")
     dtype = torch.promote_types(a.dtype, b.dtype)
     n, m = a.shape[0], b.shape[0]
+    qa, qb = _prepare(a, mode), _prepare(b, mode)
     out = a.new_zeros(n, m, dtype=dtype)
     if n == 0 or m == 0:
         return out
-    ring_a, centre_a, area_a = hull_rings(a)
-    ring_b, centre_b, area_b = hull_rings(b)
-    bound_a, bound_b = _bounds(ring_a, centre_a), _bounds(ring_b, centre_b)
+    bound_a, bound_b = _live_bounds(qa), _live_bounds(qb)
     rows = max(1, _MASK_ELEMS // m)
     for r in range(0, n, rows):
-        cand = _overlap(bound_a[r : r + rows, None], bound_b[None])  # [R, M]
-        cand &= (area_a[r : r + rows, None] > 0) & (area_b > 0)
+        # Dense test on x and y, the 45-degree axes on the (few) survivors: 10-20% faster.
+        cand = _overlap(bound_a[r : r + rows, None], bound_b[None], (0, 1))  # [R, M]
         i, j = cand.nonzero(as_tuple=True)
         i = i + r
-        iou = _pair_iou(
-            ring_a[i], centre_a[i], area_a[i], ring_b[j], centre_b[j], area_b[j], chunk_size
-        )
-        out[i, j] = iou.to(dtype)
+        keep = _overlap(bound_a[i], bound_b[j], (2, 3))
+        i, j = i[keep], j[keep]
+        out[i, j] = _pair_iou(qa, qb, i, j, chunk_size).to(dtype)
     return out
 
 
@@ -343,8 +463,9 @@ def _greedy_nms(
         return torch.zeros(0, dtype=torch.int64, device=p.device)
     order = torch.argsort(scores, descending=True, stable=True)  # rank -> box
     p = p[order]
-    ring, centre, area = hull_rings(p)
-    i, j = _overlap_pairs(_bounds(ring, centre))
+    q = _prepare(p, "hull")
+    area = q.area
+    i, j = _overlap_pairs(_bounds(q.pieces[:, 0], q.centre))
     # A pair can suppress only if it shares a class, both have area, and IoU <= min/max area
     # can exceed the threshold.
     ok = (area[i] > 0) & (area[j] > 0)
@@ -353,7 +474,7 @@ def _greedy_nms(
         cls = idxs[order]
         ok &= cls[i] == cls[j]
     i, j = i[ok], j[ok]
-    iou = _pair_iou(ring[i], centre[i], area[i], ring[j], centre[j], area[j], DEFAULT_CHUNK)
+    iou = _pair_iou(q, q, i, j, DEFAULT_CHUNK)
     hit = iou > iou_threshold
     src, dst = torch.minimum(i[hit], j[hit]), torch.maximum(i[hit], j[hit])  # earlier rank first
     src, dst = src.cpu().numpy(), dst.cpu().numpy()

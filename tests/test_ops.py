@@ -319,8 +319,12 @@ def test_chunking_gives_identical_results() -> None:
 def test_cuda_matches_cpu() -> None:
     rng = np.random.default_rng(6)
     a, b = poly(random_quads(rng, 200)), poly(random_quads(rng, 200))
-    got = pairwise_iou(a.cuda(), b.cuda()).cpu()
-    assert (got - pairwise_iou(a, b)).abs().max() < 1e-6
+    for mode in ("hull", "polygon"):
+        got = pairwise_iou(a.cuda(), b.cuda(), mode=mode).cpu()
+        assert (got - pairwise_iou(a, b, mode=mode)).abs().max() < 1e-6
+    bow = a[:, [0, 1, 2, 3, 6, 7, 4, 5, 8, 9]]  # corners 2 and 3 swapped: bow ties
+    got = paired_iou(bow.cuda(), b.cuda(), mode="polygon").cpu()
+    assert (got - paired_iou(bow, b, mode="polygon")).abs().max() < 1e-6
     s = torch.rand(200)
     assert torch.equal(nms(a.cuda(), s.cuda(), 0.3).cpu(), nms(a, s, 0.3))
 
