@@ -186,9 +186,9 @@ def resolve_model(cfg: Config, model: str | None) -> Path:
     if model is None:
         path = Path(cfg.train.out) / "model.pt"
     elif model.startswith(("models:/", "runs:/")):
-        from polydet.tracking import resolve_model_path
+        from polydet.tracking import get_tracking_uri, resolve_model_path
 
-        path = Path(resolve_model_path(model))
+        path = Path(resolve_model_path(model, get_tracking_uri(cfg)))
     else:
         path = Path(model)
     if not path.is_file():
