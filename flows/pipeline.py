@@ -34,6 +34,7 @@ from prefect.context import TaskRunContext
 
 from polydet import tracking
 from polydet.config import Config, ConfigError, load_config, to_dict
+from polydet.dvc_record import record_in_dvc
 from polydet.errors import DataError, ModelError, PolydetError
 
 CACHE_VERSION = "polydet-pipeline-cache/1"  # bump to invalidate every cached stage result
@@ -310,10 +311,13 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
         "polydet.prefect_flow_run": str(flow_run.get_id()),
     }
     timing: dict[str, float] = {}  # wall seconds of each step, as the flow saw them
-    with tracking.pipeline_run(cfg, flow_run.get_name(), run_tags) as run_id:
+    name = tracking.run_name(cfg, f"prefect-{flow_run.get_name()}")
+    with tracking.pipeline_run(cfg, name, run_tags) as run_id:
         if needs_synthetic_data(cfg):
             started = time.perf_counter()
             synthesize(cfg)
+            if Path("data.dvc").is_file():
+                print(record_in_dvc(cfg, "data.dvc"))
             timing["synth"] = time.perf_counter() - started
         for stage in STAGES:
             started = time.perf_counter()
@@ -323,9 +327,11 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
             )(stage.name, cfg, return_state=True)
             summaries[stage.name] = state.result()
             cached[stage.name] = state.name == "Cached"
+            print(record_in_dvc(cfg, stage.name))  # dvc status / dvc repro see the same run
             timing[stage.name] = time.perf_counter() - started
         started = time.perf_counter()
         record = register(cfg, cached, run_id)
+        print(record_in_dvc(cfg, "register"))
         timing["register"] = time.perf_counter() - started
     record["timing"] = {k: round(v, 3) for k, v in timing.items()}
     record["run_link"] = tracking.run_link(cfg, run_id)
@@ -481,8 +487,9 @@ def where_to_look(cfg: Config, record: dict[str, Any]) -> str:
             f"  model     {name} v{version} ({state}; champion is v{record.get('champion')}"
             f"{', this one' if aliases else ''}): {record['promotion']['reason']}",
             f"            polydet predict IMAGE --model models:/{name}@champion",
-            f"            mlflow models serve -m models:/{name}@champion --env-manager local "
-            "-h 127.0.0.1 -p 5001",
+            "            polydet serve   (HTTP on 127.0.0.1:5001; README: Serving), i.e.",
+            f"            MLFLOW_TRACKING_URI={uri} mlflow models serve "
+            f"-m models:/{name}@champion --env-manager local -h 127.0.0.1 -p 5001",
         ]
     )
 

@@ -181,6 +181,30 @@ def resolve_device(cfg: Config) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def launch_tags() -> dict[str, str]:
+    """How a run outside the Prefect flow was started: ``dvc exp run`` (its experiment name and
+    baseline commit), ``dvc repro`` (DVC sets ``DVC_STAGE``) or a ``polydet`` command."""
+    env = os.environ
+    if env.get("DVC_EXP_NAME"):
+        return {
+            TAG + "orchestrator": "dvc exp run",
+            TAG + "dvc_exp_name": env["DVC_EXP_NAME"],
+            TAG + "dvc_exp_baseline": env.get("DVC_EXP_BASELINE_REV", "unknown"),
+        }
+    if env.get("DVC_STAGE"):
+        return {TAG + "orchestrator": "dvc repro"}
+    return {TAG + "orchestrator": "cli"}
+
+
+def run_name(cfg: Config, origin: str) -> str:
+    """A run name a person can read in the runs table: how it started, what it trained, on
+    which commit, e.g. ``prefect-amber-fox resnet18_fpn-192px 4c46550``."""
+    commit = _git("rev-parse", "--short", "HEAD") or "no-git"
+    if commit != "no-git" and _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return f"{origin} {cfg.model.backbone}-{cfg.model.min_size}px {commit}"
+
+
 def lineage_tags(cfg: Config) -> dict[str, str]:
     """Tags that say exactly what produced a run: code, data, settings, device."""
     commit = _git("rev-parse", "HEAD")
@@ -389,7 +413,24 @@ def log_pipeline_outputs(
         client.set_terminated(child.info.run_id)
         _log_dir(client, run_id, files[stage]["dir"], stage, _SKIP_ARTIFACTS.get(stage, ()))
     client.log_batch(run_id, metrics=all_metrics)
+    _log_dataset(cfg, client, run_id)
     return {"run_id": run_id, "metrics": read_json(files["evaluate"]["summary"])}
+
+
+def _log_dataset(cfg: Config, client: mlflow.MlflowClient, run_id: str) -> None:
+    """The prepared image list as the run's dataset input (the runs table's Dataset column):
+    named after ``data.root``, its digest from the content, its source the data directory."""
+    images = Path(cfg.data.out) / "images.csv"
+    if not images.is_file():
+        return
+    from mlflow.entities import DatasetInput, InputTag
+
+    df = pd.read_csv(images)
+    dataset = mlflow.data.from_pandas(
+        df, source=str(Path(cfg.data.root).resolve()), name=Path(cfg.data.root).name
+    )
+    context = InputTag("mlflow.data.context", "train")
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])
 
 
 def _log_dir(
@@ -718,6 +759,17 @@ def _log_and_register(
             pip_requirements=_pip_requirements(),
             tags={TAG + "map50": str(ap50(metrics))},
         )
+    # The registry shows a version's metrics from its logged model: the headline numbers.
+    now_ms = int(time.time() * 1000)
+    split = cfg.evaluate.split
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(f"{split}/{k}", float(metrics[k]), now_ms, 0, model_id=info.model_id)
+            for k in ("map50", "map75", "map50_95", "map50_coco")
+            if isinstance(metrics.get(k), int | float) and not isinstance(metrics.get(k), bool)
+        ],
+    )
     version = mlflow.register_model(
         info.model_uri, cfg.tracking.model_name, tags={TAG + "run_id": run_id}
     )
@@ -945,7 +997,9 @@ def record_and_register(
     (one is opened), the Prefect flow with its pipeline run.
     """
     if run_id is None:
-        with pipeline_run(cfg, "pipeline", {TAG + "orchestrator": "dvc or cli"}) as rid:
+        tags = launch_tags()
+        origin = tags.get(TAG + "dvc_exp_name") or tags[TAG + "orchestrator"].replace(" ", "-")
+        with pipeline_run(cfg, run_name(cfg, origin), tags) as rid:
             return record_and_register(cfg, cached, run_id=rid)
     logged = log_pipeline_outputs(cfg, run_id, cached)
     record = register_model(cfg, Path(cfg.train.out) / "model.pt", logged["metrics"], run_id)

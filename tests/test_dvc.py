@@ -9,6 +9,7 @@ temporary git repository with the smoke settings in its ``params.yaml``, generat
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -134,8 +135,9 @@ def _ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w-]+)'", output))
 
 
-@pytest.mark.slow
-def test_dvc_repro_in_a_copy(tmp_path: Path, mlflow_db: Path):
+def _copy_repo(tmp_path: Path, mlflow_db: Path) -> tuple[Path, dict, dict[str, str], list[str]]:
+    """The working tree in a new git repository with the smoke settings in its params.yaml
+    and the synthetic data (``dvc add``-ed), committed: (repo, params, env, dvc command)."""
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"],
         cwd=ROOT,
@@ -173,6 +175,12 @@ def test_dvc_repro_in_a_copy(tmp_path: Path, mlflow_db: Path):
     _sh([*dvc, "add", "-q", "data"], repo, env)
     _sh(["git", "add", "-A"], repo, env)
     _sh(["git", "commit", "-qm", "copy"], repo, env)
+    return repo, raw, env, dvc
+
+
+@pytest.mark.slow
+def test_dvc_repro_in_a_copy(tmp_path: Path, mlflow_db: Path):
+    repo, raw, env, dvc = _copy_repo(tmp_path, mlflow_db)
 
     first = _sh([*dvc, "repro"], repo, env)
     assert _ran(first) == {"prepare", "anchors", "train", "evaluate", "debug", "register"}
@@ -195,3 +203,37 @@ def test_dvc_repro_in_a_copy(tmp_path: Path, mlflow_db: Path):
     status = json.loads(_sh([*dvc, "status", "--json"], repo, env))
     assert set(status) == {"evaluate"}
     assert status["evaluate"] == [{"changed deps": {"params.yaml": {"evaluate": "modified"}}}]
+
+
+@pytest.mark.slow
+def test_dvc_is_up_to_date_after_the_flow(
+    tmp_path: Path, mlflow_db: Path, prefect_harness: str, monkeypatch: pytest.MonkeyPatch
+):
+    """After the Prefect flow (as `make demo` runs it: settings from params.yaml), DVC has
+    the same record: `dvc status` is clean and `dvc repro` runs nothing; the .pyc files
+    Python writes on import do not count as changed code."""
+    import flows.pipeline as fp
+
+    repo, raw, env, dvc = _copy_repo(tmp_path, mlflow_db)
+    shutil.rmtree(repo / ".dvc" / "cache")  # as in a fresh clone: data/ not in the cache
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    record = fp.polydet_pipeline(params="params.yaml", overrides=[])
+    assert record["version"] == "1"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {s.name for s in STAGES} | {"register"}
+    model_md5 = next(o["md5"] for o in lock["train"]["outs"] if o["path"].endswith("model.pt"))
+    assert model_md5 == hashlib.md5((repo / "outputs/train/model.pt").read_bytes()).hexdigest()
+
+    (repo / "polydet" / "data" / "__pycache__").mkdir(exist_ok=True)
+    (repo / "polydet" / "data" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
+    assert json.loads(_sh([*dvc, "status", "--json"], repo, env)) == {}
+    again = _sh([*dvc, "repro"], repo, env)
+    assert _ran(again) == set(), again
+
+    # A run with other settings than params.yaml's must not claim them in dvc.lock.
+    before = (repo / "dvc.lock").read_text()
+    fp.polydet_pipeline(params="params.yaml", overrides=["debug.num_images=1"])
+    assert (repo / "dvc.lock").read_text() == before
+    status = json.loads(_sh([*dvc, "status", "--json"], repo, env))
+    assert set(status) == {"debug", "register"}, status

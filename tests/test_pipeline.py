@@ -84,6 +84,9 @@ def test_first_run_registers_champion(project: tuple[Path, dict], in_project: Pa
     assert tags["polydet.params_hash"] and tags["polydet.device"] == "cpu"
     assert {"polydet.git_commit", "polydet.git_dirty", "polydet.data_dvc_md5"} <= set(tags)
     assert run.data.params["train.max_steps"] == "3"
+    assert run.info.run_name.startswith("prefect-") and "resnet18_fpn-96px" in run.info.run_name
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "synthetic" and dataset.dataset.digest
     assert "test/map50" in run.data.metrics
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == sorted(steps) and len(steps) == 3  # one row per step (log_every=1)

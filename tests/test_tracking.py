@@ -302,3 +302,23 @@ def test_registration_record_written(store: Path, model_file: Path, monkeypatch)
     assert sorted(c.data.tags["polydet.stage"] for c in children) == sorted(tracking.STAGES)
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"evaluate", "train"} <= logged
+    # Readable: how it was started (a polydet command here) and what it trained.
+    assert run.data.tags["polydet.orchestrator"] == "cli"
+    assert run.info.run_name.startswith(f"cli {cfg.model.backbone}-{cfg.model.min_size}px ")
+    # The registry shows the version's metrics (its logged model's).
+    version = client.get_model_version("polydet", record["version"])
+    model_metrics = client.get_logged_model(version.source.rsplit("/", 1)[-1]).metrics
+    assert {m.key: m.value for m in model_metrics} == {"test/map50": 0.25}
+
+
+def test_dvc_experiment_is_recorded(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-lark")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "4c46550")
+    assert tracking.launch_tags() == {
+        "polydet.orchestrator": "dvc exp run",
+        "polydet.dvc_exp_name": "lucid-lark",
+        "polydet.dvc_exp_baseline": "4c46550",
+    }
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.setenv("DVC_STAGE", "register")
+    assert tracking.launch_tags() == {"polydet.orchestrator": "dvc repro"}
