@@ -266,7 +266,7 @@ def run_stage(name: str, cfg: Config) -> dict[str, Any]:
     return STAGE_BY_NAME[name].run(cfg)
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="synth")
 def synthesize(cfg: Config) -> str:
     """Write the synthetic dataset (the default data) where ``data.root`` expects it."""
     from polydet.data.synth import generate
@@ -281,7 +281,13 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 # Registering talks to the tracking server: a blip there should not cost the whole run.
-@task(retries=2, retry_delay_seconds=[3, 10], retry_condition_fn=_transient, cache_policy=NO_CACHE)
+@task(
+    retries=2,
+    retry_delay_seconds=[3, 10],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    task_run_name="register",
+)
 def register(cfg: Config, cached: dict[str, bool], run_id: str) -> dict[str, Any]:
     """Log every stage's outputs to the MLflow run, register the model, apply the gate."""
     return tracking.record_and_register(cfg, cached, run_id=run_id)
@@ -297,11 +303,19 @@ def needs_synthetic_data(cfg: Config) -> bool:
 
 
 @flow(name="polydet-pipeline", log_prints=True)
-def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Run the whole pipeline once; return the registration record and where to look."""
+def polydet_pipeline(
+    params: str = "params.yaml",
+    overrides: Sequence[str] = (),
+    deployment_overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run the whole pipeline once; return the registration record and where to look.
+
+    ``deployment_overrides`` are a deployment's own settings (``prefect.yaml``); the
+    ``overrides`` of a run started from it are applied after them, not instead of them.
+    """
     from prefect.runtime import flow_run
 
-    cfg = load_config(params, overrides)
+    cfg = load_config(params, [*deployment_overrides, *overrides])
     results = RESULTS_DIR.resolve()
     summaries: dict[str, dict[str, Any]] = {}
     cached: dict[str, bool] = {}
@@ -316,9 +330,9 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
         if needs_synthetic_data(cfg):
             started = time.perf_counter()
             synthesize(cfg)
-            if Path("data.dvc").is_file():
-                print(record_in_dvc(cfg, "data.dvc"))
             timing["synth"] = time.perf_counter() - started
+        if Path("data.dvc").is_file():  # data/ into DVC's cache when it is what data.dvc says
+            print(record_in_dvc(cfg, "data.dvc"))
         for stage in STAGES:
             started = time.perf_counter()
             outputs_present = all(Path(p).exists() for p in stage.outs(cfg))
@@ -327,6 +341,8 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
             )(stage.name, cfg, return_state=True)
             summaries[stage.name] = state.result()
             cached[stage.name] = state.name == "Cached"
+            took = time.perf_counter() - started
+            print(stage_line(stage.name, summaries[stage.name], cached[stage.name], took))
             print(record_in_dvc(cfg, stage.name))  # dvc status / dvc repro see the same run
             timing[stage.name] = time.perf_counter() - started
         started = time.perf_counter()
@@ -355,6 +371,17 @@ def outputs_of(cfg: Config) -> dict[str, str]:
 
 
 # --- reporting -----------------------------------------------------------------------------
+
+
+def stage_line(name: str, summary: dict[str, Any], cached: bool, seconds: float) -> str:
+    """One log line per stage: how it went and its first few numbers (Prefect's task log)."""
+    numbers = [
+        f"{k}={_fmt(v)}"
+        for k, v in (summary or {}).items()
+        if isinstance(v, int | float | str) and not isinstance(v, bool) and len(str(v)) < 40
+    ]
+    how = "cached" if cached else f"ran in {seconds:.1f} s"
+    return f"{name}: {how}; " + (", ".join(numbers[:8]) or "no summary numbers")
 
 
 def _fmt(value: Any) -> str:
@@ -401,10 +428,18 @@ def summary_markdown(cfg: Config, summaries: dict[str, dict[str, Any]], record: 
         f"# polydet pipeline — {cfg.tracking.model_name} v{record['version']}",
         "",
         f"**{cfg.evaluate.split} AP50 {_fmt(record['map50'])}**; "
-        f"promotion: {record['promotion']['reason']}; champion: v{record.get('champion')}.",
+        f"promotion: {record['promotion']['reason']}.",
         "",
-        f"MLflow run: [{record['run_id']}]({record['run_link']}) in `{record['tracking_uri']}` "
-        f"(model `models:/{cfg.tracking.model_name}@champion`).",
+        f"This model: `models:/{cfg.tracking.model_name}/{record['version']}`; the champion is "
+        f"v{record.get('champion')} (`models:/{cfg.tracking.model_name}@champion`).",
+        "",
+        f"MLflow run: [{record['run_id']}]({record['run_link']}) in `{record['tracking_uri']}`"
+        + (
+            ""
+            if record["tracking_uri"].startswith(("http://", "https://"))
+            else " (the link works while `make ui` serves that store)"
+        )
+        + ".",
         "",
         "| metric | value |",
         "| --- | --- |",
@@ -435,7 +470,8 @@ def anchor_lines(coverage: dict[str, Any]) -> list[str]:
     if not overall:
         return ["- (no coverage report)"]
     lines = [f"- anchor set: {chosen}, {overall.get('count')} training objects"]
-    lines += [f"- {k}: {_fmt(v)}" for k, v in overall.items() if k != "count"]
+    # Code spans: Markdown renderers turn a bare "coverage@0.5" into a mailto link.
+    lines += [f"- `{k}`: {_fmt(v)}" for k, v in overall.items() if k != "count"]
     lines.append(f"- unreachable (best IoU < 0.5): {len(coverage.get('unreachable') or [])}")
     return lines
 

@@ -312,10 +312,16 @@ def evaluate_model(cfg: Config, model: str | None = None) -> dict[str, Any]:
     return {**ev.metrics, "split": ecfg.split, "model": str(path), "out": str(out)}
 
 
+HEADLINE_METRICS = ("map50", "map75", "map50_95", "map_voc_all")
+
+
 def write_outputs(ev: Evaluation, out: Path) -> None:
     """``metrics.json``, ``confusion.json``, ``pr.csv`` and the plots of an evaluation."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2) + "\n")
+    # The few numbers `dvc metrics show` / `dvc exp show` display (metrics.json is wide).
+    headline = {k: ev.metrics[k] for k in HEADLINE_METRICS if k in ev.metrics}
+    (out / "headline.json").write_text(json.dumps(headline, indent=2) + "\n")
     names = [*ev.classes, "background"]
     (out / "confusion.json").write_text(
         json.dumps(

@@ -215,7 +215,8 @@ def test_dvc_is_up_to_date_after_the_flow(
     import flows.pipeline as fp
 
     repo, raw, env, dvc = _copy_repo(tmp_path, mlflow_db)
-    shutil.rmtree(repo / ".dvc" / "cache")  # as in a fresh clone: data/ not in the cache
+    shutil.rmtree(repo / ".dvc" / "cache")  # as in a fresh clone: no cache, no data/
+    shutil.rmtree(repo / "data")
     monkeypatch.chdir(repo)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     record = fp.polydet_pipeline(params="params.yaml", overrides=[])
@@ -230,6 +231,20 @@ def test_dvc_is_up_to_date_after_the_flow(
     assert json.loads(_sh([*dvc, "status", "--json"], repo, env)) == {}
     again = _sh([*dvc, "repro"], repo, env)
     assert _ran(again) == set(), again
+
+    # What `dvc metrics show` and `dvc plots show` display: the headline numbers only; each
+    # plot once, the loss plot from separate train and validation files.
+    metrics = json.loads(_sh([*dvc, "metrics", "show", "--json"], repo, env))
+    shown = json.dumps(metrics)
+    assert "headline.json" in shown and "map50" in shown and "ap50/" not in shown
+    plots = json.loads(_sh([*dvc, "plots", "show", "--json"], repo, env))
+    names = list(plots.get("data", plots))
+    for png in ("pr_curves.png", "score_hist.png", "confusion.png"):
+        assert sum(png in name for name in names) == 1, names
+    loss = json.dumps(plots.get("data", plots)["loss"])
+    assert "history_train.csv" in loss and "history_val.csv" in loss
+    ignored = subprocess.run(["git", "check-ignore", "-q", "dvc_plots"], cwd=repo, env=env)
+    assert ignored.returncode == 0
 
     # A run with other settings than params.yaml's must not claim them in dvc.lock.
     before = (repo / "dvc.lock").read_text()

@@ -7,6 +7,7 @@ better and after a worse model without training again.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -256,10 +257,23 @@ def test_prefect_yaml_describes_the_flow():
     (deployment,) = config["deployments"]
     path, func = deployment["entrypoint"].split(":")
     assert (ROOT / path).is_file() and func == "polydet_pipeline"
-    assert set(deployment["parameters"]) <= {"params", "overrides"}
-    overrides = deployment["parameters"]["overrides"]
-    cfg = fp.load_config(ROOT / deployment["parameters"]["params"], overrides)
-    assert cfg.train.device == "cuda"
+    signature = inspect.signature(fp.polydet_pipeline.fn)
+    assert set(deployment["parameters"]) <= set(signature.parameters)
+    # A run started with its own overrides (Prefect replaces that one parameter) keeps the
+    # deployment's settings: the flow applies both.
+    run = {**deployment["parameters"], "overrides": ["train.epochs=2"]}
+    called: dict[str, Any] = {}
+
+    def load_config(params, overrides):
+        called["overrides"] = list(overrides)
+        raise RuntimeError("stop here")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fp, "load_config", load_config)
+        with pytest.raises(RuntimeError, match="stop here"):
+            fp.polydet_pipeline.fn(**run)
+    cfg = fp.load_config(ROOT / run["params"], called["overrides"])
+    assert (cfg.train.device, cfg.train.amp, cfg.train.epochs) == ("cuda", True, 2)
     assert deployment["schedules"][0]["cron"] == "0 3 * * *"
     assert deployment["work_pool"]["name"]
 
