@@ -263,7 +263,10 @@ def _cache_key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 @task(persist_result=True, cache_key_fn=_cache_key_fn, task_run_name="{name}")
 def run_stage(name: str, cfg: Config) -> dict[str, Any]:
     """Run one stage's library function; its summary is the cached result."""
-    return STAGE_BY_NAME[name].run(cfg)
+    started = time.perf_counter()
+    summary = STAGE_BY_NAME[name].run(cfg)
+    print(stage_line(name, summary, False, time.perf_counter() - started))  # the task's log
+    return summary
 
 
 @task(cache_policy=NO_CACHE, task_run_name="synth")
@@ -341,8 +344,8 @@ def polydet_pipeline(
             )(stage.name, cfg, return_state=True)
             summaries[stage.name] = state.result()
             cached[stage.name] = state.name == "Cached"
-            took = time.perf_counter() - started
-            print(stage_line(stage.name, summaries[stage.name], cached[stage.name], took))
+            if cached[stage.name]:  # no task log then: say it here
+                print(stage_line(stage.name, summaries[stage.name], True, 0.0))
             print(record_in_dvc(cfg, stage.name))  # dvc status / dvc repro see the same run
             timing[stage.name] = time.perf_counter() - started
         started = time.perf_counter()

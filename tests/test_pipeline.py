@@ -95,6 +95,9 @@ def test_first_run_registers_champion(project: tuple[Path, dict], in_project: Pa
     assert {"anchors", "prepare", "evaluate", "debug", "train"} <= artifacts
     assert "http://127.0.0.1:5000/#/experiments/" in record["run_link"]
     assert "make ui" in record["where"] and "models:/polydet@champion" in record["where"]
+    # Serving from a new shell needs the store named (tests/test_tracking_clients.py runs it).
+    assert "polydet serve" in record["where"]
+    assert f"MLFLOW_TRACKING_URI={record['tracking_uri']} mlflow models serve" in record["where"]
 
 
 def test_prefect_artifacts(project: tuple[Path, dict], in_project: Path):
