@@ -290,3 +290,15 @@ def test_registration_retries_only_transient_errors():
     assert fp._transient(None, None, Failed(data=ConnectionError("reset by peer")))
     assert not fp._transient(None, None, Failed(data=DataError("no map50 in metrics")))
     assert not fp._transient(None, None, Failed(data=ModelError("model.pt is not a model")))
+
+
+def test_stage_line_and_summary_text():
+    line = fp.stage_line("evaluate", {"map50": 0.5, "split": "test", "curves": [1, 2]}, False, 1.23)
+    assert line == "evaluate: ran in 1.2 s; map50=0.5000, split=test"
+    assert fp.stage_line("train", {}, True, 0.0) == "train: cached; no summary numbers"
+    coverage = {
+        "chosen": "fitted",
+        "sets": {"fitted": {"overall": {"count": 3, "coverage@0.5": 0.9}}},
+    }
+    # A bare "coverage@0.5" renders as a mailto link in Prefect's Markdown.
+    assert "- `coverage@0.5`: 0.9000" in fp.anchor_lines(coverage)
