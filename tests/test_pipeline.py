@@ -249,7 +249,7 @@ def test_serve_registers_a_cron_deployment(prefect_harness: str, tmp_path: Path)
                     time.sleep(0.5)
         assert deployment is not None, "serve did not register the deployment in 60 s"
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
-        assert deployment.parameters == {"params": "params.yaml", "overrides": []}
+        assert deployment.parameters == {"params": "params.yaml", "deployment_overrides": []}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
