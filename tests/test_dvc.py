@@ -252,3 +252,21 @@ def test_dvc_is_up_to_date_after_the_flow(
     assert (repo / "dvc.lock").read_text() == before
     status = json.loads(_sh([*dvc, "status", "--json"], repo, env))
     assert set(status) == {"debug", "register"}, status
+
+
+def test_only_runs_with_params_yaml_settings_are_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from polydet.dvc_record import record_in_dvc, why_not_recorded
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", "params.yaml")
+    cfg = load_config("params.yaml")
+    assert why_not_recorded(cfg) == "no DVC project in the working directory"
+    Path("dvc.yaml").write_text("stages: {}\n")
+    Path(".dvc").mkdir()
+    assert why_not_recorded(cfg) is None
+    other = load_config("params.yaml", ["train.lr=0.5", "debug.num_images=2"])
+    reason = why_not_recorded(other)
+    assert reason is not None and "debug.num_images, train.lr" in reason
+    assert record_in_dvc(other, "train") == f"dvc.lock: train not recorded: {reason}"
