@@ -170,7 +170,7 @@ STAGES: tuple[Stage, ...] = (
             c.data.root,
         ],
         lambda c: [str(Path(c.evaluate.out) / "metrics.json")],
-        (*_EVALUATE, *_MODEL, "polydet/data", *_CORE),
+        (*_EVALUATE, *_MODEL, "polydet/checkpoint.py", "polydet/data", *_CORE),
         _run_evaluate,
     ),
     Stage(
@@ -190,6 +190,7 @@ STAGES: tuple[Stage, ...] = (
             "polydet/debug_plots.py",
             *_EVALUATE,
             *_MODEL,
+            "polydet/checkpoint.py",  # model files are written and read through it
             "polydet/data",
             *_CORE,
         ),

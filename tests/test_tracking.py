@@ -308,7 +308,7 @@ def test_registration_record_written(store: Path, model_file: Path, monkeypatch)
     # The registry shows the version's metrics (its logged model's).
     version = client.get_model_version("polydet", record["version"])
     model_metrics = client.get_logged_model(version.source.rsplit("/", 1)[-1]).metrics
-    assert {m.key: m.value for m in model_metrics} == {"test/map50": 0.25}
+    assert {m.key: m.value for m in model_metrics}["test/map50"] == 0.25
 
 
 def test_dvc_experiment_is_recorded(monkeypatch: pytest.MonkeyPatch):

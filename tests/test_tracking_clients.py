@@ -67,6 +67,9 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_db: Path) -> Path:
         if saved is not None:
             os.environ["MLFLOW_TRACKING_URI"] = saved
     assert (record["version"], record["champion"]) == ("1", "1")
+    # The package travels with the model, without bytecode (loading it later may add some).
+    code = _model_dir(path) / "code" / "polydet"
+    assert (code / "tracking.py").is_file() and not list(code.rglob("__pycache__"))
     # Another process set MLflow's global URI (as the pipeline does); the shells below must
     # not depend on it.
     mlflow.set_tracking_uri(f"sqlite:///{path / 'elsewhere.db'}")
@@ -243,8 +246,6 @@ def test_registered_model_loads_with_its_own_requirements_only(project: Path, tm
     project) with a sys.path of the model directory and a site-packages made of the
     distributions its requirements.txt pulls in: polydet must come from the model's code/."""
     model_dir = _model_dir(project, tmp_path / "model")
-    code = model_dir / "code" / "polydet"
-    assert (code / "tracking.py").is_file() and not list(code.rglob("__pycache__"))
     lines = (model_dir / "requirements.txt").read_text().split()
     assert {Requirement(x).name for x in lines} == {*tracking.MODEL_REQUIREMENTS}
     names = requirement_closure(lines)
