@@ -34,6 +34,7 @@ from prefect.context import TaskRunContext
 
 from polydet import tracking
 from polydet.config import Config, ConfigError, load_config, to_dict
+from polydet.dvc_record import record_in_dvc
 from polydet.errors import DataError, ModelError, PolydetError
 
 CACHE_VERSION = "polydet-pipeline-cache/1"  # bump to invalidate every cached stage result
@@ -169,7 +170,7 @@ STAGES: tuple[Stage, ...] = (
             c.data.root,
         ],
         lambda c: [str(Path(c.evaluate.out) / "metrics.json")],
-        (*_EVALUATE, *_MODEL, "polydet/data", *_CORE),
+        (*_EVALUATE, *_MODEL, "polydet/checkpoint.py", "polydet/data", *_CORE),
         _run_evaluate,
     ),
     Stage(
@@ -189,6 +190,7 @@ STAGES: tuple[Stage, ...] = (
             "polydet/debug_plots.py",
             *_EVALUATE,
             *_MODEL,
+            "polydet/checkpoint.py",  # model files are written and read through it
             "polydet/data",
             *_CORE,
         ),
@@ -262,10 +264,13 @@ def _cache_key_fn(context: TaskRunContext, parameters: dict[str, Any]) -> str:
 @task(persist_result=True, cache_key_fn=_cache_key_fn, task_run_name="{name}")
 def run_stage(name: str, cfg: Config) -> dict[str, Any]:
     """Run one stage's library function; its summary is the cached result."""
-    return STAGE_BY_NAME[name].run(cfg)
+    started = time.perf_counter()
+    summary = STAGE_BY_NAME[name].run(cfg)
+    print(stage_line(name, summary, False, time.perf_counter() - started))  # the task's log
+    return summary
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, task_run_name="synth")
 def synthesize(cfg: Config) -> str:
     """Write the synthetic dataset (the default data) where ``data.root`` expects it."""
     from polydet.data.synth import generate
@@ -280,7 +285,13 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 # Registering talks to the tracking server: a blip there should not cost the whole run.
-@task(retries=2, retry_delay_seconds=[3, 10], retry_condition_fn=_transient, cache_policy=NO_CACHE)
+@task(
+    retries=2,
+    retry_delay_seconds=[3, 10],
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+    task_run_name="register",
+)
 def register(cfg: Config, cached: dict[str, bool], run_id: str) -> dict[str, Any]:
     """Log every stage's outputs to the MLflow run, register the model, apply the gate."""
     return tracking.record_and_register(cfg, cached, run_id=run_id)
@@ -296,11 +307,19 @@ def needs_synthetic_data(cfg: Config) -> bool:
 
 
 @flow(name="polydet-pipeline", log_prints=True)
-def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Run the whole pipeline once; return the registration record and where to look."""
+def polydet_pipeline(
+    params: str = "params.yaml",
+    overrides: Sequence[str] = (),
+    deployment_overrides: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Run the whole pipeline once; return the registration record and where to look.
+
+    ``deployment_overrides`` are a deployment's own settings (``prefect.yaml``); the
+    ``overrides`` of a run started from it are applied after them, not instead of them.
+    """
     from prefect.runtime import flow_run
 
-    cfg = load_config(params, overrides)
+    cfg = load_config(params, [*deployment_overrides, *overrides])
     results = RESULTS_DIR.resolve()
     summaries: dict[str, dict[str, Any]] = {}
     cached: dict[str, bool] = {}
@@ -310,11 +329,14 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
         "polydet.prefect_flow_run": str(flow_run.get_id()),
     }
     timing: dict[str, float] = {}  # wall seconds of each step, as the flow saw them
-    with tracking.pipeline_run(cfg, flow_run.get_name(), run_tags) as run_id:
+    name = tracking.run_name(cfg, f"prefect-{flow_run.get_name()}")
+    with tracking.pipeline_run(cfg, name, run_tags) as run_id:
         if needs_synthetic_data(cfg):
             started = time.perf_counter()
             synthesize(cfg)
             timing["synth"] = time.perf_counter() - started
+        if Path("data.dvc").is_file():  # data/ into DVC's cache when it is what data.dvc says
+            print(record_in_dvc(cfg, "data.dvc"))
         for stage in STAGES:
             started = time.perf_counter()
             outputs_present = all(Path(p).exists() for p in stage.outs(cfg))
@@ -323,9 +345,13 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
             )(stage.name, cfg, return_state=True)
             summaries[stage.name] = state.result()
             cached[stage.name] = state.name == "Cached"
+            if cached[stage.name]:  # no task log then: say it here
+                print(stage_line(stage.name, summaries[stage.name], True, 0.0))
+            print(record_in_dvc(cfg, stage.name))  # dvc status / dvc repro see the same run
             timing[stage.name] = time.perf_counter() - started
         started = time.perf_counter()
         record = register(cfg, cached, run_id)
+        print(record_in_dvc(cfg, "register"))
         timing["register"] = time.perf_counter() - started
     record["timing"] = {k: round(v, 3) for k, v in timing.items()}
     record["run_link"] = tracking.run_link(cfg, run_id)
@@ -349,6 +375,17 @@ def outputs_of(cfg: Config) -> dict[str, str]:
 
 
 # --- reporting -----------------------------------------------------------------------------
+
+
+def stage_line(name: str, summary: dict[str, Any], cached: bool, seconds: float) -> str:
+    """One log line per stage: how it went and its first few numbers (Prefect's task log)."""
+    numbers = [
+        f"{k}={_fmt(v)}"
+        for k, v in (summary or {}).items()
+        if isinstance(v, int | float | str) and not isinstance(v, bool) and len(str(v)) < 40
+    ]
+    how = "cached" if cached else f"ran in {seconds:.1f} s"
+    return f"{name}: {how}; " + (", ".join(numbers[:8]) or "no summary numbers")
 
 
 def _fmt(value: Any) -> str:
@@ -400,11 +437,20 @@ def summary_markdown(cfg: Config, summaries: dict[str, dict[str, Any]], record: 
     lines = [
         f"# polydet pipeline — {cfg.tracking.model_name} v{record['version']}",
         "",
-        f"**{cfg.evaluate.split} AP50 {_fmt(record['map50'])}, AP75 {_fmt(metrics.get('map75'))}**; "
-        f"promotion: {record['promotion']['reason']}; champion: v{record.get('champion')}.",
+        f"**{cfg.evaluate.split} AP50 {_fmt(record['map50'])}, "
+        f"AP75 {_fmt(metrics.get('map75'))}**; "
+        f"promotion: {record['promotion']['reason']}.",
         "",
-        f"MLflow run: [{record['run_id']}]({record['run_link']}) in `{record['tracking_uri']}` "
-        f"(model `models:/{cfg.tracking.model_name}@champion`).",
+        f"This model: `models:/{cfg.tracking.model_name}/{record['version']}`; the champion is "
+        f"v{record.get('champion')} (`models:/{cfg.tracking.model_name}@champion`).",
+        "",
+        f"MLflow run: [{record['run_id']}]({record['run_link']}) in `{record['tracking_uri']}`"
+        + (
+            ""
+            if record["tracking_uri"].startswith(("http://", "https://"))
+            else " (the link works while `make ui` serves that store)"
+        )
+        + ".",
         "",
         "| metric | value |",
         "| --- | --- |",
@@ -435,7 +481,8 @@ def anchor_lines(coverage: dict[str, Any]) -> list[str]:
     if not overall:
         return ["- (no coverage report)"]
     lines = [f"- anchor set: {chosen}, {overall.get('count')} training objects"]
-    lines += [f"- {k}: {_fmt(v)}" for k, v in overall.items() if k != "count"]
+    # Code spans: Markdown renderers turn a bare "coverage@0.5" into a mailto link.
+    lines += [f"- `{k}`: {_fmt(v)}" for k, v in overall.items() if k != "count"]
     lines.append(f"- unreachable (best IoU < 0.5): {len(coverage.get('unreachable') or [])}")
     return lines
 
@@ -488,8 +535,9 @@ def where_to_look(cfg: Config, record: dict[str, Any]) -> str:
             f"  model     {name} v{version} ({state}; champion is v{record.get('champion')}"
             f"{', this one' if aliases else ''}): {record['promotion']['reason']}",
             f"            polydet predict IMAGE --model models:/{name}@champion",
-            f"            mlflow models serve -m models:/{name}@champion --env-manager local "
-            "-h 127.0.0.1 -p 5001",
+            "            polydet serve   (HTTP on 127.0.0.1:5001; README: Serving), i.e.",
+            f"            MLFLOW_TRACKING_URI={uri} mlflow models serve "
+            f"-m models:/{name}@champion --env-manager local -h 127.0.0.1 -p 5001",
         ]
     )
 

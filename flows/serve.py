@@ -28,7 +28,8 @@ def build_deployment(
     return polydet_pipeline.to_deployment(
         name=name,
         cron=cron,
-        parameters={"params": params, "overrides": list(overrides)},
+        # The deployment's own settings; a run's `overrides` parameter adds to them.
+        parameters={"params": params, "deployment_overrides": list(overrides)},
         description="The polydet pipeline: prepare, anchors, train, evaluate, debug, register.",
         tags=["polydet"],
     )

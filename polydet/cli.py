@@ -98,6 +98,25 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     _print_json(result)
 
 
+def _cmd_payload(args: argparse.Namespace) -> None:
+    from polydet.tracking import serving_payload
+
+    print(json.dumps(serving_payload(args.images, args.score_thresh)))
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
+    from polydet.tracking import serve_command
+
+    cfg = _cfg(args)
+    model = args.model or f"models:/{cfg.tracking.model_name}@champion"
+    cmd, env = serve_command(cfg, model, args.host, args.port)
+    print(f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']} {' '.join(cmd)}", file=sys.stderr)
+    sys.stderr.flush()
+    os.execve(cmd[0], cmd, env)  # the server replaces this process (Ctrl-C stops it)
+
+
 def _cmd_debug(args: argparse.Namespace) -> None:
     from polydet.debug import debug_report
 
@@ -168,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model file or models:/NAME@ALIAS URI")
     p.add_argument("--out", default="outputs/predict", help="output directory")
     p.add_argument("--score-thresh", type=float, default=0.3)
+    p = add("payload", _cmd_payload, "print a request body for the served model (JSON)")
+    p.add_argument("images", nargs="+", help="image files, one row each (base64)")
+    p.add_argument("--score-thresh", type=float, help="the request's score_thresh parameter")
+    p = add("serve", _cmd_serve, "serve a registered model over HTTP (mlflow models serve)")
+    p.add_argument("--model", help="model URI (default: models:/<tracking.model_name>@champion)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5001)
     p = add("debug", _cmd_debug, "loss / matching / IoU debugging report for a model")
     p.add_argument("--model", help="model file (default: train.out)")
     add("register", _cmd_register, "log the outputs to MLflow, register the model, apply the gate")

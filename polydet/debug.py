@@ -56,6 +56,7 @@ from polydet.debug_analysis import (
 )
 from polydet.debug_plots import (
     DRAWN_DETECTIONS,
+    DRAWN_IMAGES,
     DRAWN_PROPOSALS,
     MAX_CROPS,
     draw_crops,
@@ -71,6 +72,7 @@ from polydet.errors import DataError
 
 __all__ = [
     "DRAWN_DETECTIONS",
+    "DRAWN_IMAGES",
     "DRAWN_PROPOSALS",
     "ENCODING_GROUPS",
     "IOU_BINS",
@@ -393,7 +395,10 @@ def debug_report(cfg: Config, model: str | None = None) -> dict[str, Any]:
     examples = draw_examples(result, images, targets, records, classes, cfg, out)
     plots["worst_fp"], plots["missed"] = draw_worst(evaluation, images, gt, dets, classes, out)
 
-    title = f"polydet debug report: {path} on {dcfg.split} ({len(records)} images)"
+    title = (
+        f"polydet debug report: {path} on {dcfg.split}: statistics over {len(records)} "
+        f"images (debug.num_images), the first {min(len(records), DRAWN_IMAGES)} drawn"
+    )
     blocks = _report_blocks(title, findings, loss_stats, matching, encoding, plots, examples)
     (out / "report.md").write_text(render_markdown(blocks, out))
     (out / "report.html").write_text(render_html(blocks, title))

@@ -25,6 +25,7 @@ MAX_CROPS = 8
 # Top proposals, and at most this many detections (best first), drawn per example image.
 DRAWN_PROPOSALS = 10
 DRAWN_DETECTIONS = 20
+DRAWN_IMAGES = 8  # example images drawn (the statistics use all debug.num_images)
 
 # --- drawing -----------------------------------------------------------------------------------
 
@@ -176,7 +177,14 @@ def draw_example(
         detections["polyboxes"][keep], detections["scores"][keep], detections["labels"][keep]
     ):
         name = classes[int(lab) - 1] if 0 < int(lab) <= len(classes) else str(int(lab))
-        ax.text(float(p[0]), float(p[1]), f"{name} {float(s):.2f}", color="red", fontsize=7)
+        ax.text(
+            float(p[0]),
+            float(p[1]),
+            f"{name} {float(s):.2f}",
+            color="red",
+            fontsize=10,
+            bbox={"facecolor": "white", "alpha": 0.7, "pad": 1, "edgecolor": "none"},
+        )
     ax.set(xlim=(0, w), ylim=(h, 0), title=title)
     ax.axis("off")
     fig.savefig(path)
@@ -228,7 +236,7 @@ def draw_examples(
     paths = []
     (out / "examples").mkdir(exist_ok=True)
     gts = scaled_targets(targets, result["image_sizes"])
-    for i, (image, rec) in enumerate(zip(images, records)):
+    for i, (image, rec) in enumerate(zip(images[:DRAWN_IMAGES], records)):
         s = result["image_sizes"][i]
         back = torch.tensor([1 / s["scale_x"], 1 / s["scale_y"]] * 2)
         anchors = result["anchors"][i].float()

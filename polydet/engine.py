@@ -295,6 +295,19 @@ class History:
             csv.DictWriter(f, fieldnames=HISTORY_COLUMNS).writerow(row)
 
 
+def split_history(path: Path) -> None:
+    """``history_train.csv`` and ``history_val.csv`` beside ``history.csv``, one kind of row
+    each: a plot of a column is then one line per split (``dvc plots`` joins all of a file's
+    rows into one line, which zig-zagged between train and validation)."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    for split in ("train", "val"):
+        with path.with_name(f"history_{split}.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(r for r in rows if r["split"] == split)
+
+
 def _fmt(values: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 6) for k, v in values.items()}
 
@@ -466,6 +479,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     if info.is_main:
         save_model(model, out / "model.pt", cfg.model, list(cfg.data.classes), anchors)
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        split_history(out / "history.csv")
     barrier(info)
     return summary
 

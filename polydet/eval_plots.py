@@ -88,8 +88,15 @@ def _plot_confusion(ev: Evaluation, path: Path) -> Path:
     for (r, c), v in np.ndenumerate(m):
         ax.text(c, r, str(v), ha="center", va="center", fontsize="small")
     ax.set_xticks(range(C + 1), [*ev.classes, "missed"], rotation=45, ha="right")
-    ax.set_yticks(range(C + 1), [*ev.classes, "background"])
+    # The last row holds every false positive that matched no object of any class above the
+    # IoU threshold, not only `confusion/fp_background`: say what it adds up.
+    ax.set_yticks(range(C + 1), [*ev.classes, "no object"])
     ax.set(xlabel="predicted", ylabel="true")
     ax.set_title(f"Confusion at score >= {ev.metrics['confusion/score_thresh']:g}")
+    parts = [
+        f"{ev.metrics.get(f'confusion/fp_{kind}', 0)} {kind}"
+        for kind in ("background", "mislocalised", "duplicate")
+    ]
+    fig.text(0.01, 0.01, "no object = " + " + ".join(parts), fontsize="small")
     fig.savefig(path)
     return path

@@ -188,9 +188,9 @@ def resolve_model(cfg: Config, model: str | None) -> Path:
     if model is None:
         path = Path(cfg.train.out) / "model.pt"
     elif model.startswith(("models:/", "runs:/")):
-        from polydet.tracking import resolve_model_path
+        from polydet.tracking import get_tracking_uri, resolve_model_path
 
-        path = Path(resolve_model_path(model))
+        path = Path(resolve_model_path(model, get_tracking_uri(cfg)))
     else:
         path = Path(model)
     if not path.is_file():
@@ -314,10 +314,16 @@ def evaluate_model(cfg: Config, model: str | None = None) -> dict[str, Any]:
     return {**ev.metrics, "split": ecfg.split, "model": str(path), "out": str(out)}
 
 
+HEADLINE_METRICS = ("map50", "map75", "map50_95", "map_voc_all")
+
+
 def write_outputs(ev: Evaluation, out: Path) -> None:
     """``metrics.json``, ``confusion.json``, ``pr.csv`` and the plots of an evaluation."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2) + "\n")
+    # The few numbers `dvc metrics show` / `dvc exp show` display (metrics.json is wide).
+    headline = {k: ev.metrics[k] for k in HEADLINE_METRICS if k in ev.metrics}
+    (out / "headline.json").write_text(json.dumps(headline, indent=2) + "\n")
     names = [*ev.classes, "background"]
     (out / "confusion.json").write_text(
         json.dumps(

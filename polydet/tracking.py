@@ -181,6 +181,30 @@ def resolve_device(cfg: Config) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def launch_tags() -> dict[str, str]:
+    """How a run outside the Prefect flow was started: ``dvc exp run`` (its experiment name and
+    baseline commit), ``dvc repro`` (DVC sets ``DVC_STAGE``) or a ``polydet`` command."""
+    env = os.environ
+    if env.get("DVC_EXP_NAME"):
+        return {
+            TAG + "orchestrator": "dvc exp run",
+            TAG + "dvc_exp_name": env["DVC_EXP_NAME"],
+            TAG + "dvc_exp_baseline": env.get("DVC_EXP_BASELINE_REV", "unknown"),
+        }
+    if env.get("DVC_STAGE"):
+        return {TAG + "orchestrator": "dvc repro"}
+    return {TAG + "orchestrator": "cli"}
+
+
+def run_name(cfg: Config, origin: str) -> str:
+    """A run name a person can read in the runs table: how it started, what it trained, on
+    which commit, e.g. ``prefect-amber-fox resnet18_fpn-192px 4c46550``."""
+    commit = _git("rev-parse", "--short", "HEAD") or "no-git"
+    if commit != "no-git" and _git("status", "--porcelain", "--untracked-files=no"):
+        commit += "-dirty"
+    return f"{origin} {cfg.model.backbone}-{cfg.model.min_size}px {commit}"
+
+
 def lineage_tags(cfg: Config) -> dict[str, str]:
     """Tags that say exactly what produced a run: code, data, settings, device."""
     commit = _git("rev-parse", "HEAD")
@@ -389,7 +413,24 @@ def log_pipeline_outputs(
         client.set_terminated(child.info.run_id)
         _log_dir(client, run_id, files[stage]["dir"], stage, _SKIP_ARTIFACTS.get(stage, ()))
     client.log_batch(run_id, metrics=all_metrics)
+    _log_dataset(cfg, client, run_id)
     return {"run_id": run_id, "metrics": read_json(files["evaluate"]["summary"])}
+
+
+def _log_dataset(cfg: Config, client: mlflow.MlflowClient, run_id: str) -> None:
+    """The prepared image list as the run's dataset input (the runs table's Dataset column):
+    named after ``data.root``, its digest from the content, its source the data directory."""
+    images = Path(cfg.data.out) / "images.csv"
+    if not images.is_file():
+        return
+    from mlflow.entities import DatasetInput, InputTag
+
+    df = pd.read_csv(images)
+    dataset = mlflow.data.from_pandas(
+        df, source=str(Path(cfg.data.root).resolve()), name=Path(cfg.data.root).name
+    )
+    context = InputTag("mlflow.data.context", "train")
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), [context])])
 
 
 def _log_dir(
@@ -434,7 +475,16 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
         import torch
 
         thresh = float((params or {}).get("score_thresh", 0.0))
-        images = [decode_image(v).to(self.device) for v in model_input["image"]]
+        images = []
+        for i, value in enumerate(model_input["image"]):
+            try:
+                images.append(decode_image(value).to(self.device))
+            except DataError as e:
+                # MLflow's scoring server answers HTTP 400 with this message (any other
+                # error would be a 400 with a stack trace and no word of what was wrong).
+                from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+                raise MlflowException(f"image {i}: {e}", INVALID_PARAMETER_VALUE) from None
         with torch.no_grad():
             outputs = self.model.predict(images)
         rows = []
@@ -476,23 +526,63 @@ def model_signature() -> Any:
 
 
 def decode_image(value: str | bytes) -> Any:
-    """An image from a path or base64 bytes as a ``[3,H,W]`` float tensor in [0,1]."""
+    """An image from a path or base64 bytes as a ``[3,H,W]`` float tensor in [0,1].
+
+    Raises :class:`DataError` saying what the value is not (a path, base64, an image).
+    """
+    import binascii
+
     import numpy as np
     import torch
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    if isinstance(value, str) and len(value) < 4096 and Path(value).is_file():
-        img = Image.open(value)
+    if not isinstance(value, str | bytes):
+        raise DataError(f"expected a string (base64 image bytes or a path), got {value!r:.60}")
+    if isinstance(value, str) and _is_file(value):
+        source, opened = value, lambda: Image.open(value)
     else:
-        raw = value if isinstance(value, bytes) else base64.b64decode(value)
-        img = Image.open(io.BytesIO(raw))
+        try:
+            raw = value if isinstance(value, bytes) else base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise DataError(
+                f"{value[:40]!r}{'...' if len(value) > 40 else ''} is neither a file the "
+                f"server can read nor base64 image bytes ({e}); send base64 of a PNG or JPEG "
+                "file (polydet payload IMAGE > payload.json writes such a request)"
+            ) from None
+        source, opened = f"{len(raw)} decoded bytes", lambda: Image.open(io.BytesIO(raw))
+    try:
+        img = opened()
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{source}: not a readable image file (PNG, JPEG, ...): {e}") from None
     arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
+def _is_file(text: str) -> bool:
+    """Whether ``text`` names a file (base64 text is usually too long to be a file name)."""
+    try:
+        return len(text) < 4096 and Path(text).is_file()
+    except (OSError, ValueError):  # ENAMETOOLONG, embedded NUL
+        return False
+
+
 def encode_image(path: str | Path) -> str:
     """Base64 text of an image file, as the pyfunc model's ``image`` column takes it."""
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    try:
+        return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read image file: {e.strerror or e}") from e
+
+
+def serving_payload(paths: list[str | Path], score_thresh: float | None = None) -> dict:
+    """The JSON body of a request to the served model (``mlflow models serve``): one row per
+    image file, base64-encoded; ``score_thresh`` as the request's parameter when given."""
+    rows = [[encode_image(p)] for p in paths]
+    body: dict[str, Any] = {"dataframe_split": {"columns": ["image"], "data": rows}}
+    if score_thresh is not None:
+        body["params"] = {"score_thresh": float(score_thresh)}
+    return body
 
 
 def _example_image(cfg: Config) -> str:
@@ -521,9 +611,22 @@ mlflow.models.set_model(PolydetPyfunc())
 """
 
 
+# What loading and running the pyfunc model imports (polydet itself is bundled as code):
+# tests/test_model_package.py loads a registered model with these distributions alone.
+MODEL_REQUIREMENTS = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pandas",
+    "pillow",
+    "pyyaml",
+    "mlflow",
+)
+
+
 def _pip_requirements() -> list[str]:
-    # Explicit (inferring them imports the model and takes ~10 s).
-    names = ["torch", "torchvision", "numpy", "pandas", "pillow", "shapely", "pyyaml", "mlflow"]
+    # Explicit and pinned to what is installed (inferring them imports the model, ~10 s).
+    names = MODEL_REQUIREMENTS
     out = []
     for name in names:
         try:
@@ -633,6 +736,14 @@ def _log_and_register(
         # (no pickled object to trust when loading).
         code = Path(tmp) / "polydet_pyfunc.py"
         code.write_text(_MODEL_CODE)
+        # The polydet package travels with the model (MLflow puts it on sys.path when
+        # loading), so the model loads wherever its requirements.txt installs.
+        bundle = Path(tmp) / "code" / "polydet"
+        shutil.copytree(
+            Path(__file__).resolve().parent,
+            bundle,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )
         # Model.log with an explicit run_id: pyfunc.log_model would need MLflow's
         # thread-local active run, which this module never relies on.
         info = Model.log(
@@ -641,12 +752,24 @@ def _log_and_register(
             flavor=mlflow.pyfunc,
             run_id=run_id,
             python_model=str(code),
+            code_paths=[str(bundle)],
             artifacts={"model": str(model_path)},
             signature=model_signature(),
             input_example=example,  # MLflow checks the model answers it when logging
             pip_requirements=_pip_requirements(),
             tags={TAG + "map50": str(ap50(metrics))},
         )
+    # The registry shows a version's metrics from its logged model: the headline numbers.
+    now_ms = int(time.time() * 1000)
+    split = cfg.evaluate.split
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(f"{split}/{k}", float(metrics[k]), now_ms, 0, model_id=info.model_id)
+            for k in ("map50", "map75", "map50_95", "map50_coco")
+            if isinstance(metrics.get(k), int | float) and not isinstance(metrics.get(k), bool)
+        ],
+    )
     version = mlflow.register_model(
         info.model_uri, cfg.tracking.model_name, tags={TAG + "run_id": run_id}
     )
@@ -769,7 +892,10 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
     """Local path of the ``model.pt`` behind a file path or a ``models:/``/``runs:/`` URI.
 
     Registry models are downloaded once per version under ``outputs/models/``; the store is
-    ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the project's default.
+    ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the project's default. Every MLflow
+    call here names that store explicitly (a client, an artifact location), so the result
+    does not depend on a global URI set earlier in the process: a fresh shell resolves the
+    same model as the pipeline that registered it.
     Raises :class:`ModelError` naming the URI when there is no such model.
     """
     if not uri.startswith(("models:/", "runs:/")):
@@ -781,15 +907,15 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
     if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).exists():
         raise ModelError(f"{uri}: no MLflow store at {store}")
     check_reachable(store)
-    dst = Path("outputs/models") / _cache_name(uri, store)
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    key, download = _resolve_uri(client, uri, store)
+    dst = Path("outputs/models") / f"{key}-{hashlib.sha256(store.encode()).hexdigest()[:8]}"
     if not dst.exists():
         tmp = dst.with_name(dst.name + ".part")  # renamed when complete: never half a model
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=uri, dst_path=str(tmp), tracking_uri=store, registry_uri=store
-            )
+            download(str(tmp))
         except (MlflowException, OSError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ModelError(f"{uri}: cannot download from {store}: {e}") from e
@@ -800,22 +926,58 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
     return found[0]
 
 
-def _cache_name(uri: str, store: str) -> str:
-    """A directory name that changes when an alias moves (it names the resolved version)."""
-    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+def _resolve_uri(client: mlflow.MlflowClient, uri: str, store: str) -> tuple[str, Any]:
+    """A cache name for ``uri`` (it names the resolved version, so it changes when an alias
+    moves) and a function that downloads its artifacts into a directory."""
+    m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", uri)
     if m:
         name, alias, number = m.groups()
-        client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
         try:
             if alias:
                 number = client.get_model_version_by_alias(name, alias).version
-            client.get_model_version(name, number)
+            location = client.get_model_version_download_uri(name, str(number))
         except MlflowException as e:
             raise ModelError(f"{uri}: not in the registry at {store}: {e.message}") from e
-        key = f"{name}-v{number}"
-    else:
-        key = re.sub(r"[^\w.-]", "_", uri.split(":/", 1)[1].strip("/"))
-    return f"{key}-{hashlib.sha256(store.encode()).hexdigest()[:8]}"
+
+        def download(dst: str) -> None:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=location, dst_path=dst, tracking_uri=store
+            )
+
+        return f"{name}-v{number}", download
+    m = re.fullmatch(r"runs:/([^/]+)/?(.*)", uri)
+    if not m:
+        raise ModelError(
+            f"{uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH"
+        )
+    run_id, path = m.groups()
+
+    def download_run(dst: str) -> None:
+        client.download_artifacts(run_id, path.strip("/"), dst)
+
+    return re.sub(r"[^\w.-]", "_", f"{run_id}/{path}".strip("/")), download_run
+
+
+def serve_command(
+    cfg: Config, model_uri: str, host: str = "127.0.0.1", port: int = 5001
+) -> tuple[list[str], dict[str, str]]:
+    """The ``mlflow models serve`` command for ``model_uri`` and the environment it needs.
+
+    MLflow resolves ``models:/`` URIs against ``MLFLOW_TRACKING_URI`` (in a shell without it,
+    against a new ``./mlflow.db``), so the environment names the project's store. Raises
+    :class:`ModelError` when the registry has no such model.
+    """
+    import sys
+
+    store = get_tracking_uri(cfg)
+    if model_uri.startswith("models:/"):
+        if store.startswith("sqlite:///") and not Path(store[len("sqlite:///") :]).exists():
+            raise ModelError(f"{model_uri}: no MLflow store at {store}")
+        check_reachable(store)
+        _resolve_uri(mlflow.MlflowClient(tracking_uri=store, registry_uri=store), model_uri, store)
+    env = {**_MLFLOW_ENV_DEFAULTS, **os.environ, "MLFLOW_TRACKING_URI": store}
+    cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
+    return [*cmd, "--env-manager", "local", "-h", host, "-p", str(port)], env
 
 
 # --- the DVC register stage ----------------------------------------------------------------
@@ -835,7 +997,9 @@ def record_and_register(
     (one is opened), the Prefect flow with its pipeline run.
     """
     if run_id is None:
-        with pipeline_run(cfg, "pipeline", {TAG + "orchestrator": "dvc or cli"}) as rid:
+        tags = launch_tags()
+        origin = tags.get(TAG + "dvc_exp_name") or tags[TAG + "orchestrator"].replace(" ", "-")
+        with pipeline_run(cfg, run_name(cfg, origin), tags) as rid:
             return record_and_register(cfg, cached, run_id=rid)
     logged = log_pipeline_outputs(cfg, run_id, cached)
     record = register_model(cfg, Path(cfg.train.out) / "model.pt", logged["metrics"], run_id)

@@ -129,6 +129,18 @@ def test_encoding_statistics_and_unit_mistakes() -> None:
     assert {"target_mean", "target_scale"} <= codes(findings)
     scale = next(f for f in findings if f.code == "target_scale")
     assert scale.evidence["too_large"] == list(dbg.TERMS)
+    mean = next(f for f in findings if f.code == "target_mean")
+    # Says what it measured (the means, over how many) and what to try; centre off: a warning.
+    assert mean.severity == "warning" and "over 200 positive samples" in mean.message
+    assert f"xc {float(pixels[:, 0].mean()):+.2f}" in mean.message and "Try:" in mean.message
+
+    # Corner terms alone off zero (the encoding of rotated objects), centre centred: a note.
+    corners = good.clone()
+    corners[:, 2:] += 1.5
+    _, findings = dbg.analyze_encoding(inspect_encoding(corners, corners))
+    mean = next(f for f in findings if f.code == "target_mean")
+    assert mean.severity == "info" and mean.evidence["terms"] == list(dbg.TERMS[2:])
+    assert "not from a bug" in mean.message
 
     # Divided by the image size instead: far too small.
     _, findings = dbg.analyze_encoding(inspect_encoding(good / 1000, good / 1000))

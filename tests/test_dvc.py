@@ -9,6 +9,7 @@ temporary git repository with the smoke settings in its ``params.yaml``, generat
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import re
@@ -134,8 +135,9 @@ def _ran(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([\w-]+)'", output))
 
 
-@pytest.mark.slow
-def test_dvc_repro_in_a_copy(tmp_path: Path, mlflow_db: Path):
+def _copy_repo(tmp_path: Path, mlflow_db: Path) -> tuple[Path, dict, dict[str, str], list[str]]:
+    """The working tree in a new git repository with the smoke settings in its params.yaml
+    and the synthetic data (``dvc add``-ed), committed: (repo, params, env, dvc command)."""
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard", "-z"],
         cwd=ROOT,
@@ -173,6 +175,12 @@ def test_dvc_repro_in_a_copy(tmp_path: Path, mlflow_db: Path):
     _sh([*dvc, "add", "-q", "data"], repo, env)
     _sh(["git", "add", "-A"], repo, env)
     _sh(["git", "commit", "-qm", "copy"], repo, env)
+    return repo, raw, env, dvc
+
+
+@pytest.mark.slow
+def test_dvc_repro_in_a_copy(tmp_path: Path, mlflow_db: Path):
+    repo, raw, env, dvc = _copy_repo(tmp_path, mlflow_db)
 
     first = _sh([*dvc, "repro"], repo, env)
     assert _ran(first) == {"prepare", "anchors", "train", "evaluate", "debug", "register"}
@@ -195,3 +203,70 @@ def test_dvc_repro_in_a_copy(tmp_path: Path, mlflow_db: Path):
     status = json.loads(_sh([*dvc, "status", "--json"], repo, env))
     assert set(status) == {"evaluate"}
     assert status["evaluate"] == [{"changed deps": {"params.yaml": {"evaluate": "modified"}}}]
+
+
+@pytest.mark.slow
+def test_dvc_is_up_to_date_after_the_flow(
+    tmp_path: Path, mlflow_db: Path, prefect_harness: str, monkeypatch: pytest.MonkeyPatch
+):
+    """After the Prefect flow (as `make demo` runs it: settings from params.yaml), DVC has
+    the same record: `dvc status` is clean and `dvc repro` runs nothing; the .pyc files
+    Python writes on import do not count as changed code."""
+    import flows.pipeline as fp
+
+    repo, raw, env, dvc = _copy_repo(tmp_path, mlflow_db)
+    shutil.rmtree(repo / ".dvc" / "cache")  # as in a fresh clone: no cache, no data/
+    shutil.rmtree(repo / "data")
+    monkeypatch.chdir(repo)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    record = fp.polydet_pipeline(params="params.yaml", overrides=[])
+    assert record["version"] == "1"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert set(lock) == {s.name for s in STAGES} | {"register"}
+    model_md5 = next(o["md5"] for o in lock["train"]["outs"] if o["path"].endswith("model.pt"))
+    assert model_md5 == hashlib.md5((repo / "outputs/train/model.pt").read_bytes()).hexdigest()
+
+    (repo / "polydet" / "data" / "__pycache__").mkdir(exist_ok=True)
+    (repo / "polydet" / "data" / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\0")
+    assert json.loads(_sh([*dvc, "status", "--json"], repo, env)) == {}
+    again = _sh([*dvc, "repro"], repo, env)
+    assert _ran(again) == set(), again
+
+    # What `dvc metrics show` and `dvc plots show` display: the headline numbers only; each
+    # plot once, the loss plot from separate train and validation files.
+    metrics = json.loads(_sh([*dvc, "metrics", "show", "--json"], repo, env))
+    shown = json.dumps(metrics)
+    assert "headline.json" in shown and "map50" in shown and "ap50/" not in shown
+    plots = json.loads(_sh([*dvc, "plots", "show", "--json"], repo, env))
+    names = list(plots.get("data", plots))
+    for png in ("pr_curves.png", "score_hist.png", "confusion.png"):
+        assert sum(png in name for name in names) == 1, names
+    loss = json.dumps(plots.get("data", plots)["loss"])
+    assert "history_train.csv" in loss and "history_val.csv" in loss
+    ignored = subprocess.run(["git", "check-ignore", "-q", "dvc_plots"], cwd=repo, env=env)
+    assert ignored.returncode == 0
+
+    # A run with other settings than params.yaml's must not claim them in dvc.lock.
+    before = (repo / "dvc.lock").read_text()
+    fp.polydet_pipeline(params="params.yaml", overrides=["debug.num_images=1"])
+    assert (repo / "dvc.lock").read_text() == before
+    status = json.loads(_sh([*dvc, "status", "--json"], repo, env))
+    assert set(status) == {"debug", "register"}, status
+
+
+def test_only_runs_with_params_yaml_settings_are_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from polydet.dvc_record import record_in_dvc, why_not_recorded
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ROOT / "params.yaml", "params.yaml")
+    cfg = load_config("params.yaml")
+    assert why_not_recorded(cfg) == "no DVC project in the working directory"
+    Path("dvc.yaml").write_text("stages: {}\n")
+    Path(".dvc").mkdir()
+    assert why_not_recorded(cfg) is None
+    other = load_config("params.yaml", ["train.lr=0.5", "debug.num_images=2"])
+    reason = why_not_recorded(other)
+    assert reason is not None and "debug.num_images, train.lr" in reason
+    assert record_in_dvc(other, "train") == f"dvc.lock: train not recorded: {reason}"

@@ -427,3 +427,23 @@ def test_ddp_two_cpu_processes_with_gloo(prepared: Path, tmp_path: Path) -> None
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "history.csv").is_file()
     assert list((tmp_path / "rank1").iterdir()) == []  # rank 1 wrote nothing
     assert proc.stdout.count('"world_size": 2') == 1  # one summary printed, by rank 0
+
+
+def test_split_history_writes_one_file_per_split(tmp_path: Path):
+    from polydet.engine import HISTORY_COLUMNS, split_history
+
+    rows = [
+        {"step": 1, "epoch": 1, "split": "train", "loss": 3.0},
+        {"step": 2, "epoch": 1, "split": "train", "loss": 2.0},
+        {"step": 2, "epoch": 1, "split": "val", "loss": 2.5},
+        {"step": 3, "epoch": 2, "split": "train", "loss": 1.5},
+    ]
+    with (tmp_path / "history.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    split_history(tmp_path / "history.csv")
+    for split in ("train", "val"):
+        with (tmp_path / f"history_{split}.csv").open(newline="") as f:
+            got = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+        assert got == [(r["step"], r["loss"]) for r in rows if r["split"] == split]

@@ -219,6 +219,20 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
         assert torch.equal(a[key], b[key])
 
 
+def test_model_file_bytes_depend_only_on_its_content(tmp_path: Path) -> None:
+    """Identical weights give identical files whatever the file (or temp file) is called:
+    DVC then sees an unchanged output and the registry an already registered model."""
+    import zipfile
+
+    cfg = tiny_cfg()
+    torch.manual_seed(2)
+    first = save_model(build_model(cfg), tmp_path / "a" / "model.pt", cfg, ["a", "b"], None)
+    again = save_model(load_model(first), tmp_path / "b" / "renamed.pt", cfg, ["a", "b"], None)
+    assert first.read_bytes() == again.read_bytes()
+    assert {n.split("/")[0] for n in zipfile.ZipFile(first).namelist()} == {"archive"}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "model.pt", "renamed.pt"]
+
+
 def test_load_model_errors_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pt"
     with pytest.raises(ModelError, match="nope.pt"):

@@ -7,6 +7,7 @@ better and after a worse model without training again.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -84,6 +85,9 @@ def test_first_run_registers_champion(project: tuple[Path, dict], in_project: Pa
     assert tags["polydet.params_hash"] and tags["polydet.device"] == "cpu"
     assert {"polydet.git_commit", "polydet.git_dirty", "polydet.data_dvc_md5"} <= set(tags)
     assert run.data.params["train.max_steps"] == "3"
+    assert run.info.run_name.startswith("prefect-") and "resnet18_fpn-96px" in run.info.run_name
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "synthetic" and dataset.dataset.digest
     assert "test/map50" in run.data.metrics
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps == sorted(steps) and len(steps) == 3  # one row per step (log_every=1)
@@ -91,6 +95,9 @@ def test_first_run_registers_champion(project: tuple[Path, dict], in_project: Pa
     assert {"anchors", "prepare", "evaluate", "debug", "train"} <= artifacts
     assert "http://127.0.0.1:5000/#/experiments/" in record["run_link"]
     assert "make ui" in record["where"] and "models:/polydet@champion" in record["where"]
+    # Serving from a new shell needs the store named (tests/test_tracking_clients.py runs it).
+    assert "polydet serve" in record["where"]
+    assert f"MLFLOW_TRACKING_URI={record['tracking_uri']} mlflow models serve" in record["where"]
 
 
 def test_prefect_artifacts(project: tuple[Path, dict], in_project: Path):
@@ -242,7 +249,7 @@ def test_serve_registers_a_cron_deployment(prefect_harness: str, tmp_path: Path)
                     time.sleep(0.5)
         assert deployment is not None, "serve did not register the deployment in 60 s"
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * *"]
-        assert deployment.parameters == {"params": "params.yaml", "overrides": []}
+        assert deployment.parameters == {"params": "params.yaml", "deployment_overrides": []}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -253,10 +260,23 @@ def test_prefect_yaml_describes_the_flow():
     (deployment,) = config["deployments"]
     path, func = deployment["entrypoint"].split(":")
     assert (ROOT / path).is_file() and func == "polydet_pipeline"
-    assert set(deployment["parameters"]) <= {"params", "overrides"}
-    overrides = deployment["parameters"]["overrides"]
-    cfg = fp.load_config(ROOT / deployment["parameters"]["params"], overrides)
-    assert cfg.train.device == "cuda"
+    signature = inspect.signature(fp.polydet_pipeline.fn)
+    assert set(deployment["parameters"]) <= set(signature.parameters)
+    # A run started with its own overrides (Prefect replaces that one parameter) keeps the
+    # deployment's settings: the flow applies both.
+    run = {**deployment["parameters"], "overrides": ["train.epochs=2"]}
+    called: dict[str, Any] = {}
+
+    def load_config(params, overrides):
+        called["overrides"] = list(overrides)
+        raise RuntimeError("stop here")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fp, "load_config", load_config)
+        with pytest.raises(RuntimeError, match="stop here"):
+            fp.polydet_pipeline.fn(**run)
+    cfg = fp.load_config(ROOT / run["params"], called["overrides"])
+    assert (cfg.train.device, cfg.train.amp, cfg.train.epochs) == ("cuda", True, 2)
     assert deployment["schedules"][0]["cron"] == "0 3 * * *"
     assert deployment["work_pool"]["name"]
 
@@ -270,3 +290,15 @@ def test_registration_retries_only_transient_errors():
     assert fp._transient(None, None, Failed(data=ConnectionError("reset by peer")))
     assert not fp._transient(None, None, Failed(data=DataError("no map50 in metrics")))
     assert not fp._transient(None, None, Failed(data=ModelError("model.pt is not a model")))
+
+
+def test_stage_line_and_summary_text():
+    line = fp.stage_line("evaluate", {"map50": 0.5, "split": "test", "curves": [1, 2]}, False, 1.23)
+    assert line == "evaluate: ran in 1.2 s; map50=0.5000, split=test"
+    assert fp.stage_line("train", {}, True, 0.0) == "train: cached; no summary numbers"
+    coverage = {
+        "chosen": "fitted",
+        "sets": {"fitted": {"overall": {"count": 3, "coverage@0.5": 0.9}}},
+    }
+    # A bare "coverage@0.5" renders as a mailto link in Prefect's Markdown.
+    assert "- `coverage@0.5`: 0.9000" in fp.anchor_lines(coverage)

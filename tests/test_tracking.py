@@ -103,7 +103,13 @@ def test_register_promote_rollback(
     assert _aliases() == {"champion": "2", "challenger": "3"}
     assert "does not beat" in _tags("3")["polydet.gate"]
 
-    again = tracking.register_model(cfg, model_file, {"map50": 0.40})  # identical: reused
+    # The same weights saved again (as a retrain that converged to them would): reused.
+    from polydet.model import load_model, save_model
+
+    resaved = save_model(
+        load_model(model_file), "retrained/model.pt", cfg.model, cfg.data.classes, None
+    )
+    again = tracking.register_model(cfg, resaved, {"map50": 0.40})
     assert (again["version"], again["new"]) == ("3", False)
     assert len(mlflow.MlflowClient().search_model_versions("name = 'polydet'")) == 3
 
@@ -296,3 +302,23 @@ def test_registration_record_written(store: Path, model_file: Path, monkeypatch)
     assert sorted(c.data.tags["polydet.stage"] for c in children) == sorted(tracking.STAGES)
     logged = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"evaluate", "train"} <= logged
+    # Readable: how it was started (a polydet command here) and what it trained.
+    assert run.data.tags["polydet.orchestrator"] == "cli"
+    assert run.info.run_name.startswith(f"cli {cfg.model.backbone}-{cfg.model.min_size}px ")
+    # The registry shows the version's metrics (its logged model's).
+    version = client.get_model_version("polydet", record["version"])
+    model_metrics = client.get_logged_model(version.source.rsplit("/", 1)[-1]).metrics
+    assert {m.key: m.value for m in model_metrics}["test/map50"] == 0.25
+
+
+def test_dvc_experiment_is_recorded(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "lucid-lark")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", "4c46550")
+    assert tracking.launch_tags() == {
+        "polydet.orchestrator": "dvc exp run",
+        "polydet.dvc_exp_name": "lucid-lark",
+        "polydet.dvc_exp_baseline": "4c46550",
+    }
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.setenv("DVC_STAGE", "register")
+    assert tracking.launch_tags() == {"polydet.orchestrator": "dvc repro"}
