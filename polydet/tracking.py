@@ -710,17 +710,56 @@ def _crown(client: mlflow.MlflowClient, name: str, version: str, reason: str) ->
     return old
 
 
+def promotion_lock_path(uri: str) -> Path:
+    """The lock file that makes the promotion gate atomic for the store ``uri``.
+
+    A SQLite store: ``<db>.promotion.lock`` beside the database, so every process using that
+    store shares it. Any other store (an ``mlflow server``): a file under ``mlruns/`` named
+    after the URI, which serializes the promotions started from this machine only; a server
+    store shared by several machines needs promotions run from one place (one pipeline at
+    a time, as ``prefect.yaml``'s concurrency limit does) or that file on a shared disk.
+    """
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return db.with_name(db.name + ".promotion.lock")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return Path("mlruns") / f".promotion-{digest}.lock"
+
+
+@contextmanager
+def promotion_lock(cfg: Config | None = None) -> Iterator[None]:
+    """Hold the promotion gate's lock (waiting for it) for the ``with`` body."""
+    from polydet.locks import file_lock
+
+    uri = get_tracking_uri(cfg)
+    with file_lock(promotion_lock_path(uri), wait=True, what="the promotion gate", record=False):
+        yield
+
+
 def promote_if_better(cfg: Config, version: str, new_ap: float) -> dict[str, Any]:
-    """Apply the promotion gate to a freshly registered ``version`` with AP50 ``new_ap``."""
+    """Apply the promotion gate to a freshly registered ``version`` with AP50 ``new_ap``.
+
+    Read champion, compare, set alias happen under :func:`promotion_lock`, so two runs
+    finishing together are judged one after the other. After crowning, the alias is read
+    back: should another writer (a store the lock does not cover) have moved it meanwhile,
+    the gate is applied again against that version.
+    """
     client = _client()
     name = cfg.tracking.model_name
-    champion = _alias_version(client, name, CHAMPION)
-    champion_ap = None if champion is None else _version_ap(client, name, champion)
-    if champion is not None and champion_ap is None:
-        champion_ap = float("-inf")  # a champion with no recorded AP50 loses to any number
-    promoted, reason = decide_promotion(new_ap, champion_ap, cfg.tracking.promote_margin)
-    client.set_model_version_tag(name, version, TAG + "gate", reason)
-    previous = _crown(client, name, version, reason) if promoted else None
+    promoted, reason, previous = False, "already champion", None
+    with promotion_lock(cfg):
+        for _ in range(3):
+            champion = _alias_version(client, name, CHAMPION)
+            champion_ap = None if champion is None else _version_ap(client, name, champion)
+            if champion is not None and champion_ap is None:
+                champion_ap = float("-inf")  # a champion with no recorded AP50 loses to any
+            if champion == version:  # crowned meanwhile by a re-check of ours
+                break
+            promoted, reason = decide_promotion(new_ap, champion_ap, cfg.tracking.promote_margin)
+            client.set_model_version_tag(name, version, TAG + "gate", reason)
+            previous = _crown(client, name, version, reason) if promoted else None
+            if not promoted or _alias_version(client, name, CHAMPION) == version:
+                break
     return {"promoted": promoted, "reason": reason, "previous_champion": previous}
 
 
@@ -733,13 +772,19 @@ def promote(cfg: Config, version: str, reason: str = "promoted by hand") -> dict
         client.get_model_version(name, str(version))
     except MlflowException as e:
         raise TrackingError(f"{name} has no version {version} in {get_tracking_uri(cfg)}") from e
-    previous = _crown(client, name, str(version), reason)
+    with promotion_lock(cfg):
+        previous = _crown(client, name, str(version), reason)
     return {"model_name": name, "champion": str(version), "previous_champion": previous}
 
 
 def rollback(cfg: Config, reason: str = "rolled back by hand") -> dict[str, Any]:
     """Give the champion alias back to the version the current champion replaced."""
     connect(cfg)
+    with promotion_lock(cfg):
+        return _rollback(cfg, reason)
+
+
+def _rollback(cfg: Config, reason: str) -> dict[str, Any]:
     client = _client()
     name = cfg.tracking.model_name
     current = _alias_version(client, name, CHAMPION)
