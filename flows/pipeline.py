@@ -35,6 +35,7 @@ from prefect.context import TaskRunContext
 from polydet import tracking
 from polydet.config import Config, ConfigError, load_config, to_dict
 from polydet.errors import DataError, ModelError, PolydetError
+from polydet.locks import project_lock
 
 CACHE_VERSION = "polydet-pipeline-cache/1"  # bump to invalidate every cached stage result
 RESULTS_DIR = Path(".prefect") / "results"  # relative to the project (the working directory)
@@ -300,7 +301,11 @@ def polydet_pipeline(params: str = "params.yaml", overrides: Sequence[str] = ())
     """Run the whole pipeline once; return the registration record and where to look."""
     from prefect.runtime import flow_run
 
-    cfg = load_config(params, overrides)
+    with project_lock():  # held already when started by main(); a scheduled run takes it
+        return _pipeline_body(load_config(params, overrides), flow_run)
+
+
+def _pipeline_body(cfg: Config, flow_run: Any) -> dict[str, Any]:
     results = RESULTS_DIR.resolve()
     summaries: dict[str, dict[str, Any]] = {}
     cached: dict[str, bool] = {}
@@ -501,7 +506,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = [*(SMOKE_OVERRIDES if args.smoke else ()), *args.set]
     try:
-        record = polydet_pipeline(params=args.params, overrides=overrides)
+        # Before Prefect starts: a second run must not even touch .prefect's database.
+        with project_lock():
+            record = polydet_pipeline(params=args.params, overrides=overrides)
     except PolydetError as e:
         print(f"polydet pipeline: error: {e}", file=sys.stderr)
         return 2

@@ -9,6 +9,7 @@ Imports are lazy so that ``polydet --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -89,7 +90,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     cfg = _cfg(args)
     result = predict_paths(
-        cfg, Path(args.input), model=args.model, out_dir=Path(args.out),
+        cfg,
+        Path(args.input),
+        model=args.model,
+        out_dir=Path(args.out),
         score_thresh=args.score_thresh,
     )
     _print_json(result)
@@ -138,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--params", default="params.yaml", help="settings file (params.yaml)")
         p.add_argument(
-            "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
             help="override one setting (repeatable), e.g. --set train.lr=0.01",
         )
         p.set_defaults(func=fn)
@@ -174,10 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that write the project's outputs: one at a time per project (polydet.locks).
+LOCKED_COMMANDS = frozenset(
+    {"synth", "prepare", "anchors", "train", "evaluate", "debug", "register", "pipeline"}
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from polydet.locks import project_lock
+
     args = build_parser().parse_args(argv)
+    # evaluate --format dota reads other files and writes nothing of the project's.
+    locked = args.command in LOCKED_COMMANDS and not getattr(args, "format", None)
     try:
-        args.func(args)
+        with project_lock() if locked else contextlib.nullcontext():
+            args.func(args)
     except PolydetError as e:
         print(f"polydet {args.command}: error: {e}", file=sys.stderr)
         return 2
