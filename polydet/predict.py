@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 from torch import Tensor
 
 from polydet import polybox
 from polydet.config import Config, TileConfig
 from polydet.data.dataset import load_image
 from polydet.data.formats import write_task1
+from polydet.data.images import open_image, rgb_image
 from polydet.data.tiling import merge_detections, tile_grid
 from polydet.distributed import DistInfo
 from polydet.engine import resolve_device
@@ -96,8 +97,8 @@ def detect(
 
 def draw(image_path: Path, det: dict[str, Tensor], classes: list[str], out: Path) -> Path:
     """Save ``image_path`` with the detections' polyboxes, classes and scores drawn."""
-    with Image.open(image_path) as im:
-        canvas = im.convert("RGB")
+    with open_image(image_path) as im:  # as displayed, as the detections are
+        canvas = rgb_image(im)
     pen = ImageDraw.Draw(canvas)
     width = max(1, round(max(canvas.size) / 256))
     corners = polybox.to_corners(det["polyboxes"].double()).tolist()

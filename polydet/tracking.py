@@ -476,17 +476,16 @@ def model_signature() -> Any:
 
 
 def decode_image(value: str | bytes) -> Any:
-    """An image from a path or base64 bytes as a ``[3,H,W]`` float tensor in [0,1]."""
-    import numpy as np
+    """An image from a path or base64 bytes as a ``[3,H,W]`` float tensor in [0,1]
+    (the one image reader, :mod:`polydet.data.images`: orientation, modes, size limit)."""
     import torch
-    from PIL import Image
+
+    from polydet.data.images import read_rgb
 
     if isinstance(value, str) and len(value) < 4096 and Path(value).is_file():
-        img = Image.open(value)
+        arr = read_rgb(value)
     else:
-        raw = value if isinstance(value, bytes) else base64.b64decode(value)
-        img = Image.open(io.BytesIO(raw))
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        arr = read_rgb(value if isinstance(value, bytes) else base64.b64decode(value))
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
