@@ -188,6 +188,7 @@ LOCKED_COMMANDS = frozenset(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from polydet.files import describe_os_error
     from polydet.locks import project_lock
 
     args = build_parser().parse_args(argv)
@@ -198,7 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.func(args)
     except PolydetError as e:
         print(f"polydet {args.command}: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except OSError as e:  # the disk or the file system, not the code: one line, no traceback
+        print(f"polydet {args.command}: error: {describe_os_error(e, verb='')}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"polydet {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

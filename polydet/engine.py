@@ -60,6 +60,7 @@ from polydet.distributed import (
     state_digest,
 )
 from polydet.errors import DataError, ModelError, PolydetError
+from polydet.files import remove_stale_temps, write_text
 from polydet.model import build_model, save_model
 
 LOSS_TERMS = ("loss_rpn_objectness", "loss_rpn_polybox", "loss_classifier", "loss_polybox")
@@ -70,6 +71,13 @@ WARMUP_START = 0.001
 
 class NonFiniteLossError(PolydetError):
     """A loss term became NaN or infinite; ``nonfinite.json`` says which, where and on what."""
+
+
+class TrainingInterrupted(PolydetError):
+    """Ctrl-C (SIGINT) during training: the message names the last checkpoint and how to
+    resume from it. The command line exits with 130, as for any interrupted command."""
+
+    exit_code = 130
 
 
 # --- setup -------------------------------------------------------------------------------
@@ -330,6 +338,9 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     out = Path(tc.out)
     last_ckpt = out / "checkpoints" / "last.pt"
     started = time.perf_counter()
+    if info.is_main:  # temp files of checkpoint / model writes a killed run left behind
+        for leftover in remove_stale_temps(last_ckpt.parent) + remove_stale_temps(out):
+            print(f"polydet train: removed {leftover} (an interrupted write)", file=sys.stderr)
 
     state: dict[str, Any] | None = None
     if resume:
@@ -421,7 +432,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     ctx.step, ctx.images_seen = step, images_seen
     if state is not None:
         ctx.restore_window(state["log_window"])
-    ctx.run(train_loader, sampler, val_loader)
+    try:
+        ctx.run(train_loader, sampler, val_loader)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(ctx.interrupted_message()) from None
 
     average_buffers(model, info)
     digests = all_gather_objects(state_digest(model), info)
@@ -448,7 +462,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     }
     if info.is_main:
         save_model(model, out / "model.pt", cfg.model, list(cfg.data.classes), anchors)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     barrier(info)
     return summary
 
@@ -727,6 +741,18 @@ class _Loop:
         raise NonFiniteLossError(
             f"non-finite {what} at step {self.step} (epoch {epoch + 1}): {shown}; "
             f"no checkpoint written for this step; report {path}; {_where_good(report)}"
+        )
+
+    def interrupted_message(self) -> str:
+        """Where training stopped, the last checkpoint and the command that resumes it."""
+        good = self._last_good()
+        head = f"interrupted at step {self.step} of {self.total_steps}"
+        if good["last_checkpoint"] is None:
+            return f"{head}; no checkpoint written yet (train.checkpoint_every), start again"
+        return (
+            f"{head}; last checkpoint {good['last_checkpoint']} (step "
+            f"{good['last_checkpoint_step']}); resume with: polydet train --resume last "
+            "(and the same --params / --set)"
         )
 
     def _last_good(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from polydet.config import Config
 from polydet.data import formats
 from polydet.errors import DataError, ModelError
 from polydet.eval_plots import plot_all
+from polydet.files import write_text
 from polydet.metrics import (
     COCO_IOUS,
     COCO_MAX_DETS,
@@ -315,9 +316,11 @@ def evaluate_model(cfg: Config, model: str | None = None) -> dict[str, Any]:
 def write_outputs(ev: Evaluation, out: Path) -> None:
     """``metrics.json``, ``confusion.json``, ``pr.csv`` and the plots of an evaluation."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2) + "\n")
+    # Atomic writes: a full disk or a read-only directory leaves the previous files whole.
+    write_text(out / "metrics.json", json.dumps(ev.metrics, indent=2) + "\n")
     names = [*ev.classes, "background"]
-    (out / "confusion.json").write_text(
+    write_text(
+        out / "confusion.json",
         json.dumps(
             {
                 "rows": names,
@@ -326,7 +329,7 @@ def write_outputs(ev: Evaluation, out: Path) -> None:
             },
             indent=2,
         )
-        + "\n"
+        + "\n",
     )
     rows = ["class,score,precision,recall"]
     for name, cv in ev.curves.items():
@@ -336,5 +339,5 @@ def write_outputs(ev: Evaluation, out: Path) -> None:
             f"{name},{cv['score'][i]:.6g},{cv['precision'][i]:.6g},{cv['recall'][i]:.6g}"
             for i in step
         ]
-    (out / "pr.csv").write_text("\n".join(rows) + "\n")
+    write_text(out / "pr.csv", "\n".join(rows) + "\n")
     plot_all(ev, out)

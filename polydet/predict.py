@@ -35,6 +35,7 @@ from polydet.distributed import DistInfo
 from polydet.engine import resolve_device
 from polydet.errors import DataError
 from polydet.evaluate import resolve_model
+from polydet.files import write_text
 from polydet.model import PolyDetector, load_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -168,7 +169,7 @@ def predict_paths(
         "drawn": str(out_dir / "images"),
     }
     doc = {"summary": summary, "classes": classes, "images": records}
-    (out_dir / "detections.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_text(out_dir / "detections.json", json.dumps(doc, indent=1) + "\n")
     return summary
 
 

@@ -43,6 +43,7 @@ from mlflow.exceptions import MlflowException
 
 from polydet.config import Config, flatten, flatten_dict, to_dict
 from polydet.errors import DataError, ModelError, TrackingError
+from polydet.files import write_text
 
 FALLBACK_URI = "sqlite:///mlruns/mlflow.db"  # when neither the env nor params.yaml names one
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -885,9 +886,7 @@ def record_and_register(
     record = register_model(cfg, Path(cfg.train.out) / "model.pt", logged["metrics"], run_id)
     record["tracking_uri"] = get_tracking_uri(cfg)
     record["experiment"] = cfg.tracking.experiment
-    path = registration_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_text(registration_path(cfg), json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 

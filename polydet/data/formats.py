@@ -48,6 +48,7 @@ from polydet.data import validate as v
 from polydet.data.quads import polygon_to_quad
 from polydet.data.validate import ImportLog, where
 from polydet.errors import DataError
+from polydet.files import write_text
 
 # ICDAR 2015's "don't care" transcription.
 DONT_CARE = "###"
@@ -562,7 +563,7 @@ def write_task1(
             f"{d.image_id} {d.score:.6g} " + " ".join(f"{x:.2f}" for x in d.points) for d in dets
         ]
         p = out_dir / f"Task1_{cls}.txt"
-        p.write_text("".join(f"{x}\n" for x in lines))
+        write_text(p, "".join(f"{x}\n" for x in lines))  # atomic: the old file or the new
         paths.append(p)
     return paths
 

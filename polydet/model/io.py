@@ -9,7 +9,6 @@ weights_only=True)`` (no pickled code)::
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 
 from polydet.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
 from polydet.errors import ModelError
+from polydet.files import torch_save
 from polydet.model.detector import PolyDetector, _build
 
 FORMAT = "polydet-model/1"
@@ -47,12 +47,9 @@ def save_model(
         "anchors": model.anchors if anchors is None else _plain(anchors),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    # Atomic, and a failure (a full disk, a read-only directory) removes its temp file and
+    # names the path and the cause.
+    return torch_save(payload, path)
 
 
 def _plain(anchors: Mapping[str, Any]) -> dict[str, Any]:
