@@ -124,10 +124,18 @@ def _num(x: float) -> str:
 def _read_text(path: Path, log: ImportLog, encoding: str = "utf-8-sig") -> str | None:
     """File text (a UTF-8 BOM is dropped), or ``None`` after logging why not."""
     try:
-        return Path(path).read_text(encoding=encoding)
-    except (OSError, UnicodeDecodeError) as e:
+        data = Path(path).read_bytes()
+        return data.decode(encoding)
+    except OSError as e:
         log.drop_image(where(path), v.UNREADABLE_FILE, str(e))
-        return None
+    except UnicodeDecodeError as e:  # binary garbage: name the line it starts on
+        line = data[: e.start].count(b"\n") + 1
+        log.drop_image(
+            where(path, line),
+            v.UNREADABLE_FILE,
+            f"not {encoding.removesuffix('-sig').upper()} text (byte {data[e.start]:#04x})",
+        )
+    return None
 
 
 def _floats(fields: Sequence[str], loc: str, log: ImportLog) -> list[float] | None:
@@ -181,7 +189,9 @@ def read_dota(path: str | Path, log: ImportLog | None = None) -> DotaLabels:
         return DotaLabels([])
     header: dict[str, str] = {}
     objects = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only (str.splitlines also splits at \x1c, \x85, ...: a garbage line
+    # would shift every line number after it).
+    for lineno, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if not line:
             continue
