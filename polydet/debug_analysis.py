@@ -72,6 +72,40 @@ class Finding:
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+# --- the dataset ------------------------------------------------------------------------------
+
+
+def dataset_findings(
+    objects_per_split: dict[str, int], images_per_split: dict[str, int]
+) -> list[Finding]:
+    """A dataset without objects (or a split without them) teaches only "background"."""
+    empty = [s for s, n in images_per_split.items() if n and not objects_per_split.get(s)]
+    if not empty:
+        return []
+    total = sum(objects_per_split.values())
+    if total == 0 or "train" in empty:
+        what = "the dataset has no objects at all" if total == 0 else "the train split has none"
+        return [
+            Finding(
+                "no_objects",
+                "error",
+                f"{what}: every training image is background, so the detector can only learn "
+                "to find nothing. Check data.classes and the label files (the prepare stage's "
+                "import_issues.txt lists what was dropped).",
+                {"objects_per_split": objects_per_split, "images_per_split": images_per_split},
+            )
+        ]
+    return [
+        Finding(
+            "split_without_objects",
+            "warning",
+            f"split(s) {', '.join(empty)} have images but no objects: their losses and AP "
+            "say nothing about detection.",
+            {"objects_per_split": objects_per_split, "images_per_split": images_per_split},
+        )
+    ]
+
+
 # --- loss design -----------------------------------------------------------------------------
 
 

@@ -372,6 +372,12 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     if len(train_set) == 0:
         raise DataError(f"{cfg.data.out}: the train split has no images")
     val_set = PolyDataset(cfg.data.out, "val", None)
+    if info.is_main and not any(len(r.labels) for r in train_set.records):
+        print(
+            f"polydet train: warning: the train split of {cfg.data.out} has no objects: the "
+            "detector can only learn that everything is background",
+            file=sys.stderr,
+        )
 
     anchors = state["anchors"] if state is not None else load_anchors(cfg)
     model = build_model(cfg.model, anchors=anchors).to(device)

@@ -68,8 +68,7 @@ def prepare(cfg: Config) -> dict:
         failed = out.with_name(out.name + ".failed")
         imp.log.write(failed, imp.summary)
         raise DataError(
-            f"{dc.root}: no usable image (see {failed / 'import_issues.txt'}); "
-            f"{out} is unchanged"
+            f"{dc.root}: no usable image (see {failed / 'import_issues.txt'}); {out} is unchanged"
         )
     stage = out.with_name(f".{out.name}.staging-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
@@ -183,7 +182,23 @@ def _write_prepared(dc: DataConfig, imp: Imported, out: Path, stage: Path) -> di
         },
         "import": summary,
         "issues": [str(i) for i in log.issues[:SHOWN_ISSUES]],
+        "warnings": _object_warnings(stats),
     }
+
+
+def _object_warnings(stats: dict) -> list[str]:
+    """A dataset (or a split) with images but no objects trains a detector of nothing."""
+    objects, images = stats["num_objects"], stats["num_images"]
+    if sum(objects.values()) == 0:
+        return [
+            "the dataset has no objects at all: every image is background, a detector cannot "
+            "learn from it (check data.classes and import_issues.txt)"
+        ]
+    return [
+        f"the {s} split has {images[s]} images but no objects"
+        for s in manifest.SPLITS
+        if images[s] and not objects[s]
+    ]
 
 
 def _link_tiles(src: Path, dst: Path, index: dict) -> None:
@@ -226,6 +241,7 @@ def format_summary(result: dict) -> str:
         lines.append(
             f"  tiles: {t['tiles']} from {t['source_images_tiled']} images ({t['tiles_written']} written)"
         )
+    lines += [f"  warning: {w}" for w in result.get("warnings", [])]
     if result["issues"]:
         more = imp["num_issues"] - len(result["issues"])
         lines.append(
