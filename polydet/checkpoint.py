@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from polydet.errors import ModelError
-from polydet.files import torch_save
+from polydet.files import torch_load_problem, torch_save
 
 CHECKPOINT_FORMAT = "polydet-checkpoint/1"
 
@@ -88,7 +88,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, foreign pickle, ...: all mean "not usable"
-        raise ModelError(f"{path}: not a readable checkpoint ({e})") from e
+        raise ModelError(f"{path}: not a readable checkpoint: {torch_load_problem(path, e)}") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a polydet training checkpoint")
     return state

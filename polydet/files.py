@@ -134,3 +134,23 @@ def remove_stale_temps(directory: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def torch_load_problem(path: str | Path, e: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words that never suggest
+    ``weights_only=False`` (which would run whatever code a pickle holds)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return f"cannot read it ({err.strerror or err})"
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        return f"not a file written by torch.save ({size} bytes of something else)"
+    text = str(e)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        return "it holds objects other than tensors and plain data; refused, since loading them could run code"
+    return f"damaged or truncated ({type(e).__name__})"

@@ -17,6 +17,7 @@ each tile is detected on its own and the detections are merged back with polygon
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -140,15 +141,25 @@ def predict_paths(
     detections: dict[str, dict[str, Tensor]] = {}
     records: list[dict[str, Any]] = []
     tiled = 0
+    skipped: list[dict[str, str]] = []
     with torch.inference_mode():
         for path, image_id in zip(paths, _image_ids(paths)):
-            image = load_image(path).to(device)
+            try:
+                image = load_image(path).to(device)
+            except DataError as e:  # one bad file (a text file named .png) skips that file
+                if len(paths) == 1:
+                    raise
+                print(f"polydet predict: warning: skipped {e}", file=sys.stderr)
+                skipped.append({"path": str(path), "reason": str(e)})
+                continue
             det, n_tiles = detect(net, image, cfg.data.tile, score_thresh, cfg.evaluate.batch_size)
             tiled += n_tiles > 1
             detections[image_id] = det
             draw(path, det, classes, out_dir / "images" / f"{image_id}.png")
             records.append(_record(image_id, path, image, det, classes, n_tiles))
 
+    if not records:
+        raise DataError(f"{input}: none of the {len(paths)} images could be read")
     task1 = write_task1(out_dir, detections, classes)
     per_class = {c: 0 for c in classes}
     for det in detections.values():
@@ -157,7 +168,8 @@ def predict_paths(
     summary = {
         "model": str(model_path),
         "device": str(device),
-        "images": len(paths),
+        "images": len(records),
+        "skipped": skipped,
         "tiled_images": tiled,
         "detections": sum(per_class.values()),
         "per_class": per_class,

@@ -111,6 +111,17 @@ def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TrackingError(f"MLflow store {uri}: cannot create {db.parent}: {e}") from e
+        # SQLite writes a journal beside the database: both must be writable.
+        for path in (db.parent, db) if db.exists() else (db.parent,):
+            if not os.access(path, os.W_OK):
+                raise TrackingError(f"MLflow store {uri}: {path} is not writable (read-only?)")
+
+
+def store_message(e: MlflowException) -> str:
+    """The first line of an MLflow store error, without SQLAlchemy's SQL dump."""
+    text = (e.message or str(e)).strip()
+    text = text.split("\n[SQL:", 1)[0].split("\n", 1)[0]
+    return re.sub(r"^\((sqlite3|psycopg2|pymysql)\.\w+\) ", "", text)
 
 
 def connect(cfg: Config) -> str:
@@ -123,6 +134,9 @@ def connect(cfg: Config) -> str:
         os.environ.setdefault(key, value)
     uri = get_tracking_uri(cfg)
     check_reachable(uri)
+    # MLflow logs every database error with its traceback and SQL before raising it; the
+    # TrackingError raised here says it in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = mlflow.MlflowClient()
@@ -142,7 +156,7 @@ def connect(cfg: Config) -> str:
         # Logged models go to the current experiment, not their run's: keep them together.
         mlflow.set_experiment(experiment_id=experiment_id)
     except MlflowException as e:
-        raise TrackingError(f"MLflow store {uri}: {e.message}") from e
+        raise TrackingError(f"MLflow store {uri}: {store_message(e)}") from e
     return experiment_id
 
 
@@ -232,7 +246,7 @@ def pipeline_run(
             run_id, params=[Param(k, _param_value(v)) for k, v in flatten(cfg).items()]
         )
     except MlflowException as e:
-        raise TrackingError(f"MLflow store {get_tracking_uri(cfg)}: {e.message}") from e
+        raise TrackingError(f"MLflow store {get_tracking_uri(cfg)}: {store_message(e)}") from e
     monitor = None
     if _psutil_present():
         # Its start/stop INFO lines would interleave with the pipeline's own log.
@@ -605,7 +619,7 @@ def register_model(
         client.set_tag(run_id, TAG + "model_version", version)
         promotion = promote_if_better(cfg, version, score)
     except MlflowException as e:
-        raise TrackingError(f"MLflow registry {get_tracking_uri(cfg)}: {e.message}") from e
+        raise TrackingError(f"MLflow registry {get_tracking_uri(cfg)}: {store_message(e)}") from e
     return {
         "model_name": name,
         "version": version,
@@ -856,7 +870,7 @@ def _cache_name(uri: str, store: str) -> str:
                 number = client.get_model_version_by_alias(name, alias).version
             client.get_model_version(name, number)
         except MlflowException as e:
-            raise ModelError(f"{uri}: not in the registry at {store}: {e.message}") from e
+            raise ModelError(f"{uri}: not in the registry at {store}: {store_message(e)}") from e
         key = f"{name}-v{number}"
     else:
         key = re.sub(r"[^\w.-]", "_", uri.split(":/", 1)[1].strip("/"))
@@ -882,7 +896,10 @@ def record_and_register(
     if run_id is None:
         with pipeline_run(cfg, "pipeline", {TAG + "orchestrator": "dvc or cli"}) as rid:
             return record_and_register(cfg, cached, run_id=rid)
-    logged = log_pipeline_outputs(cfg, run_id, cached)
+    try:
+        logged = log_pipeline_outputs(cfg, run_id, cached)
+    except MlflowException as e:
+        raise TrackingError(f"MLflow store {get_tracking_uri(cfg)}: {store_message(e)}") from e
     record = register_model(cfg, Path(cfg.train.out) / "model.pt", logged["metrics"], run_id)
     record["tracking_uri"] = get_tracking_uri(cfg)
     record["experiment"] = cfg.tracking.experiment

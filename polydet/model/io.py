@@ -17,7 +17,7 @@ import torch
 
 from polydet.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
 from polydet.errors import ModelError
-from polydet.files import torch_save
+from polydet.files import torch_load_problem, torch_save
 from polydet.model.detector import PolyDetector, _build
 
 FORMAT = "polydet-model/1"
@@ -72,7 +72,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> PolyDete
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # corrupt or foreign files raise many different types
-        raise ModelError(f"{path}: cannot read model file: {e}") from e
+        raise ModelError(f"{path}: not a polydet model file: {torch_load_problem(path, e)}") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ModelError(
