@@ -36,6 +36,7 @@ from polydet import tracking
 from polydet.config import Config, ConfigError, load_config, to_dict
 from polydet.dvc_record import record_in_dvc
 from polydet.errors import DataError, ModelError, PolydetError
+from polydet.locks import project_lock
 
 CACHE_VERSION = "polydet-pipeline-cache/1"  # bump to invalidate every cached stage result
 RESULTS_DIR = Path(".prefect") / "results"  # relative to the project (the working directory)
@@ -319,7 +320,11 @@ def polydet_pipeline(
     """
     from prefect.runtime import flow_run
 
-    cfg = load_config(params, [*deployment_overrides, *overrides])
+    with project_lock():  # held already when started by main(); a scheduled run takes it
+        return _pipeline_body(load_config(params, [*deployment_overrides, *overrides]), flow_run)
+
+
+def _pipeline_body(cfg: Config, flow_run: Any) -> dict[str, Any]:
     results = RESULTS_DIR.resolve()
     summaries: dict[str, dict[str, Any]] = {}
     cached: dict[str, bool] = {}
@@ -556,7 +561,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = [*(SMOKE_OVERRIDES if args.smoke else ()), *args.set]
     try:
-        record = polydet_pipeline(params=args.params, overrides=overrides)
+        # Before Prefect starts: a second run must not even touch .prefect's database.
+        with project_lock():
+            record = polydet_pipeline(params=args.params, overrides=overrides)
     except PolydetError as e:
         print(f"polydet pipeline: error: {e}", file=sys.stderr)
         return 2

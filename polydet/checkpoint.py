@@ -9,9 +9,7 @@ Python's generator states are converted to tensors and lists for that reason.
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from polydet.errors import ModelError
+from polydet.files import torch_load_problem, torch_save
 
 CHECKPOINT_FORMAT = "polydet-checkpoint/1"
 
@@ -68,21 +67,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``.
 
     A crash mid-write leaves the previous file intact: readers see the old or the new
-    checkpoint, never a truncated one.
+    checkpoint, never a truncated one. A failed write removes its temp file and raises a
+    :class:`~polydet.files.WriteError` naming the path and the cause (e.g. a full disk);
+    one left by a killed process is removed by the next run
+    (:func:`polydet.files.remove_stale_temps`).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return torch_save(obj, path)
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -98,7 +88,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, foreign pickle, ...: all mean "not usable"
-        raise ModelError(f"{path}: not a readable checkpoint ({e})") from e
+        raise ModelError(f"{path}: not a readable checkpoint: {torch_load_problem(path, e)}") from e
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a polydet training checkpoint")
     return state

@@ -9,6 +9,7 @@ Imports are lazy so that ``polydet --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -206,13 +207,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that write the project's outputs: one at a time per project (polydet.locks).
+LOCKED_COMMANDS = frozenset(
+    {"synth", "prepare", "anchors", "train", "evaluate", "debug", "register", "pipeline"}
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from polydet.files import describe_os_error
+    from polydet.locks import project_lock
+
     args = build_parser().parse_args(argv)
+    # evaluate --format dota reads other files and writes nothing of the project's.
+    locked = args.command in LOCKED_COMMANDS and not getattr(args, "format", None)
     try:
-        args.func(args)
+        with project_lock() if locked else contextlib.nullcontext():
+            args.func(args)
     except PolydetError as e:
         print(f"polydet {args.command}: error: {e}", file=sys.stderr)
+        return getattr(e, "exit_code", 2)
+    except OSError as e:  # the disk or the file system, not the code: one line, no traceback
+        print(f"polydet {args.command}: error: {describe_os_error(e, verb='')}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"polydet {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

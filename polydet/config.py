@@ -10,6 +10,7 @@ parsed as YAML) serve the command line and the tests; nothing happens at import 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -25,12 +26,28 @@ class ConfigError(PolydetError, ValueError):
     """A configuration file or override that does not fit the schema."""
 
 
+def check_ranges(section: str, obj: Any, checks: dict[str, bool], meaning: str = "") -> None:
+    """Raise a :class:`ConfigError` naming ``section.key`` for the first failed check."""
+    for key, ok in checks.items():
+        if not ok:
+            value = getattr(obj, key)
+            raise ConfigError(f"{section}.{key}: value {value!r} is out of range{meaning}")
+
+
+def _share(x: float) -> bool:
+    return 0.0 <= x <= 1.0
+
+
 @dataclass(frozen=True)
 class SplitConfig:
     train: float
     val: float
     test: float
     seed: int
+
+    def __post_init__(self) -> None:
+        shares = {k: _share(getattr(self, k)) for k in ("train", "val", "test")}
+        check_ranges("data.split", self, {**shares, "seed": self.seed >= 0})
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,14 @@ class AnchorsConfig:
     num_ratios: int  # how many ratios the fit chooses
     out: str
 
+    def __post_init__(self) -> None:
+        checks = {
+            "sizes": bool(self.sizes) and all(s > 0 for lv in self.sizes for s in lv),
+            "aspect_ratios": bool(self.aspect_ratios) and all(r > 0 for r in self.aspect_ratios),
+            "num_ratios": self.num_ratios >= 1,
+        }
+        check_ranges("anchors", self, checks)
+
 
 @dataclass(frozen=True)
 class RPNConfig:
@@ -130,6 +155,9 @@ class RPNConfig:
     order_free: bool  # polybox loss against the closest cyclic roll of the corners (coder.py)
     loss_weight: float  # multiplies loss_rpn_polybox
 
+    def __post_init__(self) -> None:
+        check_ranges("model.rpn", self, _head_checks(self))
+
 
 @dataclass(frozen=True)
 class RoIConfig:
@@ -147,6 +175,35 @@ class RoIConfig:
     coder_weights: tuple[float, ...]
     order_free: bool  # polybox loss against the closest cyclic roll of the corners (coder.py)
     loss_weight: float  # multiplies loss_polybox
+
+    def __post_init__(self) -> None:
+        checks = {
+            "pool_size": self.pool_size >= 1,
+            "representation_size": self.representation_size >= 1,
+            "detections_per_img": self.detections_per_img >= 1,
+            **_head_checks(self),
+        }
+        check_ranges("model.roi", self, checks)
+
+
+def _head_checks(c: RPNConfig | RoIConfig) -> dict[str, bool]:
+    """The ranges RPN and RoI heads share: counts >= 1, IoUs and shares in [0, 1]."""
+    checks = {
+        "batch_size_per_image": c.batch_size_per_image >= 1,
+        "positive_fraction": 0.0 < c.positive_fraction <= 1.0,
+        "fg_iou_thresh": 0.0 < c.fg_iou_thresh <= 1.0,
+        "bg_iou_thresh": 0.0 <= c.bg_iou_thresh <= c.fg_iou_thresh,
+        "score_thresh": 0.0 <= c.score_thresh < 1.0,
+        "nms_thresh": 0.0 < c.nms_thresh <= 1.0,
+        "coder_weights": all(w > 0 for w in c.coder_weights),
+    }
+    if isinstance(c, RPNConfig):
+        for key in (
+            "pre_nms_top_n_train", "post_nms_top_n_train", "pre_nms_top_n_test",
+            "post_nms_top_n_test",
+        ):  # fmt: skip
+            checks[key] = getattr(c, key) >= 1
+    return checks
 
 
 @dataclass(frozen=True)
@@ -170,7 +227,18 @@ class ModelConfig:
 
 
 def check_model_config(model: ModelConfig) -> None:
-    """Cross-field checks of the model section; a :class:`ConfigError` names the key."""
+    """Range and cross-field checks of the model section; a :class:`ConfigError` names the
+    key."""
+    checks = {
+        # trainable_layers and returned_layers depend on the backbone: checked when built.
+        "fpn_channels": model.fpn_channels >= 1,
+        "num_classes": model.num_classes >= 2,
+        "min_size": model.min_size >= 1,
+        "max_size": model.max_size >= model.min_size,
+        "anchor_sizes": all(s > 0 for level in model.anchor_sizes for s in level),
+        "aspect_ratios": bool(model.aspect_ratios) and all(r > 0 for r in model.aspect_ratios),
+    }
+    check_ranges("model", model, checks)
     for name, weights in (("rpn", model.rpn.coder_weights), ("roi", model.roi.coder_weights)):
         if len(weights) != 10:
             raise ConfigError(f"model.{name}.coder_weights: expected 10 weights, one per term")
@@ -255,6 +323,7 @@ class TrainConfig:
             "log_every": self.log_every >= 1,
             "checkpoint_every": self.checkpoint_every >= 0,
             "snapshot_every": self.snapshot_every >= 0,
+            "seed": 0 <= self.seed < 2**32,  # NumPy's seed range
         }
         for key, ok in checks.items():
             if not ok:
@@ -318,6 +387,10 @@ class Config:
     tracking: TrackingConfig
 
 
+# A decimal number as people type it: 3e-4, 1e6, 1E+3, .5, 2. (YAML 1.1 wants 3.0e-4).
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _convert(tp: Any, value: Any, key: str) -> Any:
     """Check/convert a YAML value to the annotated type ``tp``; errors name ``key``."""
     origin = typing.get_origin(tp)
@@ -360,8 +433,12 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 1e6 and 3e-4 (no dot) as strings
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if value != value or abs(value) == float("inf"):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -397,7 +474,11 @@ def _apply_override(raw: dict, item: str) -> None:
         node = node[p]
     if parts[-1] not in node:
         raise ConfigError(f"unknown key {dotted}")
-    node[parts[-1]] = yaml.safe_load(text)
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({problem})") from None
 
 
 def config_from_dict(raw: dict, overrides: typing.Iterable[str] = ()) -> Config:
@@ -426,8 +507,17 @@ def load_config(path: str | Path = "params.yaml", overrides: typing.Iterable[str
     """Load and validate ``params.yaml``; a bad file raises :class:`ConfigError` naming it."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        data = path.read_bytes()
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+            "save the file as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
         raise ConfigError(f"{path}: {e}") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")

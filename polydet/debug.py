@@ -50,6 +50,7 @@ from polydet.debug_analysis import (
     analyze_encoding,
     analyze_losses,
     analyze_matching,
+    dataset_findings,
     loss_terms,
     read_history,
     scaled_targets,
@@ -326,6 +327,17 @@ def _report_blocks(
     return blocks
 
 
+def _dataset_findings(cfg: Config) -> list[Finding]:
+    from polydet.data.manifest import SPLITS, read_tables
+
+    try:
+        images, objects = read_tables(cfg.data.out)
+    except (OSError, ValueError):
+        return []  # no prepared dataset: the stages below say so
+    count = {s: int((objects["split"] == s).sum()) for s in SPLITS}
+    return dataset_findings(count, {s: int((images["split"] == s).sum()) for s in SPLITS})
+
+
 def debug_report(cfg: Config, model: str | None = None) -> dict[str, Any]:
     """Write the debugging report of a model on ``cfg.debug.split`` (module docstring).
 
@@ -346,6 +358,7 @@ def debug_report(cfg: Config, model: str | None = None) -> dict[str, Any]:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{nf_path}: not JSON ({e})") from e
     loss_stats, findings = analyze_losses(history, nonfinite, th)
+    findings = _dataset_findings(cfg) + findings
     plots: dict[str, Path | None] = {}
     if history is not None and len(history):
         plots["losses"] = plot_losses(history, out / "losses.png")

@@ -101,10 +101,44 @@ def _target_mean_finding(stage: str, s: dict[str, Any], biased: list[str], limit
         "info",
         measured + " Only corner terms are off while the centre is centred: this comes from "
         "the encoding (corners relative to the reference box's own corners are offset for "
-        "any rotated object), not from a bug. Try: the coder's corner weights or "
-        "best-match corner order if the polybox loss stalls; otherwise nothing to fix.",
+        "any rotated object), not from a bug. Try: the coder's corner weights or the "
+        "stage's polybox loss_weight if the polybox loss stalls; otherwise nothing to fix.",
         evidence,
     )
+
+
+# --- the dataset ------------------------------------------------------------------------------
+
+
+def dataset_findings(
+    objects_per_split: dict[str, int], images_per_split: dict[str, int]
+) -> list[Finding]:
+    """A dataset without objects (or a split without them) teaches only "background"."""
+    empty = [s for s, n in images_per_split.items() if n and not objects_per_split.get(s)]
+    if not empty:
+        return []
+    total = sum(objects_per_split.values())
+    if total == 0 or "train" in empty:
+        what = "the dataset has no objects at all" if total == 0 else "the train split has none"
+        return [
+            Finding(
+                "no_objects",
+                "error",
+                f"{what}: every training image is background, so the detector can only learn "
+                "to find nothing. Check data.classes and the label files (the prepare stage's "
+                "import_issues.txt lists what was dropped).",
+                {"objects_per_split": objects_per_split, "images_per_split": images_per_split},
+            )
+        ]
+    return [
+        Finding(
+            "split_without_objects",
+            "warning",
+            f"split(s) {', '.join(empty)} have images but no objects: their losses and AP "
+            "say nothing about detection.",
+            {"objects_per_split": objects_per_split, "images_per_split": images_per_split},
+        )
+    ]
 
 
 # --- loss design -----------------------------------------------------------------------------

@@ -59,7 +59,8 @@ from polydet.distributed import (
     init_distributed,
     state_digest,
 )
-from polydet.errors import DataError, PolydetError
+from polydet.errors import DataError, ModelError, PolydetError
+from polydet.files import remove_stale_temps, write_text
 from polydet.model import build_model, save_model
 
 LOSS_TERMS = ("loss_rpn_objectness", "loss_rpn_polybox", "loss_classifier", "loss_polybox")
@@ -70,6 +71,13 @@ WARMUP_START = 0.001
 
 class NonFiniteLossError(PolydetError):
     """A loss term became NaN or infinite; ``nonfinite.json`` says which, where and on what."""
+
+
+class TrainingInterrupted(PolydetError):
+    """Ctrl-C (SIGINT) during training: the message names the last checkpoint and how to
+    resume from it. The command line exits with 130, as for any interrupted command."""
+
+    exit_code = 130
 
 
 # --- setup -------------------------------------------------------------------------------
@@ -366,12 +374,21 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     out = Path(tc.out)
     last_ckpt = out / "checkpoints" / "last.pt"
     started = time.perf_counter()
+    if info.is_main:  # temp files of checkpoint / model writes a killed run left behind
+        for leftover in remove_stale_temps(last_ckpt.parent) + remove_stale_temps(out):
+            print(f"polydet train: removed {leftover} (an interrupted write)", file=sys.stderr)
 
     state: dict[str, Any] | None = None
     if resume:
         resume_file = _resume_path(cfg, resume)
         # On the CPU: load_state_dict copies onto the device; RNG states must stay there.
         state = load_checkpoint(resume_file, map_location="cpu")
+        broken = nonfinite_tensors(state["model"])
+        if broken:  # written by an older polydet, which did not check
+            raise ModelError(
+                f"{resume_file}: {len(broken)} weight tensors hold NaN or infinite values "
+                f"(e.g. {broken[0]}); it cannot be resumed: train again without --resume"
+            )
         changed = _check_resume_config(cfg, state["config"], resume_file)
         if changed and info.is_main:
             print(
@@ -391,6 +408,12 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     if len(train_set) == 0:
         raise DataError(f"{cfg.data.out}: the train split has no images")
     val_set = PolyDataset(cfg.data.out, "val", None)
+    if info.is_main and not any(len(r.labels) for r in train_set.records):
+        print(
+            f"polydet train: warning: the train split of {cfg.data.out} has no objects: the "
+            "detector can only learn that everything is background",
+            file=sys.stderr,
+        )
 
     anchors = state["anchors"] if state is not None else load_anchors(cfg)
     model = build_model(cfg.model, anchors=anchors).to(device)
@@ -451,7 +474,10 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     ctx.step, ctx.images_seen = step, images_seen
     if state is not None:
         ctx.restore_window(state["log_window"])
-    ctx.run(train_loader, sampler, val_loader)
+    try:
+        ctx.run(train_loader, sampler, val_loader)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(ctx.interrupted_message()) from None
 
     average_buffers(model, info)
     digests = all_gather_objects(state_digest(model), info)
@@ -478,7 +504,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     }
     if info.is_main:
         save_model(model, out / "model.pt", cfg.model, list(cfg.data.classes), anchors)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         split_history(out / "history.csv")
     barrier(info)
     return summary
@@ -517,6 +543,7 @@ class _Loop:
         self.amp = amp
         self.last_train: dict[str, float] = {}
         self.last_val: dict[str, float] = {}
+        self.val_step: int | None = None  # the step last_val was measured at
         # Loss sums [terms..., total] of the steps since the last 'train' history row.
         self.window = torch.zeros(len(LOSS_TERMS) + 1, dtype=torch.float64, device=device)
         self.window_steps = 0
@@ -580,6 +607,7 @@ class _Loop:
                 if (end_of_epoch or done) and val_loader is not None:
                     val = self._validate(val_loader)
                     self.last_val = self._row("val", epoch, lr, val, float("nan"))
+                    self.val_step = self.step
                 every = tc.checkpoint_every
                 if done or (every > 0 and self.step % every == 0):
                     self._checkpoint(epoch)
@@ -702,6 +730,16 @@ class _Loop:
 
     def _checkpoint(self, epoch: int) -> None:
         average_buffers(self.model, self.info)
+        # A checkpoint is a promise that training can go on from it: never write one whose
+        # weights (or this step's validation loss) are NaN or infinite. Every rank holds the
+        # same weights and validation sums, so every rank reaches the same verdict.
+        bad = nonfinite_tensors(self.model.state_dict())
+        if bad:
+            self._refuse_checkpoint(epoch, "weights", bad)
+        if self.val_step == self.step:
+            bad_val = sorted(k for k, v in self.last_val.items() if not math.isfinite(v))
+            if bad_val:
+                self._refuse_checkpoint(epoch, "validation loss", bad_val)
         rng = all_gather_objects(capture_rng_state(), self.info)
         if not self.info.is_main:
             return
@@ -741,29 +779,87 @@ class _Loop:
         ranks = all_gather_objects(mine, self.info)
         bad = sorted({k for r in ranks for k, v in r["terms"].items() if not math.isfinite(v)})
         ids = [i for r in ranks for i in r["image_ids"]]
-        ckpt = load_checkpoint(self.last_ckpt) if self.last_ckpt.is_file() else None
         report = {
             "step": self.step + 1,
             "epoch": epoch + 1,
             "nonfinite_terms": bad,
             "image_ids": ids,
             "ranks": ranks,
-            "last_checkpoint": str(self.last_ckpt) if ckpt is not None else None,
-            "last_checkpoint_step": int(ckpt["step"]) if ckpt is not None else None,
+            **self._last_good(),
         }
+        path = self._write_nonfinite(report)
+        shown = ", ".join(ids[:8]) + (f" (+{len(ids) - 8} more)" if len(ids) > 8 else "")
+        raise NonFiniteLossError(
+            f"non-finite loss at step {self.step + 1} (epoch {epoch + 1}): "
+            f"{', '.join(bad) or 'total'} on images {shown}; report {path}; "
+            f"{_where_good(report)}"
+        )
+
+    def _refuse_checkpoint(self, epoch: int, what: str, names: list[str]) -> None:
+        """Stop instead of writing a checkpoint with non-finite ``what`` (``names`` say which)."""
+        report = {
+            "step": self.step,
+            "epoch": epoch + 1,
+            "nonfinite_terms": [f"{what}: {n}" for n in names[:20]],
+            "nonfinite_in": what,
+            "num_nonfinite": len(names),
+            "image_ids": [],
+            **self._last_good(),
+        }
+        path = self._write_nonfinite(report)
+        shown = ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {self.step} (epoch {epoch + 1}): {shown}; "
+            f"no checkpoint written for this step; report {path}; {_where_good(report)}"
+        )
+
+    def interrupted_message(self) -> str:
+        """Where training stopped, the last checkpoint and the command that resumes it."""
+        good = self._last_good()
+        head = f"interrupted at step {self.step} of {self.total_steps}"
+        if good["last_checkpoint"] is None:
+            return f"{head}; no checkpoint written yet (train.checkpoint_every), start again"
+        return (
+            f"{head}; last checkpoint {good['last_checkpoint']} (step "
+            f"{good['last_checkpoint_step']}); resume with: polydet train --resume last "
+            "(and the same --params / --set)"
+        )
+
+    def _last_good(self) -> dict[str, Any]:
+        """The last checkpoint on disk, if its weights really are finite."""
+        ckpt = None
+        if self.last_ckpt.is_file():
+            try:
+                ckpt = load_checkpoint(self.last_ckpt)
+            except PolydetError:
+                ckpt = None
+        if ckpt is None or nonfinite_tensors(ckpt["model"]):
+            return {"last_checkpoint": None, "last_checkpoint_step": None}
+        return {"last_checkpoint": str(self.last_ckpt), "last_checkpoint_step": int(ckpt["step"])}
+
+    def _write_nonfinite(self, report: dict[str, Any]) -> Path:
         path = Path(self.tc.out) / "nonfinite.json"
         if self.info.is_main:
             path.write_text(json.dumps(report, indent=2) + "\n")
-        shown = ", ".join(ids[:8]) + (f" (+{len(ids) - 8} more)" if len(ids) > 8 else "")
-        where = (
-            f"last good checkpoint {self.last_ckpt} (step {report['last_checkpoint_step']})"
-            if ckpt is not None
-            else "no checkpoint written yet"
-        )
-        raise NonFiniteLossError(
-            f"non-finite loss at step {self.step + 1} (epoch {epoch + 1}): "
-            f"{', '.join(bad) or 'total'} on images {shown}; report {path}; {where}"
-        )
+        return path
+
+
+def nonfinite_tensors(state: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of a state dict holding a NaN or an infinity."""
+    return [
+        k
+        for k, v in state.items()
+        if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+
+
+def _where_good(report: dict[str, Any]) -> str:
+    if report["last_checkpoint"] is None:
+        return "no good checkpoint to resume from (start again, e.g. with a lower train.lr)"
+    return (
+        f"last good checkpoint {report['last_checkpoint']} (step "
+        f"{report['last_checkpoint_step']}): polydet train --resume last"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

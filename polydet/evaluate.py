@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from polydet import polybox
 from polydet.config import Config
 from polydet.data import formats
 from polydet.errors import DataError, ModelError
 from polydet.eval_plots import plot_all
+from polydet.files import write_text
 from polydet.metrics import (
     COCO_IOUS,
     COCO_MAX_DETS,
@@ -148,6 +151,8 @@ def load_dota_dirs(
         raise DataError(f"{ann_dir}: no labelTxt (*.txt) files")
     image_ids = [p.stem for p in ann_files]
     img, names, corners, difficult = formats.read_dota_arrays(ann_files)
+    for warning in annotation_warnings(ann_files, img, corners):
+        print(f"polydet evaluate: warning: {warning}", file=sys.stderr)
     if classes is None:
         found = set(names) | {m.group(1) for p in det_dir.iterdir() if (m := _TASK1.match(p.name))}
         classes = sorted(found)
@@ -163,6 +168,25 @@ def load_dota_dirs(
     )
     dets = read_task1_dir(det_dir, classes, image_ids, ann_dir)
     return image_ids, classes, gt, dets
+
+
+def annotation_warnings(
+    ann_files: Sequence[Path], img: np.ndarray, corners: np.ndarray
+) -> list[str]:
+    """``file:line: ...`` for each ground truth whose quad is degenerate (zero area) or
+    self-intersecting (a bow tie), as read by :func:`polydet.data.formats.read_dota_arrays`
+    (``img [G]``, ``corners [G, 8]``). They are still scored as the DOTA kit scores them."""
+    flags = polybox.check_corners(torch.from_numpy(corners).reshape(-1, 4, 2)).numpy()
+    bad = np.flatnonzero(flags & (polybox.ZERO_AREA | polybox.SELF_INTERSECTING))
+    out = []
+    for i in bad:
+        # The object's position within its file gives its line (read_dota keeps them).
+        k = int(i - np.searchsorted(img, img[i]))
+        path = ann_files[int(img[i])]
+        line = formats.read_dota(path).objects[k].line
+        what = "zero-area quad" if flags[i] & polybox.ZERO_AREA else "self-intersecting quad"
+        out.append(f"{path}:{line}: {what}; scored as given, as the DOTA kit does")
+    return out
 
 
 def evaluate_dota_dirs(
@@ -320,12 +344,14 @@ HEADLINE_METRICS = ("map50", "map75", "map50_95", "map_voc_all")
 def write_outputs(ev: Evaluation, out: Path) -> None:
     """``metrics.json``, ``confusion.json``, ``pr.csv`` and the plots of an evaluation."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(ev.metrics, indent=2) + "\n")
+    # Atomic writes: a full disk or a read-only directory leaves the previous files whole.
+    write_text(out / "metrics.json", json.dumps(ev.metrics, indent=2) + "\n")
     # The few numbers `dvc metrics show` / `dvc exp show` display (metrics.json is wide).
     headline = {k: ev.metrics[k] for k in HEADLINE_METRICS if k in ev.metrics}
-    (out / "headline.json").write_text(json.dumps(headline, indent=2) + "\n")
+    write_text(out / "headline.json", json.dumps(headline, indent=2) + "\n")
     names = [*ev.classes, "background"]
-    (out / "confusion.json").write_text(
+    write_text(
+        out / "confusion.json",
         json.dumps(
             {
                 "rows": names,
@@ -334,7 +360,7 @@ def write_outputs(ev: Evaluation, out: Path) -> None:
             },
             indent=2,
         )
-        + "\n"
+        + "\n",
     )
     rows = ["class,score,precision,recall"]
     for name, cv in ev.curves.items():
@@ -344,5 +370,5 @@ def write_outputs(ev: Evaluation, out: Path) -> None:
             f"{name},{cv['score'][i]:.6g},{cv['precision'][i]:.6g},{cv['recall'][i]:.6g}"
             for i in step
         ]
-    (out / "pr.csv").write_text("\n".join(rows) + "\n")
+    write_text(out / "pr.csv", "\n".join(rows) + "\n")
     plot_all(ev, out)

@@ -17,23 +17,26 @@ each tile is detected on its own and the detections are merged back with polygon
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import ImageDraw
 from torch import Tensor
 
 from polydet import polybox
 from polydet.config import Config, TileConfig
 from polydet.data.dataset import load_image
 from polydet.data.formats import write_task1
+from polydet.data.images import open_image, rgb_image
 from polydet.data.tiling import merge_detections, tile_grid
 from polydet.distributed import DistInfo
 from polydet.engine import resolve_device
 from polydet.errors import DataError
 from polydet.evaluate import resolve_model
+from polydet.files import write_text
 from polydet.model import PolyDetector, load_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -96,8 +99,8 @@ def detect(
 
 def draw(image_path: Path, det: dict[str, Tensor], classes: list[str], out: Path) -> Path:
     """Save ``image_path`` with the detections' polyboxes, classes and scores drawn."""
-    with Image.open(image_path) as im:
-        canvas = im.convert("RGB")
+    with open_image(image_path) as im:  # as displayed, as the detections are
+        canvas = rgb_image(im)
     pen = ImageDraw.Draw(canvas)
     width = max(1, round(max(canvas.size) / 256))
     corners = polybox.to_corners(det["polyboxes"].double()).tolist()
@@ -138,15 +141,25 @@ def predict_paths(
     detections: dict[str, dict[str, Tensor]] = {}
     records: list[dict[str, Any]] = []
     tiled = 0
+    skipped: list[dict[str, str]] = []
     with torch.inference_mode():
         for path, image_id in zip(paths, _image_ids(paths)):
-            image = load_image(path).to(device)
+            try:
+                image = load_image(path).to(device)
+            except DataError as e:  # one bad file (a text file named .png) skips that file
+                if len(paths) == 1:
+                    raise
+                print(f"polydet predict: warning: skipped {e}", file=sys.stderr)
+                skipped.append({"path": str(path), "reason": str(e)})
+                continue
             det, n_tiles = detect(net, image, cfg.data.tile, score_thresh, cfg.evaluate.batch_size)
             tiled += n_tiles > 1
             detections[image_id] = det
             draw(path, det, classes, out_dir / "images" / f"{image_id}.png")
             records.append(_record(image_id, path, image, det, classes, n_tiles))
 
+    if not records:
+        raise DataError(f"{input}: none of the {len(paths)} images could be read")
     task1 = write_task1(out_dir, detections, classes)
     per_class = {c: 0 for c in classes}
     for det in detections.values():
@@ -155,7 +168,8 @@ def predict_paths(
     summary = {
         "model": str(model_path),
         "device": str(device),
-        "images": len(paths),
+        "images": len(records),
+        "skipped": skipped,
         "tiled_images": tiled,
         "detections": sum(per_class.values()),
         "per_class": per_class,
@@ -167,7 +181,7 @@ def predict_paths(
         "drawn": str(out_dir / "images"),
     }
     doc = {"summary": summary, "classes": classes, "images": records}
-    (out_dir / "detections.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_text(out_dir / "detections.json", json.dumps(doc, indent=1) + "\n")
     return summary
 
 

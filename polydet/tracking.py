@@ -43,6 +43,7 @@ from mlflow.exceptions import MlflowException
 
 from polydet.config import Config, flatten, flatten_dict, to_dict
 from polydet.errors import DataError, ModelError, TrackingError
+from polydet.files import write_text
 
 FALLBACK_URI = "sqlite:///mlruns/mlflow.db"  # when neither the env nor params.yaml names one
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -110,6 +111,17 @@ def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TrackingError(f"MLflow store {uri}: cannot create {db.parent}: {e}") from e
+        # SQLite writes a journal beside the database: both must be writable.
+        for path in (db.parent, db) if db.exists() else (db.parent,):
+            if not os.access(path, os.W_OK):
+                raise TrackingError(f"MLflow store {uri}: {path} is not writable (read-only?)")
+
+
+def store_message(e: MlflowException) -> str:
+    """The first line of an MLflow store error, without SQLAlchemy's SQL dump."""
+    text = (e.message or str(e)).strip()
+    text = text.split("\n[SQL:", 1)[0].split("\n", 1)[0]
+    return re.sub(r"^\((sqlite3|psycopg2|pymysql)\.\w+\) ", "", text)
 
 
 def connect(cfg: Config) -> str:
@@ -122,6 +134,9 @@ def connect(cfg: Config) -> str:
         os.environ.setdefault(key, value)
     uri = get_tracking_uri(cfg)
     check_reachable(uri)
+    # MLflow logs every database error with its traceback and SQL before raising it; the
+    # TrackingError raised here says it in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     client = mlflow.MlflowClient()
@@ -141,7 +156,7 @@ def connect(cfg: Config) -> str:
         # Logged models go to the current experiment, not their run's: keep them together.
         mlflow.set_experiment(experiment_id=experiment_id)
     except MlflowException as e:
-        raise TrackingError(f"MLflow store {uri}: {e.message}") from e
+        raise TrackingError(f"MLflow store {uri}: {store_message(e)}") from e
     return experiment_id
 
 
@@ -255,7 +270,7 @@ def pipeline_run(
             run_id, params=[Param(k, _param_value(v)) for k, v in flatten(cfg).items()]
         )
     except MlflowException as e:
-        raise TrackingError(f"MLflow store {get_tracking_uri(cfg)}: {e.message}") from e
+        raise TrackingError(f"MLflow store {get_tracking_uri(cfg)}: {store_message(e)}") from e
     monitor = None
     if _psutil_present():
         # Its start/stop INFO lines would interleave with the pipeline's own log.
@@ -526,20 +541,21 @@ def model_signature() -> Any:
 
 
 def decode_image(value: str | bytes) -> Any:
-    """An image from a path or base64 bytes as a ``[3,H,W]`` float tensor in [0,1].
+    """An image from a path or base64 bytes as a ``[3,H,W]`` float tensor in [0,1], read by
+    the one image reader (:mod:`polydet.data.images`: orientation, modes, size limit).
 
     Raises :class:`DataError` saying what the value is not (a path, base64, an image).
     """
     import binascii
 
-    import numpy as np
     import torch
-    from PIL import Image, UnidentifiedImageError
+
+    from polydet.data.images import read_rgb
 
     if not isinstance(value, str | bytes):
         raise DataError(f"expected a string (base64 image bytes or a path), got {value!r:.60}")
     if isinstance(value, str) and _is_file(value):
-        source, opened = value, lambda: Image.open(value)
+        arr = read_rgb(value)
     else:
         try:
             raw = value if isinstance(value, bytes) else base64.b64decode(value, validate=True)
@@ -549,13 +565,7 @@ def decode_image(value: str | bytes) -> Any:
                 f"server can read nor base64 image bytes ({e}); send base64 of a PNG or JPEG "
                 "file (polydet payload IMAGE > payload.json writes such a request)"
             ) from None
-        source, opened = f"{len(raw)} decoded bytes", lambda: Image.open(io.BytesIO(raw))
-    try:
-        img = opened()
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{source}: not a readable image file (PNG, JPEG, ...): {e}") from None
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+        arr = read_rgb(raw)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
@@ -708,7 +718,7 @@ def register_model(
         client.set_tag(run_id, TAG + "model_version", version)
         promotion = promote_if_better(cfg, version, score)
     except MlflowException as e:
-        raise TrackingError(f"MLflow registry {get_tracking_uri(cfg)}: {e.message}") from e
+        raise TrackingError(f"MLflow registry {get_tracking_uri(cfg)}: {store_message(e)}") from e
     return {
         "model_name": name,
         "version": version,
@@ -833,17 +843,56 @@ def _crown(client: mlflow.MlflowClient, name: str, version: str, reason: str) ->
     return old
 
 
+def promotion_lock_path(uri: str) -> Path:
+    """The lock file that makes the promotion gate atomic for the store ``uri``.
+
+    A SQLite store: ``<db>.promotion.lock`` beside the database, so every process using that
+    store shares it. Any other store (an ``mlflow server``): a file under ``mlruns/`` named
+    after the URI, which serializes the promotions started from this machine only; a server
+    store shared by several machines needs promotions run from one place (one pipeline at
+    a time, as ``prefect.yaml``'s concurrency limit does) or that file on a shared disk.
+    """
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return db.with_name(db.name + ".promotion.lock")
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:12]
+    return Path("mlruns") / f".promotion-{digest}.lock"
+
+
+@contextmanager
+def promotion_lock(cfg: Config | None = None) -> Iterator[None]:
+    """Hold the promotion gate's lock (waiting for it) for the ``with`` body."""
+    from polydet.locks import file_lock
+
+    uri = get_tracking_uri(cfg)
+    with file_lock(promotion_lock_path(uri), wait=True, what="the promotion gate", record=False):
+        yield
+
+
 def promote_if_better(cfg: Config, version: str, new_ap: float) -> dict[str, Any]:
-    """Apply the promotion gate to a freshly registered ``version`` with AP50 ``new_ap``."""
+    """Apply the promotion gate to a freshly registered ``version`` with AP50 ``new_ap``.
+
+    Read champion, compare, set alias happen under :func:`promotion_lock`, so two runs
+    finishing together are judged one after the other. After crowning, the alias is read
+    back: should another writer (a store the lock does not cover) have moved it meanwhile,
+    the gate is applied again against that version.
+    """
     client = _client()
     name = cfg.tracking.model_name
-    champion = _alias_version(client, name, CHAMPION)
-    champion_ap = None if champion is None else _version_ap(client, name, champion)
-    if champion is not None and champion_ap is None:
-        champion_ap = float("-inf")  # a champion with no recorded AP50 loses to any number
-    promoted, reason = decide_promotion(new_ap, champion_ap, cfg.tracking.promote_margin)
-    client.set_model_version_tag(name, version, TAG + "gate", reason)
-    previous = _crown(client, name, version, reason) if promoted else None
+    promoted, reason, previous = False, "already champion", None
+    with promotion_lock(cfg):
+        for _ in range(3):
+            champion = _alias_version(client, name, CHAMPION)
+            champion_ap = None if champion is None else _version_ap(client, name, champion)
+            if champion is not None and champion_ap is None:
+                champion_ap = float("-inf")  # a champion with no recorded AP50 loses to any
+            if champion == version:  # crowned meanwhile by a re-check of ours
+                break
+            promoted, reason = decide_promotion(new_ap, champion_ap, cfg.tracking.promote_margin)
+            client.set_model_version_tag(name, version, TAG + "gate", reason)
+            previous = _crown(client, name, version, reason) if promoted else None
+            if not promoted or _alias_version(client, name, CHAMPION) == version:
+                break
     return {"promoted": promoted, "reason": reason, "previous_champion": previous}
 
 
@@ -856,13 +905,19 @@ def promote(cfg: Config, version: str, reason: str = "promoted by hand") -> dict
         client.get_model_version(name, str(version))
     except MlflowException as e:
         raise TrackingError(f"{name} has no version {version} in {get_tracking_uri(cfg)}") from e
-    previous = _crown(client, name, str(version), reason)
+    with promotion_lock(cfg):
+        previous = _crown(client, name, str(version), reason)
     return {"model_name": name, "champion": str(version), "previous_champion": previous}
 
 
 def rollback(cfg: Config, reason: str = "rolled back by hand") -> dict[str, Any]:
     """Give the champion alias back to the version the current champion replaced."""
     connect(cfg)
+    with promotion_lock(cfg):
+        return _rollback(cfg, reason)
+
+
+def _rollback(cfg: Config, reason: str) -> dict[str, Any]:
     client = _client()
     name = cfg.tracking.model_name
     current = _alias_version(client, name, CHAMPION)
@@ -937,7 +992,7 @@ def _resolve_uri(client: mlflow.MlflowClient, uri: str, store: str) -> tuple[str
                 number = client.get_model_version_by_alias(name, alias).version
             location = client.get_model_version_download_uri(name, str(number))
         except MlflowException as e:
-            raise ModelError(f"{uri}: not in the registry at {store}: {e.message}") from e
+            raise ModelError(f"{uri}: not in the registry at {store}: {store_message(e)}") from e
 
         def download(dst: str) -> None:
             mlflow.artifacts.download_artifacts(
@@ -1001,13 +1056,14 @@ def record_and_register(
         origin = tags.get(TAG + "dvc_exp_name") or tags[TAG + "orchestrator"].replace(" ", "-")
         with pipeline_run(cfg, run_name(cfg, origin), tags) as rid:
             return record_and_register(cfg, cached, run_id=rid)
-    logged = log_pipeline_outputs(cfg, run_id, cached)
+    try:
+        logged = log_pipeline_outputs(cfg, run_id, cached)
+    except MlflowException as e:
+        raise TrackingError(f"MLflow store {get_tracking_uri(cfg)}: {store_message(e)}") from e
     record = register_model(cfg, Path(cfg.train.out) / "model.pt", logged["metrics"], run_id)
     record["tracking_uri"] = get_tracking_uri(cfg)
     record["experiment"] = cfg.tracking.experiment
-    path = registration_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    write_text(registration_path(cfg), json.dumps(record, indent=2, sort_keys=True) + "\n")
     return record
 
 

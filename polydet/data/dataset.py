@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from polydet.config import AugmentConfig
 from polydet.data.augment import Augment
+from polydet.data.images import read_rgb
 from polydet.data.manifest import BOX_COLUMNS, SPLITS, read_tables
 from polydet.errors import DataError
 
@@ -74,18 +74,16 @@ def load_records(prepared_dir: str | Path, split: str | None) -> list[Record]:
 
 
 def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
-    """RGB image ``[3, H, W]`` float32 in [0, 1]; ``size = (width, height)`` is checked."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image: {e}") from e
+    """RGB image ``[3, H, W]`` float32 in [0, 1], as displayed (EXIF orientation applied;
+    16-bit and other modes scaled: :mod:`polydet.data.images`); ``size = (width, height)``
+    is checked."""
+    arr = read_rgb(path)
     if size is not None and (arr.shape[1], arr.shape[0]) != tuple(size):
         raise DataError(
             f"{path}: image is {arr.shape[1]}x{arr.shape[0]}, the prepared dataset says "
             f"{size[0]}x{size[1]}; run `polydet prepare` again"
         )
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 class PolyDataset(Dataset):

@@ -48,6 +48,7 @@ from polydet.data import validate as v
 from polydet.data.quads import polygon_to_quad
 from polydet.data.validate import ImportLog, where
 from polydet.errors import DataError
+from polydet.files import write_text
 
 # ICDAR 2015's "don't care" transcription.
 DONT_CARE = "###"
@@ -123,10 +124,18 @@ def _num(x: float) -> str:
 def _read_text(path: Path, log: ImportLog, encoding: str = "utf-8-sig") -> str | None:
     """File text (a UTF-8 BOM is dropped), or ``None`` after logging why not."""
     try:
-        return Path(path).read_text(encoding=encoding)
-    except (OSError, UnicodeDecodeError) as e:
+        data = Path(path).read_bytes()
+        return data.decode(encoding)
+    except OSError as e:
         log.drop_image(where(path), v.UNREADABLE_FILE, str(e))
-        return None
+    except UnicodeDecodeError as e:  # binary garbage: name the line it starts on
+        line = data[: e.start].count(b"\n") + 1
+        log.drop_image(
+            where(path, line),
+            v.UNREADABLE_FILE,
+            f"not {encoding.removesuffix('-sig').upper()} text (byte {data[e.start]:#04x})",
+        )
+    return None
 
 
 def _floats(fields: Sequence[str], loc: str, log: ImportLog) -> list[float] | None:
@@ -180,7 +189,9 @@ def read_dota(path: str | Path, log: ImportLog | None = None) -> DotaLabels:
         return DotaLabels([])
     header: dict[str, str] = {}
     objects = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    # Lines end at "\n" only (str.splitlines also splits at \x1c, \x85, ...: a garbage line
+    # would shift every line number after it).
+    for lineno, raw in enumerate(text.split("\n"), 1):
         line = raw.strip()
         if not line:
             continue
@@ -562,7 +573,7 @@ def write_task1(
             f"{d.image_id} {d.score:.6g} " + " ".join(f"{x:.2f}" for x in d.points) for d in dets
         ]
         p = out_dir / f"Task1_{cls}.txt"
-        p.write_text("".join(f"{x}\n" for x in lines))
+        write_text(p, "".join(f"{x}\n" for x in lines))  # atomic: the old file or the new
         paths.append(p)
     return paths
 

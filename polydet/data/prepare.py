@@ -10,6 +10,8 @@ under ``cfg.data.out``: ``images.csv``, ``objects.csv``, ``import_summary.json``
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from polydet.data import manifest, tiling
 from polydet.data.layouts import SourceImage, read_dataset
 from polydet.data.validate import ImportLog, ValidObjects, validate_objects
 from polydet.errors import DataError
+from polydet.files import WriteError, describe_os_error, process_alive
 
 # Issues shown in the returned summary (all of them are in import_issues.txt).
 SHOWN_ISSUES = 20
@@ -51,18 +54,68 @@ def import_dataset(dc: DataConfig) -> Imported:
 
 
 def prepare(cfg: Config) -> dict:
-    """Run the prepare stage (module docstring); returns a JSON-able summary."""
+    """Run the prepare stage (module docstring); returns a JSON-able summary.
+
+    Everything is written into a staging directory beside ``data.out`` that replaces it only
+    when complete: a failed or killed run leaves the previous prepared dataset whole (its
+    import report goes to ``<data.out>.failed/``), and the next run removes the leftovers.
+    """
     dc = cfg.data
     out = Path(dc.out)
+    _remove_leftovers(out)
     imp = import_dataset(dc)
-    sources, valid, log, summary = imp.sources, imp.objects, imp.log, imp.summary
-    log.write(out, summary)
-    if not sources:
-        raise DataError(f"{dc.root}: no usable image (see {out / 'import_issues.txt'})")
+    if not imp.sources:
+        failed = out.with_name(out.name + ".failed")
+        imp.log.write(failed, imp.summary)
+        raise DataError(
+            f"{dc.root}: no usable image (see {failed / 'import_issues.txt'}); {out} is unchanged"
+        )
+    stage = out.with_name(f".{out.name}.staging-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    try:
+        result = _write_prepared(dc, imp, out, stage)
+        _swap(stage, out)
+    except OSError as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise WriteError(describe_os_error(e)) from e
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    shutil.rmtree(out.with_name(out.name + ".failed"), ignore_errors=True)
+    return result
 
+
+def _remove_leftovers(out: Path) -> None:
+    """Staging directories of killed runs; a previous dataset a killed swap left aside."""
+    if not out.parent.is_dir():
+        return
+    for p in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, pid = p.name.rpartition("-")
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        if kind.endswith(".old") and not out.exists():
+            p.rename(out)  # killed between the two renames of _swap: put it back
+        elif kind.endswith((".old", ".staging")):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _swap(stage: Path, out: Path) -> None:
+    """Put the complete ``stage`` in place of ``out`` (two renames; never a mix of both)."""
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        out.rename(old)
+    stage.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_prepared(dc: DataConfig, imp: Imported, out: Path, stage: Path) -> dict:
+    """Write the prepared dataset into ``stage``; its paths name ``out``, where it will be."""
+    sources, valid, log, summary = imp.sources, imp.objects, imp.log, imp.summary
+    log.write(stage, summary)
     split = manifest.split_ids([s.image_id for s in sources], dc.split)
-    tiles_dir = out / "tiles"
-    index = tiling.load_index(tiles_dir)
+    index = tiling.load_index(out / "tiles")
+    tiles_dir = stage / "tiles"
+    _link_tiles(out / "tiles", tiles_dir, index)  # current tiles are reused, not rewritten
     image_rows, object_frames = [], []
     tiled = written = 0
     current_tiles: set[str] = set()
@@ -72,6 +125,7 @@ def prepare(cfg: Config) -> dict:
         if t.enabled and (src.width > t.size or src.height > t.size):
             grid = tiling.tile_grid(src.width, src.height, t.size, t.overlap)
             paths, n = tiling.write_tiles(src.path, src.image_id, grid, tiles_dir, index)
+            paths = [out / "tiles" / p.name for p in paths]
             tiled, written = tiled + 1, written + n
             for box, path in zip(grid, paths):
                 name = tiling.tile_name(src.image_id, box)
@@ -111,8 +165,8 @@ def prepare(cfg: Config) -> dict:
     images = pd.DataFrame(image_rows, columns=manifest.IMAGE_COLUMNS)
     objects = pd.concat(object_frames, ignore_index=True) if object_frames else pd.DataFrame()
     objects = objects.reindex(columns=manifest.OBJECT_COLUMNS)
-    manifest.write_tables(out, images, objects)
-    stats = manifest.write_report(out, images, objects, dc.classes)
+    manifest.write_tables(stage, images, objects)
+    stats = manifest.write_report(stage, images, objects, dc.classes)
     return {
         "out": str(out),
         "images": len(images),
@@ -128,7 +182,35 @@ def prepare(cfg: Config) -> dict:
         },
         "import": summary,
         "issues": [str(i) for i in log.issues[:SHOWN_ISSUES]],
+        "warnings": _object_warnings(stats),
     }
+
+
+def _object_warnings(stats: dict) -> list[str]:
+    """A dataset (or a split) with images but no objects trains a detector of nothing."""
+    objects, images = stats["num_objects"], stats["num_images"]
+    if sum(objects.values()) == 0:
+        return [
+            "the dataset has no objects at all: every image is background, a detector cannot "
+            "learn from it (check data.classes and import_issues.txt)"
+        ]
+    return [
+        f"the {s} split has {images[s]} images but no objects"
+        for s in manifest.SPLITS
+        if images[s] and not objects[s]
+    ]
+
+
+def _link_tiles(src: Path, dst: Path, index: dict) -> None:
+    """Hard-link (or copy) the tiles ``index`` lists from ``src`` into ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in index:
+        tile = src / f"{name}.png"
+        if tile.is_file():
+            try:
+                os.link(tile, dst / tile.name)
+            except OSError:
+                shutil.copy2(tile, dst / tile.name)
 
 
 def format_summary(result: dict) -> str:
@@ -159,6 +241,7 @@ def format_summary(result: dict) -> str:
         lines.append(
             f"  tiles: {t['tiles']} from {t['source_images_tiled']} images ({t['tiles_written']} written)"
         )
+    lines += [f"  warning: {w}" for w in result.get("warnings", [])]
     if result["issues"]:
         more = imp["num_issues"] - len(result["issues"])
         lines.append(

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from polydet import polybox
+from polydet.data.images import open_image, rgb_image
 from polydet.data.quads import clip_quad, inside_share
 
 Box = tuple[int, int, int, int]
@@ -119,11 +119,11 @@ def write_tiles(
             path = tiles_dir / f"{name}.png"
             entry = {"source": str(source), "sha256": digest, "box": list(t)}
             if not (path.is_file() and index.get(name) == entry):
-                if image is None:
-                    image = Image.open(source)
-                    image.load()
+                if image is None:  # as displayed, 8-bit RGB (polydet.data.images)
+                    with open_image(source) as im:
+                        image = rgb_image(im)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                image.crop(t).convert("RGB").save(path, format="PNG", compress_level=1)
+                image.crop(t).save(path, format="PNG", compress_level=1)
                 index[name] = entry
                 written += 1
             paths.append(path)

@@ -27,9 +27,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
 from polydet import polybox
+from polydet.data.images import displayed_size, open_raw
 from polydet.data.quads import clip_quad, inside_share
 from polydet.errors import DataError
 
@@ -187,11 +188,18 @@ def check_image(
         log.drop_image(loc, EMPTY_FILE, "image file has 0 bytes", num_objects)
         return None
     try:
-        with Image.open(path) as im:
+        with open_raw(path) as im:
+            size = displayed_size(im)  # labels are in the pixels the user sees
             im.load()
-            return im.size
-    except UnidentifiedImageError:
-        log.drop_image(loc, UNREADABLE_IMAGE, "not an image format PIL can read", num_objects)
+            return size
+    except DataError as e:
+        cause = e.__cause__
+        if isinstance(cause, UnidentifiedImageError):
+            message = "not an image format PIL can read"
+        else:
+            message = str(cause) if cause is not None else str(e).removeprefix(f"{path}: ")
+        reason = TRUNCATED_IMAGE if "truncated" in message.lower() else UNREADABLE_IMAGE
+        log.drop_image(loc, reason, message, num_objects)
     except (OSError, SyntaxError, ValueError) as e:
         reason = TRUNCATED_IMAGE if "truncated" in str(e).lower() else UNREADABLE_IMAGE
         log.drop_image(loc, reason, str(e), num_objects)

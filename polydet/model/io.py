@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from polydet.checkpoint import atomic_torch_save
 from polydet.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
 from polydet.errors import ModelError
+from polydet.files import torch_load_problem, torch_save
 from polydet.model.detector import PolyDetector, _build
 
 FORMAT = "polydet-model/1"
@@ -47,9 +47,11 @@ def save_model(
         "anchors": model.anchors if anchors is None else _plain(anchors),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    # Saved through a file object, the zip entries are named "archive/..." whatever the
-    # (temporary) file name: identical weights give identical bytes (DVC, the registry).
-    return atomic_torch_save(payload, path)
+    # Atomic and serialised in memory first: the zip entries are named "archive/..." whatever
+    # the (temporary) file name, so identical weights give identical bytes (DVC, the
+    # registry); a failure (a full disk, a read-only directory) removes its temp file and
+    # names the path and the cause.
+    return torch_save(payload, path)
 
 
 def _plain(anchors: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,7 +74,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> PolyDete
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # corrupt or foreign files raise many different types
-        raise ModelError(f"{path}: cannot read model file: {e}") from e
+        raise ModelError(f"{path}: not a polydet model file: {torch_load_problem(path, e)}") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise ModelError(
