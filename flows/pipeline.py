@@ -121,7 +121,12 @@ class Stage:
     run: Callable[[Config], dict[str, Any]]
 
 
-_CORE = ("polydet/ops.py", "polydet/polybox.py", "polydet/config.py")  # used by every stage
+_CORE = (  # used by every stage
+    "polydet/ops.py",
+    "polydet/polybox.py",
+    "polydet/config.py",
+    "polydet/files.py",
+)
 _MODEL = ("polydet/model", "polydet/coder.py")  # the detector
 _EVALUATE = ("polydet/evaluate.py", "polydet/metrics.py", "polydet/eval_plots.py")
 
