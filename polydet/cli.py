@@ -89,10 +89,20 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     cfg = _cfg(args)
     result = predict_paths(
-        cfg, Path(args.input), model=args.model, out_dir=Path(args.out),
+        cfg,
+        Path(args.input),
+        model=args.model,
+        out_dir=Path(args.out),
         score_thresh=args.score_thresh,
+        runtime=args.runtime,
     )
     _print_json(result)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from polydet.export import export
+
+    _print_json(export(_cfg(args), model=args.model, fmt=args.format, out_dir=Path(args.out)))
 
 
 def _cmd_debug(args: argparse.Namespace) -> None:
@@ -138,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.add_argument("--params", default="params.yaml", help="settings file (params.yaml)")
         p.add_argument(
-            "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+            "--set",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
             help="override one setting (repeatable), e.g. --set train.lr=0.01",
         )
         p.set_defaults(func=fn)
@@ -162,6 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model file or models:/NAME@ALIAS URI")
     p.add_argument("--out", default="outputs/predict", help="output directory")
     p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument(
+        "--runtime", choices=["torch", "onnx"], default="torch",
+        help="onnx: run an exported model (--model DIR of `polydet export` or its model.onnx)",
+    )  # fmt: skip
+    p = add("export", _cmd_export, "export a model to ONNX or TorchScript (post-processing inside)")
+    p.add_argument("--model", help="model file or models:/NAME@ALIAS URI (default: train.out)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", default="outputs/export", help="output directory")
     p = add("debug", _cmd_debug, "loss / matching / IoU debugging report for a model")
     p.add_argument("--model", help="model file (default: train.out)")
     add("register", _cmd_register, "log the outputs to MLflow, register the model, apply the gate")
