@@ -7,7 +7,8 @@ check), then each runtime predicts the same batch of smooth random images at eac
 (``--sizes``: the demo's 256 px and 1024 px by default; the model resizes inside) and each
 batch size (``--batches``). Runs alternate between the runtimes so that load from other
 processes hits them alike; the median of ``--iters`` runs is reported as latency per image
-(ms) and images per second. Eager is ``PolyDetector.predict`` on a list of images (resize
+(ms) and images per second, in wall time and in process CPU time (all threads; steadier
+when other processes load the machine). Eager is ``PolyDetector.predict`` on a list of images (resize
 and batching included), the exports take the ``[B, 3, H, W]`` tensor.
 
     .venv/bin/python bench/bench_export.py [--params params.yaml] [--model FILE]
@@ -78,20 +79,26 @@ def main() -> None:
             for batch in args.batches:
                 ims = images_of(size, batch)
                 times: dict[str, list[float]] = {k: [] for k in runners}
-                for run in runners.values():  # warm-up
-                    run(ims)
+                cpu: dict[str, list[float]] = {k: [] for k in runners}
+                for _ in range(2):  # warm-up (TorchScript optimises on its second call)
+                    for run in runners.values():
+                        run(ims)
                 for _ in range(args.iters):
                     for name, run in runners.items():
-                        t = time.perf_counter()
+                        t, c = time.perf_counter(), time.process_time()
                         run(ims)
                         times[name].append(time.perf_counter() - t)
+                        cpu[name].append(time.process_time() - c)
                 med = {k: statistics.median(v) for k, v in times.items()}
+                med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
                 for name, seconds in med.items():
                     rows.append({
                         "size": size, "batch": batch, "runtime": name,
                         "ms_per_image": round(1000 * seconds / batch, 1),
                         "images_per_s": round(batch / seconds, 2),
                         "speedup_vs_eager": round(med["eager"] / seconds, 2),
+                        "cpu_ms_per_image": round(1000 * med_cpu[name] / batch, 1),
+                        "cpu_speedup_vs_eager": round(med_cpu["eager"] / med_cpu[name], 2),
                     })  # fmt: skip
     print(json.dumps({
         "cpu": platform.processor() or platform.machine(),

@@ -5,6 +5,8 @@ input sizes and batch sizes; the CLI writes the files; ``predict --runtime onnx`
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +127,7 @@ def test_onnx_and_torchscript_match_eager(name: str, models: dict, synth: Path, 
 def test_cli_export_and_predict_on_onnx_runtime(models: dict, synth: Path, tmp_path: Path):
     cfg = tiny_cfg(*SIZE)
     model_file = save_model(models["trained"], tmp_path / "model.pt", cfg, CLASSES, None)
-    out = tmp_path / "export"
+    out = tmp_path / "outputs" / "export"  # where the README's snippet looks
     params = ["--params", str(ROOT / "params.yaml")]
     assert main(["export", "--model", str(model_file), "--format", "onnx", "--out", str(out),
                  *params]) == 0  # fmt: skip
@@ -147,3 +149,12 @@ def test_cli_export_and_predict_on_onnx_runtime(models: dict, synth: Path, tmp_p
     # A missing model directory is named in the error.
     assert main(["predict", str(synth / "images"), "--model", str(tmp_path / "nope"),
                  "--runtime", "onnx", "--out", str(tmp_path / "x"), *params]) == 2  # fmt: skip
+
+    # The README's plain-Python snippet runs as written, importing neither torch nor polydet.
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```python", readme.index("Run the ONNX model from plain Python"))
+    snippet = readme[start + len("```python") : readme.index("```", start + 3)]
+    guard = "\nimport sys\nassert not {'torch', 'polydet'} & set(sys.modules), sys.modules.keys()\n"
+    done = subprocess.run([sys.executable, "-c", snippet + guard], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
