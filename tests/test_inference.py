@@ -5,6 +5,7 @@ torchvision's per-image batched_nms, and the sort-free canonical corner order.""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,34 @@ def test_select_proposals_nms_matches_torchvision_per_image() -> None:
         torch.testing.assert_close(boxes[b][valid[b]], cb[keep])
         torch.testing.assert_close(scores[b][valid[b]], cs[keep])
         assert (scores[b][~valid[b]] == 0).all()
+
+
+def test_exported_suppression_matrix_with_no_candidate_pair(tmp_path: Path) -> None:
+    """Regression: with no pair passing the bound, ONNX Runtime failed on the empty gathers
+    ("perm size: 2 does not match input rank: 3"); 0, 1 and 2 overlapping pairs now give
+    the eager matrix."""
+    import warnings
+
+    import onnxruntime as ort
+
+    def case(overlaps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        qs = [quad(20 + 40 * k, 20, 10, 10, 0) for k in range(6)]
+        for k in range(overlaps):
+            qs[2 * k + 1] = quad(21 + 80 * k, 20, 10, 10, 0)
+        return torch.stack(qs).view(1, 1, 6, 10), torch.ones(1, 1, 6, dtype=torch.bool)
+
+    class Suppress(torch.nn.Module):
+        def forward(self, p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return suppression_matrix(p, c, 0.3)
+
+    path = tmp_path / "s.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Suppress(), case(2), str(path), dynamo=False, opset_version=17,
+                          input_names=["p", "c"], dynamic_axes={"p": [2], "c": [2]})  # fmt: skip
+    session = ort.InferenceSession(str(path))
+    for overlaps in (0, 1, 2):
+        p, c = case(overlaps)
+        got = session.run(None, {"p": p.numpy(), "c": c.numpy()})[0]
+        want = Suppress()(p, c).numpy()
+        assert (got == want).all() and int(want.sum()) == 2 * overlaps

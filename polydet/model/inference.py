@@ -179,8 +179,12 @@ def suppression_matrix(polyboxes: Tensor, candidate: Tensor, iou_threshold: floa
     slack = iou_threshold * (1 - 1e-4)
     maybe = (inter > slack * big) & (small > slack * big) & upper
     maybe = maybe & candidate[..., :, None] & candidate[..., None, :]
-    b, g, i, j = torch.nonzero(maybe, as_tuple=True)
+    # One dummy pair (0, 0, 0, 0), never a real one (diagonal), keeps the pair count above 0:
+    # ONNX Runtime mis-shapes the gathers of an empty pair list.
+    pairs = torch.cat([torch.nonzero(maybe), maybe.new_zeros((1, 4), dtype=torch.int64)])
+    b, g, i, j = pairs.unbind(1)
     hit = quad_iou(polyboxes[b, g, i], polyboxes[b, g, j]) > iou_threshold
+    hit = hit & maybe[b, g, i, j]
     suppress = torch.zeros_like(maybe)
     suppress = suppress.index_put((b, g, i, j), hit)
     return suppress | suppress.transpose(-1, -2)
