@@ -109,11 +109,15 @@ def main() -> None:
         "iters": args.iters,
     }, indent=1))  # fmt: skip
     print(
-        f"{'size':>5} {'batch':>5} {'runtime':>12} {'ms/image':>9} {'images/s':>9} {'x eager':>8}"
+        "| size | batch | runtime | ms/image | images/s | x eager | CPU ms/image | x eager (CPU) |"
     )
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"{r['size']:>5} {r['batch']:>5} {r['runtime']:>12} {r['ms_per_image']:>9} "
-              f"{r['images_per_s']:>9} {r['speedup_vs_eager']:>8}")  # fmt: skip
+        print(
+            f"| {r['size']} | {r['batch']} | {r['runtime']} | {r['ms_per_image']} | "
+            f"{r['images_per_s']} | {r['speedup_vs_eager']} | {r['cpu_ms_per_image']} | "
+            f"{r['cpu_speedup_vs_eager']} |"
+        )
 
 
 if __name__ == "__main__":
