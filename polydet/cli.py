@@ -95,6 +95,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         model=args.model,
         out_dir=Path(args.out),
         score_thresh=args.score_thresh,
+        runtime=args.runtime,
     )
     _print_json(result)
 
@@ -116,6 +117,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     print(f"MLFLOW_TRACKING_URI={env['MLFLOW_TRACKING_URI']} {' '.join(cmd)}", file=sys.stderr)
     sys.stderr.flush()
     os.execve(cmd[0], cmd, env)  # the server replaces this process (Ctrl-C stops it)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from polydet.export import export
+
+    _print_json(export(_cfg(args), model=args.model, fmt=args.format, out_dir=Path(args.out)))
 
 
 def _cmd_debug(args: argparse.Namespace) -> None:
@@ -188,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model file or models:/NAME@ALIAS URI")
     p.add_argument("--out", default="outputs/predict", help="output directory")
     p.add_argument("--score-thresh", type=float, default=0.3)
+    p.add_argument(
+        "--runtime", choices=["torch", "onnx"], default="torch",
+        help="onnx: run an exported model (--model DIR of `polydet export` or its model.onnx)",
+    )  # fmt: skip
     p = add("payload", _cmd_payload, "print a request body for the served model (JSON)")
     p.add_argument("images", nargs="+", help="image files, one row each (base64)")
     p.add_argument("--score-thresh", type=float, help="the request's score_thresh parameter")
@@ -195,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model URI (default: models:/<tracking.model_name>@champion)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5001)
+    p = add("export", _cmd_export, "export a model to ONNX or TorchScript (post-processing inside)")
+    p.add_argument("--model", help="model file or models:/NAME@ALIAS URI (default: train.out)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    p.add_argument("--out", default="outputs/export", help="output directory")
     p = add("debug", _cmd_debug, "loss / matching / IoU debugging report for a model")
     p.add_argument("--model", help="model file (default: train.out)")
     add("register", _cmd_register, "log the outputs to MLflow, register the model, apply the gate")

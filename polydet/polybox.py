@@ -53,12 +53,26 @@ PROBLEMS = {
 MIN_AREA = 1e-6
 
 
+def _stable_argsort4(key: Tensor) -> Tensor:
+    """``key.argsort(dim=-1, stable=True)`` for ``key [..., 4]`` (NaN last), from pairwise
+    comparisons: no sort operator, so the ONNX / TorchScript export of the detector keeps
+    it (ONNX has no stable sort)."""
+    k = torch.where(torch.isnan(key), torch.full_like(key, float("inf")), key)
+    n = k.shape[-1]
+    ki, kj = k.unsqueeze(-1), k.unsqueeze(-2)  # [..., 4 (i), 1], [..., 1, 4 (j)]
+    before = torch.ones(n, n, dtype=torch.bool, device=key.device).tril(-1)  # [i, j]: j < i
+    rank = ((kj < ki) | ((kj == ki) & before)).sum(-1)  # [..., 4]: position of element i
+    pos = torch.arange(n, device=key.device)
+    # order[r] = the i whose rank is r (ranks are a permutation).
+    return ((rank.unsqueeze(-2) == pos.unsqueeze(-1)).long() * pos).sum(-1)
+
+
 def canonicalize_corners(corners: Tensor) -> Tensor:
     """Reorder corners ``[..., 4, 2]`` into the canonical order (module docstring)."""
     centre = corners.mean(dim=-2, keepdim=True)  # [..., 1, 2]
     rel = corners - centre
     angle = torch.atan2(rel[..., 1], rel[..., 0])  # [..., 4]; increasing = clockwise on screen
-    order = angle.argsort(dim=-1, stable=True)
+    order = _stable_argsort4(angle)
     ring = corners.gather(-2, order.unsqueeze(-1).expand(*order.shape, 2))  # [..., 4, 2]
     # First corner: smallest x + y, ties to smaller y. The tie tolerance (1e-5 of the box
     # size or of the coordinates, at least 0.01 px) covers the float32 noise of transforms:

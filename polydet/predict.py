@@ -34,7 +34,7 @@ from polydet.data.images import open_image, rgb_image
 from polydet.data.tiling import merge_detections, tile_grid
 from polydet.distributed import DistInfo
 from polydet.engine import resolve_device
-from polydet.errors import DataError
+from polydet.errors import DataError, ModelError
 from polydet.evaluate import resolve_model
 from polydet.files import write_text
 from polydet.model import PolyDetector, load_model
@@ -123,18 +123,32 @@ def predict_paths(
     model: str | None = None,
     out_dir: Path = Path("outputs/predict"),
     score_thresh: float = 0.3,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
     """Detect polyboxes in an image or a directory of images; write Task1, JSON and PNGs.
 
     ``model``: a model file, a ``models:/NAME@ALIAS`` / ``runs:/`` URI, or ``None`` for
-    ``{train.out}/model.pt``. Only detections scoring at least ``score_thresh`` are kept.
+    ``{train.out}/model.pt``; with ``runtime="onnx"``, a directory written by ``polydet
+    export --format onnx`` (or its ``model.onnx``), run on ONNX Runtime
+    (:class:`polydet.export.OnnxDetector`). Only detections scoring at least
+    ``score_thresh`` are kept.
     Returns a JSON-able summary (counts per class, files written).
     """
     started = time.perf_counter()
     paths = list_images(Path(input))
-    model_path = resolve_model(cfg, model)
-    device = resolve_device(cfg.train.device, DistInfo(rank=0, world_size=1, local_rank=0))
-    net = load_model(model_path, device=device)
+    if runtime == "onnx":
+        from polydet.export import OnnxDetector
+
+        if model is None:
+            raise ModelError("--runtime onnx needs --model DIR (the output of `polydet export`)")
+        net: Any = OnnxDetector(model)
+        model_path, device = net.path, torch.device("cpu")
+    elif runtime == "torch":
+        model_path = resolve_model(cfg, model)
+        device = resolve_device(cfg.train.device, DistInfo(rank=0, world_size=1, local_rank=0))
+        net = load_model(model_path, device=device)
+    else:
+        raise ModelError(f"unknown runtime {runtime!r} (expected torch or onnx)")
     classes = list(net.classes or cfg.data.classes)
     out_dir = Path(out_dir)
 
@@ -168,6 +182,7 @@ def predict_paths(
     summary = {
         "model": str(model_path),
         "device": str(device),
+        "runtime": runtime,
         "images": len(records),
         "skipped": skipped,
         "tiled_images": tiled,

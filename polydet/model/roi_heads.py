@@ -22,13 +22,9 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from polydet.coder import PolyBoxCoder
 from polydet.config import RoIConfig
-from polydet.model.rpn import MIN_PROPOSAL_SIZE, polybox_loss
-from polydet.ops import nms
-from polydet.polybox import area, from_corners, hull_xyxy, to_corners
-
-# Detections whose hull is narrower than this, or whose area is below its square, are dropped
-# (torchvision drops boxes narrower than 1e-2 px).
-MIN_DETECTION_SIZE = 1e-2
+from polydet.model.inference import MIN_PROPOSAL_SIZE, detect_batched
+from polydet.model.rpn import polybox_loss
+from polydet.polybox import hull_xyxy
 
 
 class PolyPredictor(nn.Module):
@@ -64,15 +60,6 @@ class RoIOutput:
     deltas: Tensor
     targets: Tensor
     pos_deltas: Tensor
-
-
-def clip_polyboxes(polyboxes: Tensor, sizes: Tensor) -> Tensor:
-    """Clamp each corner of polyboxes ``[N, 10]`` into its image, ``sizes [N, 2]`` = (h, w)
-    (then re-canonicalise: clamping moves the centre and can move the first corner)."""
-    corners = to_corners(polyboxes)  # [N, 4, 2]
-    x = torch.minimum(corners[..., 0].clamp_min(0), sizes[:, 1:2])
-    y = torch.minimum(corners[..., 1].clamp_min(0), sizes[:, 0:1])
-    return from_corners(torch.stack([x, y], dim=-1))
 
 
 class PolyRoIHeads(nn.Module):
@@ -181,39 +168,20 @@ class PolyRoIHeads(nn.Module):
     ) -> list[dict[str, Tensor]]:
         """Per image ``{"polyboxes" [K, 10], "scores" [K], "labels" [K]}`` in the model's
         input pixels: decode, score threshold, clip corners, drop tiny, polygon NMS per class,
-        keep the ``detections_per_img`` best."""
-        cfg = self.cfg
-        logits, deltas = self.head(features, proposals, image_sizes)
-        probs = F.softmax(logits.float(), dim=-1)  # [R, C]
-        refs = torch.cat(proposals)
-        num_rois, device = refs.shape[0], probs.device
-        decoded = self.coder.decode(deltas.float(), refs, check=False).view(num_rois, -1, 10)
-        # Every (RoI, foreground class) pair is a candidate, all images at once.
-        poly = decoded[:, 1:].reshape(-1, 10)
-        score = probs[:, 1:].reshape(-1)
-        label = torch.arange(1, self.num_classes, device=device).repeat(num_rois)
-        counts = torch.tensor([p.shape[0] for p in proposals], device=device)
-        image = torch.arange(len(proposals), device=device).repeat_interleave(counts)
-        image = image.repeat_interleave(self.num_classes - 1)
-        keep = torch.where(score > cfg.score_thresh)[0]
-        poly, score, label, image = poly[keep], score[keep], label[keep], image[keep]
-        sizes = torch.tensor(image_sizes, dtype=poly.dtype, device=device)  # [B, 2] (h, w)
-        poly = clip_polyboxes(poly, sizes[image])
-        hulls = hull_xyxy(poly)
-        wh = hulls[:, 2:] - hulls[:, :2]
-        big = (wh >= MIN_DETECTION_SIZE).all(dim=1) & (area(poly) >= MIN_DETECTION_SIZE**2)
-        keep = torch.where(big)[0]
-        poly, score, label, image = poly[keep], score[keep], label[keep], image[keep]
-        # One polygon NMS for every (image, class) group: each group is shifted right of the
-        # previous ones (torchvision's coordinate trick), so no pair across groups is ever
-        # measured, and the per-call overhead is paid once per batch.
-        group = image * self.num_classes + label
-        stride = max(w for _, w in image_sizes) + 1.0
-        shifted = torch.cat([poly[:, :1] + group[:, None] * stride, poly[:, 1:]], dim=1)
-        keep = nms(shifted, score, cfg.nms_thresh)  # by descending score
-        kept_image = image[keep]
-        results = []
-        for i in range(len(proposals)):
-            k = keep[kept_image == i][: cfg.detections_per_img]
-            results.append({"polyboxes": poly[k], "scores": score[k], "labels": label[k]})
-        return results
+        keep the ``detections_per_img`` best (:func:`polydet.model.inference.detect_batched`,
+        the code the exported model runs, on the proposals padded to one tensor)."""
+        device = proposals[0].device
+        num_p = max(1, max(p.shape[0] for p in proposals))
+        boxes = torch.zeros(len(proposals), num_p, 4, device=device)
+        valid = torch.zeros(len(proposals), num_p, dtype=torch.bool, device=device)
+        for i, p in enumerate(proposals):
+            boxes[i, : p.shape[0]] = p
+            valid[i, : p.shape[0]] = True
+        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)
+        # RoIAlign's level scales are inferred from the largest image, as torchvision does.
+        batch_hw = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
+        poly, scores, labels, found = detect_batched(self, features, boxes, valid, sizes, batch_hw)
+        return [
+            {"polyboxes": p[f], "scores": s[f], "labels": lab[f]}
+            for p, s, lab, f in zip(poly, scores, labels, found)
+        ]

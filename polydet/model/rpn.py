@@ -33,14 +33,11 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import Conv2dNormActivation, box_iou
-from torchvision.ops import boxes as box_ops
 
 from polydet.coder import PolyBoxCoder, order_free_loss
 from polydet.config import RPNConfig
+from polydet.model.inference import select_proposals
 from polydet.polybox import hull_xyxy
-
-# Proposals whose clipped hull is narrower than this (pixels) are dropped, as in torchvision.
-MIN_PROPOSAL_SIZE = 1e-3
 
 
 class Matcher(det_utils.Matcher):
@@ -223,7 +220,8 @@ class PolyRPN(nn.Module):
     def propose(
         self, out: RPNOutput, image_sizes: list[tuple[int, int]], training: bool
     ) -> Proposals:
-        """Decode, clip, filter and NMS the proposals of each image.
+        """Decode, clip, filter and NMS the proposals of each image
+        (:func:`polydet.model.inference.select_proposals`, the code the exported model runs).
 
         ``training`` picks the ``*_train`` or ``*_test`` top-n settings (the losses always use
         the training ones, whatever mode the module is in).
@@ -231,34 +229,19 @@ class PolyRPN(nn.Module):
         cfg = self.cfg
         pre_n = cfg.pre_nms_top_n_train if training else cfg.pre_nms_top_n_test
         post_n = cfg.post_nms_top_n_train if training else cfg.post_nms_top_n_test
-        objectness = out.objectness.detach().float()  # [B, A]; no gradient through proposals
-        num_images = objectness.shape[0]
-        device = objectness.device
-
-        top, levels, start = [], [], 0
-        for level, n in enumerate(out.num_anchors_per_level):
-            k = min(pre_n, n)
-            idx = objectness[:, start : start + n].topk(k, dim=1).indices + start
-            top.append(idx)
-            levels.append(torch.full((k,), level, dtype=torch.long, device=device))
-            start += n
-        idx = torch.cat(top, dim=1)  # [B, K]
-        level = torch.cat(levels)  # [K]
-        scores = objectness.gather(1, idx).sigmoid()  # [B, K]
-        deltas = out.deltas.detach().gather(1, idx[..., None].expand(-1, -1, 10)).float()
-        anchors = out.anchors[idx]  # [B, K, 4]
-        polyboxes = self.coder.decode(deltas.reshape(-1, 10), anchors.reshape(-1, 4), check=False)
-        polyboxes = polyboxes.view(num_images, -1, 10)
-        hulls = hull_xyxy(polyboxes)  # [B, K, 4]
-
-        result = Proposals([], [], [])
-        for boxes, score, poly, size in zip(hulls, scores, polyboxes, image_sizes):
-            boxes = box_ops.clip_boxes_to_image(boxes, size)
-            keep = box_ops.remove_small_boxes(boxes, MIN_PROPOSAL_SIZE)
-            keep = keep[score[keep] >= cfg.score_thresh]
-            keep = keep[box_ops.batched_nms(boxes[keep], score[keep], level[keep], cfg.nms_thresh)]
-            keep = keep[:post_n]
-            result.boxes.append(boxes[keep])
-            result.scores.append(score[keep])
-            result.polyboxes.append(poly[keep])
-        return result
+        sizes = torch.tensor(image_sizes, dtype=torch.float32, device=out.anchors.device)
+        levels = list(
+            zip(
+                out.objectness.split(out.num_anchors_per_level, dim=1),
+                out.deltas.split(out.num_anchors_per_level, dim=1),
+                out.anchors.split(out.num_anchors_per_level, dim=0),
+            )
+        )
+        boxes, scores, polyboxes, valid = select_proposals(
+            levels, sizes, self.coder, pre_n, post_n, cfg.score_thresh, cfg.nms_thresh
+        )
+        return Proposals(
+            [b[v] for b, v in zip(boxes, valid)],
+            [s[v] for s, v in zip(scores, valid)],
+            [p[v] for p, v in zip(polyboxes, valid)],
+        )

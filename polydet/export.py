@@ -1,0 +1,378 @@
+"""Deployable models: ``polydet export --model PATH_OR_URI --format onnx|torchscript --out DIR``.
+
+:class:`ExportableDetector` wraps a :class:`~polydet.model.PolyDetector` as one function of
+a padded batch ``images [B, 3, H, W]`` (float32 in [0, 1], any B, H, W) returning
+
+* ``polyboxes [B, K, 10]`` float32, canonical, in the input images' pixels;
+* ``scores [B, K]`` float32, best first; rows past an image's detections have score 0;
+* ``labels [B, K]`` int64 (classes from 1; 0 on padding rows);
+
+with ``K = model.roi.detections_per_img``. Resizing (torchvision's test-time rule, computed in
+float64 as eager mode does), normalisation and padding happen inside the graph, and so do
+decode, clip and both NMS stages: the post-processing is
+:mod:`polydet.model.inference`, the same code :meth:`PolyDetector.predict` runs.
+
+How: ``torch.jit.trace`` records the wrapper once; ``--format torchscript`` saves that
+trace (``model.ts``, load with ``torch.jit.load`` after ``import torchvision``, whose
+``nms`` / ``roi_align`` operators it calls), ``--format onnx`` exports the same trace with
+the TorchScript-based ONNX exporter (``model.onnx``, opset 17: proposal NMS becomes
+``NonMaxSuppression``, RoIAlign ``RoiAlign``, polygon NMS plain tensor operators; no custom
+operator). ``torch.export`` / the dynamo ONNX exporter were not used: they need every size
+to be symbolic, and this graph has data-dependent sizes (``nonzero`` pairs, NMS output) and a
+float64 floor in the resize rule, where a trace records them as they are.
+
+Every export is checked against the eager model on sample images (:func:`check_parity`);
+an export that fails is not written. ``DIR`` also gets ``classes.json``, ``config.json``
+(the model section, classes and anchors it was built from) and ``export.json`` (format,
+versions, the parity report).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from polydet.config import Config, to_dict
+from polydet.errors import ModelError
+from polydet.model import PolyDetector, load_model
+from polydet.model.inference import (
+    detect_batched,
+    rpn_levels,
+    select_proposals,
+    to_input_pixels,
+)
+
+FORMATS = ("onnx", "torchscript")
+FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+OPSET = 17
+INPUT = "images"
+OUTPUTS = ("polyboxes", "scores", "labels")
+# Parity rule (tests and the export check): each eager detection scoring at least
+# PARITY_MIN_SCORE has a match with the same label, polygon IoU >= PARITY_IOU and a score
+# within PARITY_SCORE_TOL; detection counts per image differ by at most PARITY_COUNT.
+PARITY_MIN_SCORE = 0.05
+PARITY_IOU = 0.99
+PARITY_SCORE_TOL = 1e-3
+PARITY_COUNT = 1
+
+
+class ExportableDetector(nn.Module):
+    """``images [B, 3, H, W]`` in [0, 1] -> ``(polyboxes [B, K, 10], scores [B, K],
+    labels [B, K])`` (module docstring); shares its modules (weights) with ``model``."""
+
+    def __init__(self, model: PolyDetector) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer(
+            "mean", torch.tensor(model.transform.image_mean, dtype=torch.float32)[:, None, None]
+        )
+        self.register_buffer(
+            "std", torch.tensor(model.transform.image_std, dtype=torch.float32)[:, None, None]
+        )
+
+    def resize(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Normalised, resized and padded batch, the resized ``(h, w)`` and the input
+        ``(h, w)`` (int64 ``[2]``): torchvision's test-time rule, as ``PolyDetector``."""
+        cfg = self.model.cfg
+        hw = torch._shape_as_tensor(images)[2:]  # traced, not a constant
+        hw_f = hw.to(torch.float64)
+        scale = torch.minimum(cfg.min_size / hw_f.min(), cfg.max_size / hw_f.max())
+        new = torch.floor(hw_f * scale).to(torch.int64)
+        x = (images - self.mean) / self.std
+        divisor = self.model.transform.size_divisible
+        pad = (new + divisor - 1) // divisor * divisor - new
+        if torch.jit.is_tracing():
+            size = (new[0], new[1])
+            pads = (pad.new_zeros(()), pad[1], pad.new_zeros(()), pad[0])
+        else:
+            size = (int(new[0]), int(new[1]))
+            pads = (0, int(pad[1]), 0, int(pad[0]))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return F.pad(x, pads), new, hw
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        model, cfg = self.model, self.model.cfg
+        batch, new, hw = self.resize(images)
+        num_b = images.shape[0]
+        sizes = new.to(torch.float32)[None].expand(num_b, 2)
+        originals = hw.to(torch.float32)[None].expand(num_b, 2)
+        features = model.backbone(batch)
+        levels = rpn_levels(model.rpn, batch, list(features.values()))
+        boxes, _, _, valid = select_proposals(
+            levels, sizes, model.rpn.coder, cfg.rpn.pre_nms_top_n_test,
+            cfg.rpn.post_nms_top_n_test, cfg.rpn.score_thresh, cfg.rpn.nms_thresh,
+        )  # fmt: skip
+        poly, scores, labels, _ = detect_batched(
+            model.roi_heads, features, boxes, valid, sizes, batch.shape[-2:]
+        )
+        return to_input_pixels(poly, sizes, originals), scores, labels
+
+
+# --- running an export ------------------------------------------------------------------
+
+
+def _ort_session(path: Path) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as e:  # pragma: no cover - a dependency of the package
+        raise ModelError(f"{path}: onnxruntime is not installed") from e
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                 if p in ort.get_available_providers()]  # fmt: skip
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise ModelError(f"{path}: cannot be loaded by ONNX Runtime: {e}") from e
+
+
+class OnnxDetector:
+    """An exported ``model.onnx`` with :meth:`PolyDetector.predict`'s interface, on ONNX
+    Runtime (CUDA when its provider is installed, else CPU). ``path``: the export directory
+    or its ``model.onnx``; ``.cfg`` (model section) and ``.classes`` come from the directory's
+    ``config.json``."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        directory = path if path.is_dir() else path.parent
+        model_path = directory / FILES["onnx"] if path.is_dir() else path
+        if not model_path.is_file():
+            raise ModelError(f"{model_path}: no such ONNX model (run `polydet export`)")
+        meta = read_config(directory)
+        self.cfg = meta["cfg"]
+        self.classes: list[str] = meta["classes"]
+        self.path = model_path
+        self.session = _ort_session(model_path)
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw outputs for a batch ``[B, 3, H, W]`` float32 in [0, 1]."""
+        out = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(images, np.float32)})
+        return out[0], out[1], out[2]
+
+    def predict(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Per image ``{"polyboxes" [K, 10], "scores" [K], "labels" [K]}`` (padding dropped);
+        images of the same size run as one batch."""
+        results: list[dict[str, Tensor] | None] = [None] * len(images)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
+        for idx in by_size.values():
+            batch = torch.stack([images[i].detach().float().cpu() for i in idx]).numpy()
+            poly, scores, labels = self.run(batch)
+            for i, p, s, lab in zip(idx, poly, scores, labels):
+                keep = s > 0
+                results[i] = {
+                    "polyboxes": torch.from_numpy(p[keep].copy()),
+                    "scores": torch.from_numpy(s[keep].copy()),
+                    "labels": torch.from_numpy(lab[keep].copy()),
+                }
+        return results  # type: ignore[return-value]
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """``{"cfg": ModelConfig, "classes": [...], ...}`` from an export directory's
+    ``config.json`` (a :class:`ModelError` naming the file if it is missing or broken)."""
+    from polydet.config import model_config_from_dict
+
+    path = Path(directory) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+        return {**raw, "cfg": model_config_from_dict(raw["model"]), "classes": raw["classes"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path}: not a polydet export config ({e})") from e
+
+
+# --- parity -------------------------------------------------------------------------------
+
+
+def compare_detections(
+    reference: Sequence[dict[str, Tensor]], other: Sequence[dict[str, Tensor]]
+) -> dict[str, Any]:
+    """How far ``other`` is from ``reference`` (per image lists of detections): every
+    reference detection scoring >= :data:`PARITY_MIN_SCORE` needs a detection of ``other``
+    with the same label, polygon IoU >= :data:`PARITY_IOU` and a score within
+    :data:`PARITY_SCORE_TOL`; counts per image may differ by :data:`PARITY_COUNT`.
+    Returns ``{"ok", "checked", "unmatched", "max_count_diff", "min_iou", "max_score_diff"}``."""
+    from polydet.ops import pairwise_iou
+
+    checked = unmatched = 0
+    max_count, min_iou, max_score = 0, 1.0, 0.0
+    for ref, oth in zip(reference, other, strict=True):
+        max_count = max(max_count, abs(len(ref["scores"]) - len(oth["scores"])))
+        keep = ref["scores"] >= PARITY_MIN_SCORE
+        rp, rs, rl = ref["polyboxes"][keep], ref["scores"][keep], ref["labels"][keep]
+        checked += int(keep.sum())
+        if rp.shape[0] == 0:
+            continue
+        op, os_, ol = oth["polyboxes"].cpu(), oth["scores"].cpu(), oth["labels"].cpu()
+        iou = pairwise_iou(rp.cpu().double(), op.cpu().double()) if op.shape[0] else None
+        for i in range(rp.shape[0]):
+            if iou is None:
+                unmatched += 1
+                continue
+            ok = (ol == rl[i]) & ((os_ - rs[i]).abs() <= PARITY_SCORE_TOL)
+            cand = torch.where(ok, iou[i], torch.zeros_like(iou[i]))
+            best = int(cand.argmax())
+            if not bool(ok[best]) or float(cand[best]) < PARITY_IOU:
+                unmatched += 1
+                continue
+            min_iou = min(min_iou, float(cand[best]))
+            max_score = max(max_score, abs(float(os_[best]) - float(rs[i])))
+    return {
+        "ok": unmatched == 0 and max_count <= PARITY_COUNT,
+        "checked": checked,
+        "unmatched": unmatched,
+        "max_count_diff": max_count,
+        "min_iou": min_iou,
+        "max_score_diff": max_score,
+    }
+
+
+def sample_images(seed: int = 0) -> list[Tensor]:
+    """Images for the export's own parity check: a few sizes and aspect ratios (the
+    resize is part of the graph), smooth random patterns."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for h, w in ((256, 256), (200, 320), (97, 131)):
+        coarse = torch.rand(1, 3, max(2, h // 16), max(2, w // 16), generator=g)
+        smooth = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]
+        out.append((smooth + 0.1 * torch.rand(3, h, w, generator=g)).clamp(0, 1))
+    return out
+
+
+def check_parity(
+    model: PolyDetector, predict: Callable[[list[Tensor]], list[dict[str, Tensor]]],
+    images: Sequence[Tensor],
+) -> dict[str, Any]:  # fmt: skip
+    """:func:`compare_detections` of ``predict`` against the eager ``model.predict``, one
+    image at a time (the exported graph takes one image size per batch)."""
+    model.eval()
+    eager, other = [], []
+    for image in images:
+        eager.extend(model.predict([image]))
+        other.extend(predict([image]))
+    eager = [{k: v.cpu() for k, v in d.items()} for d in eager]
+    return compare_detections(eager, other)
+
+
+# --- export --------------------------------------------------------------------------------
+
+
+def _trace(wrapper: ExportableDetector, example: Tensor) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of shape-only Python checks
+        return torch.jit.trace(wrapper, (example,), check_trace=False)
+
+
+def export_model(
+    model: PolyDetector,
+    out_dir: str | Path,
+    fmt: str,
+    classes: Sequence[str],
+    anchors: dict[str, Any] | None = None,
+    check_images: Sequence[Tensor] | None = None,
+) -> dict[str, Any]:
+    """Export ``model`` (eval mode, CPU) as ``fmt`` into ``out_dir``, check it against the
+    eager model on ``check_images`` (default :func:`sample_images`) and write the metadata.
+    Raises a :class:`ModelError` (and writes nothing) when the check fails. Returns the
+    contents of ``export.json``."""
+    if fmt not in FORMATS:
+        raise ModelError(f"unknown export format {fmt!r} (expected one of {', '.join(FORMATS)})")
+    out = Path(out_dir)
+    model = model.cpu().eval()
+    images = list(check_images) if check_images is not None else sample_images()
+    wrapper = ExportableDetector(model).eval()
+    model.predict(images[:1])  # sets RoIAlign's level scales before tracing
+    example = images[0][None]
+    tmp = out / f".{FILES[fmt]}.tmp"
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        if fmt == "torchscript":
+            _trace(wrapper, example).save(str(tmp))
+            loaded = torch.jit.load(str(tmp))
+
+            def run(batch: list[Tensor]) -> list[dict[str, Tensor]]:
+                with torch.no_grad():
+                    poly, scores, labels = loaded(torch.stack(batch))
+                return [
+                    {"polyboxes": p[s > 0], "scores": s[s > 0], "labels": lab[s > 0]}
+                    for p, s, lab in zip(poly, scores, labels)
+                ]
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapper, (example,), str(tmp), dynamo=False, opset_version=OPSET,
+                    input_names=[INPUT], output_names=list(OUTPUTS),
+                    dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"},
+                                  **{o: {0: "batch"} for o in OUTPUTS}},
+                )  # fmt: skip
+            session = _ort_session(tmp)
+
+            def run(batch: list[Tensor]) -> list[dict[str, Tensor]]:
+                arr = torch.stack(batch).numpy()
+                poly, scores, labels = session.run(list(OUTPUTS), {INPUT: arr})
+                return [
+                    {"polyboxes": torch.from_numpy(p[s > 0]), "scores": torch.from_numpy(s[s > 0]),
+                     "labels": torch.from_numpy(lab[s > 0])}
+                    for p, s, lab in zip(poly, scores, labels)
+                ]  # fmt: skip
+
+        parity = check_parity(model, run, images)
+    if not parity["ok"]:
+        tmp.unlink(missing_ok=True)
+        raise ModelError(f"{out / FILES[fmt]}: the export does not match the eager model: {parity}")
+    tmp.replace(out / FILES[fmt])
+    classes = [str(c) for c in classes]
+    (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
+    config = {"model": to_dict(model.cfg), "classes": classes, "anchors": anchors or model.anchors}
+    (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    import onnxruntime
+
+    info = {
+        "format": fmt,
+        "file": FILES[fmt],
+        "input": {"name": INPUT, "shape": ["B", 3, "H", "W"], "dtype": "float32", "range": [0, 1]},
+        "outputs": {
+            "polyboxes": ["B", model.cfg.roi.detections_per_img, 10],
+            "scores": ["B", model.cfg.roi.detections_per_img],
+            "labels": ["B", model.cfg.roi.detections_per_img],
+        },
+        "opset": OPSET if fmt == "onnx" else None,
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "parity": parity,
+        "parity_images": [list(im.shape[-2:]) for im in images],
+    }
+    (out / "export.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
+
+
+def export(cfg: Config, model: str | None, fmt: str, out_dir: str | Path) -> dict[str, Any]:
+    """``polydet export``: load ``model`` (a file, a ``models:/`` / ``runs:/`` URI, or
+    ``None`` for ``{train.out}/model.pt``) and :func:`export_model` it."""
+    from polydet.evaluate import resolve_model
+
+    path = resolve_model(cfg, model)
+    net = load_model(path, device="cpu")
+    classes = list(net.classes or cfg.data.classes)
+    info = export_model(net, out_dir, fmt, classes)
+    return {**info, "model": str(path), "out": str(Path(out_dir) / FILES[fmt])}
+
+
+__all__ = [
+    "ExportableDetector",
+    "OnnxDetector",
+    "check_parity",
+    "compare_detections",
+    "export",
+    "export_model",
+]

@@ -1,0 +1,414 @@
+"""The inference path of the detector as fixed-shape tensor code, shared by the eager
+:meth:`PolyDetector.predict` and the exported models (:mod:`polydet.export`).
+
+Everything here works on padded batches: each stage returns ``[B, K, ...]`` tensors plus a
+``valid [B, K]`` mask instead of per-image lists, and uses no data-dependent Python (no
+``.item()``, no loop over images or boxes, no numpy), so ``torch.jit.trace`` records it for
+any batch size and image size and the ONNX exporter turns it into standard ONNX operators.
+:meth:`PolyRPN.propose` and :meth:`PolyRoIHeads.detect` are thin wrappers that pad their
+inputs, call :func:`select_proposals` / :func:`detect_batched`, and drop the padding; the
+export graph calls the same two functions on the padded tensors directly.
+
+- **Proposals** (:func:`select_proposals`): per FPN level the top-n objectness, decode, the
+  decoded polyboxes' hulls clipped to the image, small and low-score ones masked, then one
+  ``torchvision.ops.batched_nms`` over the whole batch (one group per image and level;
+  masked boxes get score ``-inf`` so they never suppress anything) and the ``post_n`` best
+  survivors per image (a top-k over the masked scores). In eager mode torchvision runs its
+  C++ NMS; in the ONNX graph it becomes the standard ``NonMaxSuppression`` operator.
+- **Detections** (:func:`detect_batched`): RoIAlign of the padded proposals (one ``[B*P, 5]``
+  RoI tensor, :func:`pool_rois`), the box head, decode every (RoI, foreground class) pair,
+  clip corners, canonicalise, mask low scores and tiny boxes, then **polygon NMS in tensor
+  ops**: a suppression matrix ``[B, C-1, P, P]`` (per class; pairs that cannot reach the IoU
+  threshold are rejected by a cheap bound, the others measured with the exact convex-quad
+  kernel :func:`quad_iou`), and a greedy pass of exactly ``detections_per_img`` steps, each
+  taking the best remaining candidate of every image and removing what it suppresses. That is
+  greedy NMS (drop IoU > threshold, as torchvision) truncated to the detection cap, so it
+  keeps exactly what NMS-then-cap keeps, ties going to the earlier candidate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.ops import boxes as box_ops
+from torchvision.ops import roi_align
+from torchvision.ops.poolers import MultiScaleRoIAlign, _setup_scales
+
+from polydet.coder import PolyBoxCoder
+from polydet.polybox import area, canonicalize, from_corners, hull_xyxy, to_corners
+
+# Proposals whose clipped hull is narrower than this (pixels) are dropped, as in torchvision.
+MIN_PROPOSAL_SIZE = 1e-3
+# Detections whose hull is narrower than this, or whose area is below its square, are dropped
+# (torchvision drops boxes narrower than 1e-2 px).
+MIN_DETECTION_SIZE = 1e-2
+# Collinear-edge tolerance of the quad IoU kernel, relative to the pair's size.
+_COLLINEAR_TOL = 1e-8
+
+
+# --- geometry ------------------------------------------------------------------------------
+
+
+def clip_polyboxes(polyboxes: Tensor, sizes: Tensor) -> Tensor:
+    """Clamp each corner of polyboxes ``[N, 10]`` into its image, ``sizes [N, 2]`` = (h, w)
+    (then re-canonicalise: clamping moves the centre and can move the first corner)."""
+    corners = to_corners(polyboxes)  # [N, 4, 2]
+    x = torch.minimum(corners[..., 0].clamp_min(0), sizes[:, 1:2])
+    y = torch.minimum(corners[..., 1].clamp_min(0), sizes[:, 0:1])
+    return from_corners(torch.stack([x, y], dim=-1))
+
+
+def _cross(u: Tensor, v: Tensor) -> Tensor:
+    """z of ``u x v`` over the last dim (2)."""
+    return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
+
+
+def _negative(x: Tensor) -> Tensor:
+    """1.0 where ``x < 0`` else 0.0, in ``x``'s dtype."""
+    return torch.sign(x).neg().clamp(min=0)
+
+
+def hull_ring(polyboxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(ring [N, 4, 2]`` relative to ``centre [N, 2]``, ``area [N])`` of *canonical*
+    polyboxes ``[N, 10]`` (what the detector emits): the corners are already in angle order
+    around their mean, so the convex hull only needs a reflex corner collapsed onto its
+    predecessor (hull semantics, as :func:`polydet.ops.pairwise_iou`)."""
+    corners = to_corners(polyboxes)  # [N, 4, 2]
+    centre = corners.mean(dim=-2)
+    ring = corners - centre[:, None]
+    turn = _cross(ring - ring.roll(1, 1), ring.roll(-1, 1) - ring)  # [N, 4]
+    ring = torch.where((turn < 0)[..., None], ring.roll(1, 1), ring)
+    return ring, centre, (0.5 * _cross(ring, ring.roll(-1, 1)).sum(-1)).clamp_min(0.0)
+
+
+def _intersection_area(a: Tensor, b: Tensor) -> Tensor:
+    """Area ``[P]`` of ``A ∩ B`` for convex rings ``a, b [P, 4, 2]`` (clockwise on screen, one
+    origin near both). Green's theorem over each edge clipped to the other quad's half-planes,
+    in fixed-size tensors; collinear edge pairs are decided by rule (same direction: A's edge
+    counted once; opposite: both dropped), so identical and edge-sharing quads are exact.
+    The algorithm of :func:`polydet.ops.intersection_area`, without in-place tricks."""
+    ax, ay = a[..., 0].T, a[..., 1].T  # [4, P]
+    bx, by = b[..., 0].T, b[..., 1].T
+    dax, day = ax.roll(-1, 0) - ax, ay.roll(-1, 0) - ay
+    dbx, dby = bx.roll(-1, 0) - bx, by.roll(-1, 0) - by
+    len2_a, len2_b = dax * dax + day * day, dbx * dbx + dby * dby  # [4, P]
+    wx = ax[:, None] - bx[None]  # [4 (A corner i), 4 (B corner k), P]
+    wy = ay[:, None] - by[None]
+    fa0 = dbx[None] * wy - dby[None] * wx  # [i, k]: side of A's corner i, B's line k
+    fb0 = day[:, None] * wx - dax[:, None] * wy  # [i, k]: B's corner k, A's line i
+    fa1 = fa0.roll(-1, 0)
+    fb1 = fb0.roll(-1, 1)
+    dot = dax[:, None] * dbx[None] + day[:, None] * dby[None]
+
+    size = torch.maximum(a.abs().amax((1, 2)), b.abs().amax((1, 2)))  # [P]
+    tol = max(_COLLINEAR_TOL, 2.0 * torch.finfo(a.dtype).eps ** 0.5)
+    tol2 = (tol * size) ** 2
+    near_a = torch.maximum(fa0.square(), fa1.square()) < tol2 * len2_b[None]
+    near_b = torch.maximum(fb0.square(), fb1.square()) < tol2 * len2_a[:, None]
+    real = (len2_a > 0)[:, None] & (len2_b > 0)[None]
+    col = ((near_a | near_b) & real).to(a.dtype)
+    free = 1.0 - col
+
+    rise = fa1 - fa0
+    sg = torch.sign(rise)
+    par = 1.0 - sg.abs()
+    r = (fa0 / (par - rise)).clamp(0, 1)
+    sg = sg * free
+    out_a = _negative(fa0)
+    cross_a = (out_a.roll(-1, 0) - out_a).abs()
+    empty = par * free * out_a + _negative(dot) * col
+    rising = sg.clamp(min=0)
+    t_lo = (r * rising).amax(1)
+    t_hi = (1.0 - (1.0 - r) * (rising - sg)).amin(1)
+    keep = 1.0 - empty.amax(1)
+    twice_a = ((t_hi - t_lo).clamp(min=0) * keep * (ax * day - ay * dax)).sum(0)
+
+    rise = fb1 - fb0
+    sg = torch.sign(rise)
+    par = 1.0 - sg.abs()
+    s = (fb0 / (par - rise)).clamp(0, 1)
+    out_b = _negative(fb0)
+    shared = (out_b.roll(-1, 1) - out_b).abs() * cross_a * free
+    s_proj = (wx * dbx[None] + wy * dby[None] + r * dot) / len2_b[None].clamp_min(1e-300)
+    s = s + (s_proj.clamp(0, 1) - s) * shared
+    sg = sg * free
+    empty = par * free * out_b + col
+    rising = sg.clamp(min=0)
+    s_lo = (s * rising).amax(0)
+    s_hi = (1.0 - (1.0 - s) * (rising - sg)).amin(0)
+    keep = 1.0 - empty.amax(0)
+    twice_b = ((s_hi - s_lo).clamp(min=0) * keep * (bx * dby - by * dbx)).sum(0)
+    return (0.5 * (twice_a + twice_b)).clamp_min(0.0)
+
+
+def quad_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU ``[P]`` of canonical polyboxes ``a[p]`` and ``b[p]`` (``[P, 10]``, pixels), on their
+    convex hulls, computed in float64 relative to ``a``'s centre; returns ``a``'s dtype."""
+    ring_a, centre_a, area_a = hull_ring(a.double())
+    ring_b, centre_b, area_b = hull_ring(b.double())
+    inter = _intersection_area(ring_a, ring_b + (centre_b - centre_a)[:, None])
+    inter = torch.minimum(inter, torch.minimum(area_a, area_b))
+    union = area_a + area_b - inter
+    iou = torch.where(union > 0, inter / union.clamp_min(1e-30), torch.zeros_like(inter))
+    return iou.to(a.dtype)
+
+
+def suppression_matrix(polyboxes: Tensor, candidate: Tensor, iou_threshold: float) -> Tensor:
+    """``S [B, G, N, N]`` bool: ``S[b, g, i, j]`` when candidates ``i != j`` of group ``g``
+    (one class) in image ``b`` are both ``candidate [B, G, N]`` and their polygon IoU is
+    ``> iou_threshold``, for canonical ``polyboxes [B, G, N, 10]``.
+
+    The polygon kernel runs only on pairs that pass a cheap bound: IoU <= (intersection of
+    the enclosing boxes) / (larger area) and IoU <= (smaller area) / (larger area); the
+    selected pairs come from ``nonzero`` (a data-dependent count, which ONNX handles).
+    """
+    hull = hull_xyxy(polyboxes)  # [B, G, N, 4]
+    ar = area(polyboxes)  # shoelace <= hull area, so the bound stays an upper bound
+    lo = torch.maximum(hull[..., :, None, :2], hull[..., None, :, :2])  # [B, G, N, N, 2]
+    hi = torch.minimum(hull[..., :, None, 2:], hull[..., None, :, 2:])
+    inter = (hi - lo).clamp_min(0).prod(-1)  # [B, G, N, N]
+    big = torch.maximum(ar[..., :, None], ar[..., None, :])
+    small = torch.minimum(ar[..., :, None], ar[..., None, :])
+    n = polyboxes.shape[-2]
+    upper = torch.ones(n, n, dtype=torch.bool, device=polyboxes.device).triu(1)
+    # A little slack: the bound and the kernel round differently.
+    slack = iou_threshold * (1 - 1e-4)
+    maybe = (inter > slack * big) & (small > slack * big) & upper
+    maybe = maybe & candidate[..., :, None] & candidate[..., None, :]
+    # One dummy pair (0, 0, 0, 0), never a real one (diagonal), keeps the pair count above 0:
+    # ONNX Runtime mis-shapes the gathers of an empty pair list.
+    pairs = torch.cat([torch.nonzero(maybe), maybe.new_zeros((1, 4), dtype=torch.int64)])
+    b, g, i, j = pairs.unbind(1)
+    hit = quad_iou(polyboxes[b, g, i], polyboxes[b, g, j]) > iou_threshold
+    hit = hit & maybe[b, g, i, j]
+    suppress = torch.zeros_like(maybe)
+    suppress = suppress.index_put((b, g, i, j), hit)
+    return suppress | suppress.transpose(-1, -2)
+
+
+def greedy_select(
+    scores: Tensor, candidate: Tensor, suppress: Tensor, steps: int
+) -> tuple[Tensor, Tensor]:
+    """Greedy NMS truncated to ``steps`` picks, on ``scores [B, N]`` (candidates in
+    ``(row, group)`` order: ``n = row * G + group``), ``candidate [B, N]`` and the per-group
+    suppression matrix ``suppress [B, G, R, R]`` (N = R * G).
+
+    Each step takes the best remaining candidate of every image (ties: lowest index, as a
+    stable descending sort) and removes it and the candidates it suppresses. Returns the
+    picked indices ``[B, steps]`` and whether each pick is real ``[B, steps]`` (an image with
+    nothing left yields padding). Under tracing the loop is compiled with
+    ``torch.jit.script`` (the same source), so the export holds one ``Loop`` node instead of
+    ``steps`` copies of its body."""
+    loop = _greedy_loop
+    if torch.jit.is_tracing():
+        global _GREEDY_SCRIPTED
+        if _GREEDY_SCRIPTED is None:
+            _GREEDY_SCRIPTED = torch.jit.script(_greedy_loop)
+        loop = _GREEDY_SCRIPTED
+    return loop(scores, candidate, suppress, torch.tensor(steps))
+
+
+_GREEDY_SCRIPTED: Any = None
+
+
+def _greedy_loop(
+    scores: Tensor, candidate: Tensor, suppress: Tensor, steps: Tensor
+) -> tuple[Tensor, Tensor]:
+    # Masks are 0/1 floats: the ONNX exporter cannot type booleans inside a scripted loop.
+    num_b, num_g, num_r = suppress.shape[0], suppress.shape[1], suppress.shape[2]
+    flat = suppress.reshape(num_b, num_g * num_r, num_r).to(scores.dtype)  # row = g * R + r
+    index = torch.arange(num_g * num_r, device=scores.device).unsqueeze(0)  # [1, N]
+    groups = torch.arange(num_g, device=scores.device).view(1, 1, num_g)  # [1, 1, G]
+    remaining = candidate.to(scores.dtype)
+    picks: list[Tensor] = []
+    found: list[Tensor] = []
+    for _ in range(int(steps)):
+        masked = torch.where(remaining > 0.5, scores, torch.full_like(scores, -1.0))
+        best = masked.argmax(dim=1)  # [B]: first maximum
+        ok = masked.gather(1, best.unsqueeze(1)).squeeze(1) > -0.5
+        row = torch.div(best, num_g, rounding_mode="floor")
+        group = best - row * num_g
+        line = flat.gather(1, (group * num_r + row).view(-1, 1, 1).expand(-1, 1, num_r))
+        same = (groups == group.view(-1, 1, 1)).to(scores.dtype)
+        hits = line.squeeze(1).unsqueeze(2) * same  # [B, R, G]
+        other = (index != best.unsqueeze(1)).to(scores.dtype)
+        remaining = remaining * (1.0 - hits.reshape(num_b, -1)) * other
+        picks.append(best)
+        found.append(ok)
+    return torch.stack(picks, 1), torch.stack(found, 1)
+
+
+# --- RPN ------------------------------------------------------------------------------------
+
+
+def rpn_levels(rpn: nn.Module, images: Tensor, features: list[Tensor]) -> list[tuple[Tensor, ...]]:
+    """Per FPN level ``(objectness [B, A_l], deltas [B, A_l, 10], anchors [A_l, 4])`` for a
+    padded batch ``images [B, 3, H, W]``: :meth:`PolyRPN.forward` without concatenating the
+    levels, with every size taken from tensor shapes (traced, not baked in)."""
+    from polydet.model.rpn import _flatten
+
+    logits, deltas = rpn.head(features)
+    generator = rpn.anchor_generator
+    image_size = images.shape[-2:]
+    grid_sizes = [f.shape[-2:] for f in features]
+    strides = [
+        [
+            torch.empty((), dtype=torch.int64, device=images.device).fill_(image_size[0] // g[0]),
+            torch.empty((), dtype=torch.int64, device=images.device).fill_(image_size[1] // g[1]),
+        ]
+        for g in grid_sizes
+    ]
+    generator.set_cell_anchors(torch.float32, images.device)
+    anchors = generator.grid_anchors(grid_sizes, strides)
+    return [
+        (_flatten(o, 1).squeeze(-1), _flatten(d, 10), a) for o, d, a in zip(logits, deltas, anchors)
+    ]
+
+
+def select_proposals(
+    levels: list[tuple[Tensor, ...]],
+    image_sizes: Tensor,
+    coder: PolyBoxCoder,
+    pre_n: int,
+    post_n: int,
+    score_thresh: float,
+    nms_thresh: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Proposals of a batch from :func:`rpn_levels` output and ``image_sizes [B, 2]`` (h, w of
+    each image inside the padded batch): ``boxes [B, P, 4]`` (clipped hulls, xyxy),
+    ``scores [B, P]`` (objectness probabilities), ``polyboxes [B, P, 10]`` (raw decoded) and
+    ``valid [B, P]``, best first, ``P = min(post_n, candidates)`` (module docstring)."""
+    idx_l, obj_l, delta_l, anchor_l, level_l = [], [], [], [], []
+    for level, (objectness, deltas, anchors) in enumerate(levels):
+        objectness = objectness.detach().float()
+        k = det_utils._topk_min(objectness, pre_n, 1)
+        idx = objectness.topk(k, dim=1).indices  # [B, k]
+        obj_l.append(objectness.gather(1, idx))
+        delta_l.append(deltas.detach().gather(1, idx[..., None].expand(-1, -1, 10)).float())
+        anchor_l.append(anchors[idx])
+        level_l.append(torch.full_like(idx, level))
+        idx_l.append(idx)
+    scores = torch.cat(obj_l, 1).sigmoid()  # [B, K]
+    deltas, anchors, level = torch.cat(delta_l, 1), torch.cat(anchor_l, 1), torch.cat(level_l, 1)
+    num_b, num_k = scores.shape[0], scores.shape[1]
+    # Anchors have positive sizes by construction: no check (its bool() would sync CUDA).
+    flat = coder.decode(deltas.reshape(-1, 10), anchors.reshape(-1, 4), check=False)
+    polyboxes = flat.view(num_b, -1, 10)
+    hulls = hull_xyxy(polyboxes)  # [B, K, 4]
+    sizes = image_sizes.to(hulls.dtype)
+    x = torch.minimum(hulls[..., 0::2].clamp_min(0), sizes[:, None, 1:2])
+    y = torch.minimum(hulls[..., 1::2].clamp_min(0), sizes[:, None, 0:1])
+    boxes = torch.stack([x[..., 0], y[..., 0], x[..., 1], y[..., 1]], -1)
+    wh = boxes[..., 2:] - boxes[..., :2]
+    valid = (wh >= MIN_PROPOSAL_SIZE).all(-1) & (scores >= score_thresh)
+    image = torch.arange(num_b, device=scores.device)[:, None].expand(-1, num_k)
+    group = image * len(levels) + level
+    nms_scores = torch.where(valid, scores, torch.full_like(scores, -float("inf")))
+    keep = box_ops.batched_nms(
+        boxes.reshape(-1, 4), nms_scores.reshape(-1), group.reshape(-1), nms_thresh
+    )
+    kept = torch.zeros(num_b * num_k, dtype=torch.bool, device=scores.device)
+    kept = kept.index_put((keep,), torch.ones_like(keep, dtype=torch.bool))
+    kept = kept.view(num_b, num_k) & valid
+    masked = torch.where(kept, scores, torch.full_like(scores, -1.0))
+    top_scores, top = masked.topk(det_utils._topk_min(masked, post_n, 1), dim=1)
+    out_valid = top_scores > -0.5
+    return (
+        boxes.gather(1, top[..., None].expand(-1, -1, 4)),
+        torch.where(out_valid, top_scores, torch.zeros_like(top_scores)),
+        polyboxes.gather(1, top[..., None].expand(-1, -1, 10)),
+        out_valid,
+    )
+
+
+# --- RoI heads ------------------------------------------------------------------------------
+
+
+def pool_rois(
+    pooler: MultiScaleRoIAlign, features: dict[str, Tensor], rois: Tensor, batch_hw: Any
+) -> Tensor:
+    """``MultiScaleRoIAlign`` of ``rois [R, 5]`` (image index, x1, y1, x2, y2) given as one
+    tensor, so the number of images is not fixed by a Python list (torchvision's forward
+    takes one box tensor per image). ``batch_hw``: the padded batch's (H, W)."""
+    x = [features[k] for k in pooler.featmap_names]
+    if pooler.scales is None or pooler.map_levels is None:
+        pooler.scales, pooler.map_levels = _setup_scales(
+            x, [(int(batch_hw[0]), int(batch_hw[1]))], pooler.canonical_scale,
+            pooler.canonical_level,
+        )  # fmt: skip
+    size, ratio = pooler.output_size, pooler.sampling_ratio
+    if len(x) == 1:
+        return roi_align(x[0], rois, size, spatial_scale=pooler.scales[0], sampling_ratio=ratio)
+    levels = pooler.map_levels([rois[:, 1:]])
+    result = rois.new_zeros((rois.shape[0], x[0].shape[1], *size), dtype=x[0].dtype)
+    for level, (feature, scale) in enumerate(zip(x, pooler.scales)):
+        idx = torch.where(levels == level)[0]
+        pooled = roi_align(feature, rois[idx], size, spatial_scale=scale, sampling_ratio=ratio)
+        result = result.index_put((idx,), pooled.to(result.dtype))
+    return result
+
+
+def detect_batched(
+    roi_heads: nn.Module,
+    features: dict[str, Tensor],
+    boxes: Tensor,
+    valid: Tensor,
+    image_sizes: Tensor,
+    batch_hw: Any,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Detections of padded proposals ``boxes [B, P, 4]`` / ``valid [B, P]`` in images of
+    ``image_sizes [B, 2]`` (h, w): ``polyboxes [B, K, 10]`` (canonical, clipped, the model's
+    input pixels), ``scores [B, K]``, ``labels [B, K]`` int64 and ``found [B, K]``, best first,
+    ``K = detections_per_img``; rows past an image's detections are zeros."""
+    cfg, num_c = roi_heads.cfg, roi_heads.num_classes
+    num_b, num_p = boxes.shape[0], boxes.shape[1]
+    # Padding rows get a harmless unit box (their results are masked).
+    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=boxes.dtype, device=boxes.device)
+    boxes = torch.where(valid[..., None], boxes, unit.expand_as(boxes))
+    image = torch.arange(num_b, device=boxes.device, dtype=boxes.dtype)
+    image = image[:, None, None].expand(-1, num_p, 1)
+    rois = torch.cat([image, boxes], -1).reshape(-1, 5)
+    x = pool_rois(roi_heads.box_roi_pool, features, rois, batch_hw)
+    logits, deltas = roi_heads.box_predictor(roi_heads.box_head(x))
+    probs = F.softmax(logits.float(), dim=-1).view(num_b, num_p, num_c)
+    decoded = roi_heads.coder.decode(deltas.float(), boxes.reshape(-1, 4), check=False)
+    decoded = decoded.view(num_b, num_p, num_c, 10)[:, :, 1:]  # [B, P, G, 10], G = C - 1
+    scores = probs[:, :, 1:]  # [B, P, G]
+    sizes = image_sizes.to(decoded.dtype)[:, None, None].expand(-1, num_p, num_c - 1, 2)
+    poly = clip_polyboxes(decoded.reshape(-1, 10), sizes.reshape(-1, 2))
+    poly = poly.view(num_b, num_p, num_c - 1, 10)
+    hull = hull_xyxy(poly)
+    wh = hull[..., 2:] - hull[..., :2]
+    big = (wh >= MIN_DETECTION_SIZE).all(-1) & (area(poly) >= MIN_DETECTION_SIZE**2)
+    candidate = valid[..., None] & (scores > cfg.score_thresh) & big  # [B, P, G]
+    suppress = suppression_matrix(
+        poly.transpose(1, 2), candidate.transpose(1, 2), cfg.nms_thresh
+    )  # [B, G, P, P]
+    flat_scores = scores.reshape(num_b, -1)
+    picks, found = greedy_select(
+        flat_scores, candidate.reshape(num_b, -1), suppress, cfg.detections_per_img
+    )
+    label = (picks % (num_c - 1) + 1).to(torch.int64)
+    out_poly = poly.reshape(num_b, -1, 10).gather(1, picks[..., None].expand(-1, -1, 10))
+    out_scores = flat_scores.gather(1, picks)
+    zero = torch.zeros_like(out_scores)
+    return (
+        torch.where(found[..., None], out_poly, torch.zeros_like(out_poly)),
+        torch.where(found, out_scores, zero),
+        torch.where(found, label, torch.zeros_like(label)),
+        found,
+    )
+
+
+def to_input_pixels(polyboxes: Tensor, sizes: Tensor, originals: Tensor) -> Tensor:
+    """Scale polyboxes ``[B, K, 10]`` from the resized images (``sizes [B, 2]``, h, w) to the
+    input images (``originals [B, 2]``) and re-canonicalise; unchanged where the sizes match
+    (as :func:`polydet.polybox.scale`, which is skipped there)."""
+    ratio = originals.to(polyboxes.dtype) / sizes.to(polyboxes.dtype)  # [B, 2] (h, w)
+    factor = ratio.flip(-1).repeat(1, 5)[:, None]  # [B, 1, 10]: (sx, sy) * 5
+    same = (sizes == originals).all(-1)[:, None, None]
+    return torch.where(same, polyboxes, canonicalize(polyboxes * factor))

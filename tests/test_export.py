@@ -1,0 +1,160 @@
+"""``polydet export``: ONNX Runtime and TorchScript give the eager model's detections and
+mAP50 on synthetic images, for a briefly trained and an untrained tiny model, at several
+input sizes and batch sizes; the CLI writes the files; ``predict --runtime onnx`` runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import one_thread, tiny_cfg  # noqa: F401  (a fixture, used below)
+
+from polydet.cli import main
+from polydet.config import load_config
+from polydet.data.dataset import load_image
+from polydet.data.formats import read_dota, write_task1
+from polydet.evaluate import evaluate_dota_dirs
+from polydet.export import OnnxDetector, compare_detections, export_model
+from polydet.model import build_model, save_model
+from polydet.polybox import from_corners
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["card", "plate", "kite"]
+SIZE = ("model.num_classes=4", "data.classes=[card, plate, kite]")
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six synthetic 160 x 128 images with DOTA labels (the default generator)."""
+    from polydet.data.synth import generate
+
+    cfg = load_config(ROOT / "params.yaml", ["synth.num_images=6", "synth.image_width=160",
+                                              "synth.image_height=128"]).synth  # fmt: skip
+    return generate(cfg, tmp_path_factory.mktemp("synth"))
+
+
+def load_split(root: Path) -> tuple[list[str], list[torch.Tensor], list[dict]]:
+    ids, images, targets = [], [], []
+    for path in sorted((root / "images").glob("*.png")):
+        ids.append(path.stem)
+        images.append(load_image(path))
+        objects = read_dota(root / "labelTxt" / f"{path.stem}.txt").objects
+        corners = torch.tensor(np.array([o.corners() for o in objects]), dtype=torch.float32)
+        targets.append({
+            "polyboxes": from_corners(corners.view(-1, 4, 2)),
+            "labels": torch.tensor([CLASSES.index(o.cls) + 1 for o in objects], dtype=torch.int64),
+        })  # fmt: skip
+    return ids, images, targets
+
+
+@pytest.fixture(scope="module")
+def models(synth: Path) -> dict[str, torch.nn.Module]:
+    """An untrained tiny model (near-uniform scores: every candidate reaches NMS) and one
+    trained for a few steps on two of the images (confident on a few candidates)."""
+    _, images, targets = load_split(synth)
+    torch.manual_seed(0)
+    untrained = build_model(tiny_cfg(*SIZE, "model.roi.score_thresh=0.0")).eval()
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(*SIZE))
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(20):
+        losses = model.loss(images[:2], targets[:2])
+        optimizer.zero_grad()
+        sum(losses.values()).backward()
+        optimizer.step()
+    return {"untrained": untrained, "trained": model.eval()}
+
+
+def map50(ids: list[str], preds: list[dict], labels: Path, out: Path) -> float:
+    write_task1(out, dict(zip(ids, preds)), CLASSES)
+    return float(evaluate_dota_dirs(out, labels, CLASSES)["map50"])
+
+
+@pytest.mark.parametrize("name", ["trained", "untrained"])
+def test_onnx_and_torchscript_match_eager(name: str, models: dict, synth: Path, tmp_path: Path):
+    model = models[name]
+    ids, images, _ = load_split(synth)
+    check = images[:2]
+    info = export_model(model, tmp_path / "onnx", "onnx", CLASSES, check_images=check)
+    assert info["parity"]["ok"] and info["parity"]["checked"] > 0
+    assert json.loads((tmp_path / "onnx" / "classes.json").read_text()) == CLASSES
+    onnx = OnnxDetector(tmp_path / "onnx")
+    assert onnx.cfg == model.cfg and onnx.classes == CLASSES
+
+    eager = [{k: v.cpu() for k, v in model.predict([im])[0].items()} for im in images]
+    # One batch of all six (same size) and each image alone, plus a resized copy of the
+    # first one (another input size: the resize runs inside the graph).
+    batched = onnx.predict(images)
+    single = [onnx.predict([im])[0] for im in images]
+    for other in (batched, single):
+        report = compare_detections(eager, other)
+        assert report["ok"], report
+        assert report["checked"] >= (100 if name == "untrained" else 1)
+    big = torch.nn.functional.interpolate(images[0][None], size=(300, 370), mode="bilinear")[0]
+    report = compare_detections(model.predict([big]), onnx.predict([big]))
+    assert report["ok"], report
+    # Raw outputs: the detection cap, padding rows all zero, int64 labels.
+    poly, scores, labels = onnx.run(torch.stack(images[:2]).numpy())
+    cap = model.cfg.roi.detections_per_img
+    assert poly.shape == (2, cap, 10) and scores.shape == (2, cap) and labels.dtype == np.int64
+    pad = scores == 0
+    assert (poly[pad] == 0).all() and (labels[pad] == 0).all() and (labels[~pad] >= 1).all()
+    assert (np.diff(scores, axis=1) <= 0).all()  # best first
+    # The same mAP50 (DOTA Task1 files of each, the kit's metric).
+    labels_dir = synth / "labelTxt"
+    m_eager = map50(ids, eager, labels_dir, tmp_path / "eager")
+    m_onnx = map50(ids, batched, labels_dir, tmp_path / "ort")
+    assert abs(m_eager - m_onnx) <= 1e-3, (m_eager, m_onnx)
+
+    # TorchScript: the same trace, the same numbers.
+    export_model(model, tmp_path / "ts", "torchscript", CLASSES, check_images=check)
+    ts = torch.jit.load(str(tmp_path / "ts" / "model.ts"))
+    with torch.no_grad():
+        poly_ts, scores_ts, labels_ts = ts(torch.stack(images[:2]))
+    assert torch.equal(labels_ts, torch.from_numpy(labels))
+    torch.testing.assert_close(scores_ts, torch.from_numpy(scores), atol=1e-4, rtol=0)
+    torch.testing.assert_close(poly_ts, torch.from_numpy(poly), atol=1e-2, rtol=0)
+
+
+def test_cli_export_and_predict_on_onnx_runtime(models: dict, synth: Path, tmp_path: Path):
+    cfg = tiny_cfg(*SIZE)
+    model_file = save_model(models["trained"], tmp_path / "model.pt", cfg, CLASSES, None)
+    out = tmp_path / "outputs" / "export"  # where the README's snippet looks
+    params = ["--params", str(ROOT / "params.yaml")]
+    assert main(["export", "--model", str(model_file), "--format", "onnx", "--out", str(out),
+                 *params]) == 0  # fmt: skip
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "classes.json", "config.json",
+                                              "export.json"}  # fmt: skip
+    config = json.loads((out / "config.json").read_text())
+    assert config["classes"] == CLASSES and config["model"]["num_classes"] == 4
+    sets = [x for item in ("data.classes=[card, plate, kite]",) for x in ("--set", item)]
+    for runtime, model in (("torch", str(model_file)), ("onnx", str(out))):
+        assert main(["predict", str(synth / "images"), "--model", model, "--runtime", runtime,
+                     "--out", str(tmp_path / runtime), "--score-thresh", "0.05",
+                     *params, *sets]) == 0  # fmt: skip
+    docs = {
+        r: json.loads((tmp_path / r / "detections.json").read_text()) for r in ("torch", "onnx")
+    }
+    assert docs["onnx"]["summary"]["runtime"] == "onnx"
+    for a, b in zip(docs["torch"]["images"], docs["onnx"]["images"]):
+        assert abs(len(a["detections"]) - len(b["detections"])) <= 1
+    # A missing model directory is named in the error.
+    assert main(["predict", str(synth / "images"), "--model", str(tmp_path / "nope"),
+                 "--runtime", "onnx", "--out", str(tmp_path / "x"), *params]) == 2  # fmt: skip
+
+    # The README's plain-Python snippet runs as written, importing neither torch nor polydet.
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```python", readme.index("Run the ONNX model from plain Python"))
+    snippet = readme[start + len("```python") : readme.index("```", start + 3)]
+    guard = "\nimport sys\nassert not {'torch', 'polydet'} & set(sys.modules), sys.modules.keys()\n"
+    done = subprocess.run([sys.executable, "-c", snippet + guard], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
