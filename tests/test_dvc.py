@@ -27,7 +27,11 @@ from polydet.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Plumbing around the stages, not stage logic: editing them must not rerun training.
-PLUMBING = {"polydet/cli.py", "polydet/tracking.py", "polydet/predict.py", "polydet/errors.py"}
+# Modules that do not shape a stage's results (files.py writes bytes it is given atomically).
+PLUMBING = {
+    "polydet/cli.py", "polydet/tracking.py", "polydet/predict.py", "polydet/errors.py",
+    "polydet/files.py", "polydet/locks.py",
+}  # fmt: skip
 
 
 def _dvc_stages() -> dict[str, dict]:
