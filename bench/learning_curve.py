@@ -76,8 +76,8 @@ def main() -> None:
         models.append(out / "model.pt")
         steps.append(int(summary["steps"]))
     rows = []
+    ecfg = load_config(args.params, [*overrides, f"evaluate.out={out / 'curve_eval'}"])
     for step, path in zip(steps, models):
-        ecfg = load_config(args.params, [*overrides, f"evaluate.out={out / 'curve_eval'}"])
         m = evaluate_model(ecfg, str(path))
         rows.append(
             {

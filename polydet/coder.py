@@ -164,7 +164,7 @@ def order_free_loss(
     whichever corner the ground truth starts at. Decoded outputs are re-canonicalised anyway.
 
     Returns the summed loss (a scalar, 0 for ``N == 0``) and the targets of the chosen rolls
-    ``[N, 10]`` (for reports).
+    ``[N, 10]`` (for reports); :func:`polybox_loss` is what the model calls.
     """
     targets = coder.encode_rolls(polyboxes, ref_boxes, check=False)  # [N, 4, 10]
     per_roll = F.smooth_l1_loss(
@@ -174,3 +174,15 @@ def order_free_loss(
     chosen = per_roll.gather(1, best[:, None]).squeeze(1)
     rows = torch.arange(len(best), device=best.device)
     return chosen.sum(), targets[rows, best]
+
+
+def polybox_loss(
+    deltas: Tensor, gt: Tensor, refs: Tensor, coder: PolyBoxCoder, order_free: bool
+) -> tuple[Tensor, Tensor]:
+    """Summed smooth-L1 (beta 1/9, torchvision's) of ``deltas [N, 10]`` against the encoded
+    ground truths ``gt [N, 10]`` relative to ``refs [N, 4]``, and the targets used ``[N, 10]``:
+    the closest corner roll (:func:`order_free_loss`) or the canonical order."""
+    if order_free:
+        return order_free_loss(deltas, gt, refs, coder, beta=1 / 9)
+    targets = coder.encode(gt, refs)
+    return F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="sum"), targets

@@ -584,7 +584,7 @@ class _Loop:
                 speed = self.window_images / max(1e-9, time.perf_counter() - window_start)
                 end_of_epoch = self.step % self.steps_per_epoch == 0
                 done = self.step >= self.total_steps
-                log_now = self.step % tc.log_every == 0 or end_of_epoch or done
+                log_now = self._log_due(self.step)
                 bar.update(1)
                 if log_now or self.device.type != "cuda":  # reading the window syncs CUDA
                     mean = (self.window / self.window_steps).tolist()
@@ -608,8 +608,7 @@ class _Loop:
                     val = self._validate(val_loader)
                     self.last_val = self._row("val", epoch, lr, val, float("nan"))
                     self.val_step = self.step
-                every = tc.checkpoint_every
-                if done or (every > 0 and self.step % every == 0):
+                if self._checkpoint_due(self.step):
                     self._checkpoint(epoch)
                 if tc.snapshot_every > 0 and self.step % tc.snapshot_every == 0:
                     self._snapshot()
@@ -654,13 +653,12 @@ class _Loop:
         )
         # One collective gives both the rank mean for logging and a shared verdict on
         # finiteness (a NaN anywhere makes the sum NaN), so every rank stops together.
-        summed = all_reduce_sum(
-            torch.cat([local, local.new_tensor([len(images)])]), self.info
-        ).double()
+        summed = all_reduce_sum(local, self.info).double()
         # On CUDA, reading a value waits for the GPU to finish the step: there the verdict
         # is read when a logging window closes or a checkpoint is due (the window's sums
         # carry a NaN of any step since the last check), not at every step.
-        check = self.device.type != "cuda" or self._sync_due()
+        step = self.step + 1
+        check = self.device.type != "cuda" or self._log_due(step) or self._checkpoint_due(step)
         if check and not bool(torch.isfinite(summed).all() & torch.isfinite(self.window).all()):
             self._stop_nonfinite(losses, targets, epoch)
         self.optimizer.zero_grad(set_to_none=True)
@@ -675,18 +673,21 @@ class _Loop:
         self.step += 1
         n_images = len(images) * self.info.world_size  # shards are equal (DistributedSampler)
         self.images_seen += n_images
-        return summed[:-1] / self.info.world_size, n_images
+        return summed / self.info.world_size, n_images
 
-    def _sync_due(self) -> bool:
-        """Whether the step about to finish ends a logging window or writes a checkpoint."""
-        step, tc = self.step + 1, self.tc
-        every = tc.checkpoint_every
+    def _log_due(self, step: int) -> bool:
+        """Whether ``step`` (1-based, finished) closes a logging window: every ``log_every``
+        steps, at the end of each epoch and at the last step."""
         return (
-            step % tc.log_every == 0
+            step % self.tc.log_every == 0
             or step % self.steps_per_epoch == 0
             or step >= self.total_steps
-            or (every > 0 and step % every == 0)
         )
+
+    def _checkpoint_due(self, step: int) -> bool:
+        """Whether ``step`` (1-based, finished) writes a checkpoint."""
+        every = self.tc.checkpoint_every
+        return step >= self.total_steps or (every > 0 and step % every == 0)
 
     @torch.no_grad()
     def _validate(self, loader: DataLoader) -> list[float]:

@@ -30,11 +30,12 @@ from torchvision.models.detection.transform import (
     _resize_image_and_masks,
 )
 
+from polydet.coder import polybox_loss
 from polydet.config import ConfigError, ModelConfig, check_model_config
 from polydet.errors import ModelError
 from polydet.model.backbone import build_backbone
 from polydet.model.roi_heads import PolyRoIHeads
-from polydet.model.rpn import PolyRPN, PolyRPNHead, polybox_loss
+from polydet.model.rpn import PolyRPN, PolyRPNHead
 from polydet.polybox import canonicalize, scale
 
 # torchvision's ImageNet statistics (what its pretrained backbones expect).

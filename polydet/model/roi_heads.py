@@ -20,10 +20,9 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from polydet.coder import PolyBoxCoder
+from polydet.coder import PolyBoxCoder, polybox_loss
 from polydet.config import RoIConfig
 from polydet.model.inference import MIN_PROPOSAL_SIZE, detect_batched
-from polydet.model.rpn import polybox_loss
 from polydet.polybox import hull_xyxy
 
 

@@ -34,7 +34,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import Conv2dNormActivation, box_iou
 
-from polydet.coder import PolyBoxCoder, order_free_loss
+from polydet.coder import PolyBoxCoder, polybox_loss
 from polydet.config import RPNConfig
 from polydet.model.inference import select_proposals
 from polydet.polybox import hull_xyxy
@@ -55,18 +55,6 @@ class Matcher(det_utils.Matcher):
         is_best = (match_quality_matrix == highest[:, None]) & (highest[:, None] > 0)  # [G, N]
         preds = torch.where(is_best)[1]
         matches[preds] = all_matches[preds]
-
-
-def polybox_loss(
-    deltas: Tensor, gt: Tensor, refs: Tensor, coder: PolyBoxCoder, order_free: bool
-) -> tuple[Tensor, Tensor]:
-    """Summed smooth-L1 (beta 1/9, torchvision's) of ``deltas [N, 10]`` against the encoded
-    ground truths ``gt [N, 10]`` relative to ``refs [N, 4]``, and the targets used ``[N, 10]``:
-    the closest corner roll (:func:`polydet.coder.order_free_loss`) or the canonical order."""
-    if order_free:
-        return order_free_loss(deltas, gt, refs, coder, beta=1 / 9)
-    targets = coder.encode(gt, refs)
-    return F.smooth_l1_loss(deltas, targets, beta=1 / 9, reduction="sum"), targets
 
 
 class PolyRPNHead(nn.Module):
