@@ -175,12 +175,15 @@ class RoIConfig:
     coder_weights: tuple[float, ...]
     order_free: bool  # polybox loss against the closest cyclic roll of the corners (coder.py)
     loss_weight: float  # multiplies loss_polybox
+    iou_loss_weight: float  # multiplies loss_polybox_iou, 1 - polygon IoU of the decoded positives
+    refine_steps: int  # inference: passes of the box head over its own detections' hulls
 
     def __post_init__(self) -> None:
         checks = {
             "pool_size": self.pool_size >= 1,
             "representation_size": self.representation_size >= 1,
             "detections_per_img": self.detections_per_img >= 1,
+            "refine_steps": self.refine_steps >= 0,
             **_head_checks(self),
         }
         check_ranges("model.roi", self, checks)
@@ -260,7 +263,7 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
         if isinstance(raw.get(stage), dict):
             raw[stage] = {"order_free": False, "loss_weight": 1.0, **raw[stage]}
     if isinstance(raw.get("roi"), dict):
-        raw["roi"] = {"sampling_ratio": 2, **raw["roi"]}
+        raw["roi"] = {"sampling_ratio": 2, "iou_loss_weight": 0.0, "refine_steps": 0, **raw["roi"]}
     model = _build(ModelConfig, raw, "model")
     check_model_config(model)
     return model

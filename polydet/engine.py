@@ -63,7 +63,13 @@ from polydet.errors import DataError, ModelError, PolydetError
 from polydet.files import remove_stale_temps, write_text
 from polydet.model import build_model, save_model
 
-LOSS_TERMS = ("loss_rpn_objectness", "loss_rpn_polybox", "loss_classifier", "loss_polybox")
+LOSS_TERMS = (
+    "loss_rpn_objectness",
+    "loss_rpn_polybox",
+    "loss_classifier",
+    "loss_polybox",
+    "loss_polybox_iou",
+)
 HISTORY_COLUMNS = ("step", "epoch", "split", "lr", "loss", *LOSS_TERMS, "images_per_s")
 # Warm-up starts at this share of the learning rate (as torchvision's detection references).
 WARMUP_START = 0.001

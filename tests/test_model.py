@@ -17,7 +17,13 @@ from polydet.errors import ModelError
 from polydet.model import PolyDetector, build_model, load_model, save_model
 from polydet.polybox import canonicalize, hull_xyxy, scale, to_corners
 
-KEYS = {"loss_rpn_objectness", "loss_rpn_polybox", "loss_classifier", "loss_polybox"}
+KEYS = {
+    "loss_rpn_objectness",
+    "loss_rpn_polybox",
+    "loss_classifier",
+    "loss_polybox",
+    "loss_polybox_iou",
+}
 
 
 def target(*polyboxes: torch.Tensor, labels: list[int] | None = None) -> dict[str, torch.Tensor]:
@@ -70,6 +76,7 @@ def test_batch_without_any_object_has_zero_regression_losses(model: PolyDetector
     losses = model.loss([torch.rand(3, 128, 128)] * 2, [target(), target()])
     assert _finite(losses)
     assert losses["loss_rpn_polybox"].item() == 0.0 and losses["loss_polybox"].item() == 0.0
+    assert losses["loss_polybox_iou"].item() == 0.0
     assert losses["loss_rpn_objectness"].item() > 0 and losses["loss_classifier"].item() > 0
     sum(losses.values()).backward()
 

@@ -47,6 +47,8 @@ def _models() -> tuple[PolyDetector, FasterRCNN]:
         "model.roi.order_free=false",
         "model.roi.loss_weight=1.0",
         "model.roi.sampling_ratio=2",
+        "model.roi.iou_loss_weight=0",  # torchvision has no IoU loss
+        "model.roi.refine_steps=0",  # nor a second pass of the box head
         "model.roi.pool_size=7",
         "model.roi.representation_size=64",
         "model.roi.batch_size_per_image=48",

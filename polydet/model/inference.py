@@ -395,6 +395,14 @@ def detect_batched(
     label = (picks % (num_c - 1) + 1).to(torch.int64)
     out_poly = poly.reshape(num_b, -1, 10).gather(1, picks[..., None].expand(-1, -1, 10))
     out_scores = flat_scores.gather(1, picks)
+    for _ in range(cfg.refine_steps):
+        out_poly, out_scores = refine_detections(
+            roi_heads, features, out_poly, out_scores, label, found, image_sizes, batch_hw
+        )
+    if cfg.refine_steps:
+        out_poly, out_scores, label, found = renms(
+            out_poly, out_scores, label, found, cfg.nms_thresh
+        )
     zero = torch.zeros_like(out_scores)
     return (
         torch.where(found[..., None], out_poly, torch.zeros_like(out_poly)),
@@ -402,6 +410,65 @@ def detect_batched(
         torch.where(found, label, torch.zeros_like(label)),
         found,
     )
+
+
+def refine_detections(
+    roi_heads: nn.Module,
+    features: dict[str, Tensor],
+    polyboxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    found: Tensor,
+    image_sizes: Tensor,
+    batch_hw: Any,
+) -> tuple[Tensor, Tensor]:
+    """One step of iterative refinement of the detections ``polyboxes [B, K, 10]`` (labels
+    ``[B, K]`` from 1, ``found [B, K]``): the box head runs again on each detection's hull, its
+    deltas for the detected class give the new polybox (clipped, canonical), and the score
+    becomes the mean of the two passes' probabilities of that class (as Cascade R-CNN averages
+    its stages). The head was trained on hulls of proposals and ground truths, and a
+    detection's hull is a far better RoI than the proposal it came from, so the second pass
+    corrects what the first got wrong (``model.roi.refine_steps``; measured in the README)."""
+    num_b, num_k = scores.shape[0], scores.shape[1]
+    num_c = roi_heads.num_classes
+    hull = hull_xyxy(polyboxes)
+    wh = hull[..., 2:] - hull[..., :2]
+    # As floats: ``found`` comes out of the scripted greedy loop, where the ONNX exporter
+    # cannot tell it is boolean.
+    ok = (found.to(hull.dtype) * (wh >= MIN_PROPOSAL_SIZE).all(-1).to(hull.dtype)) > 0.5
+    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=hull.dtype, device=hull.device)
+    boxes = torch.where(ok[..., None], hull, unit.expand_as(hull))
+    image = torch.arange(num_b, device=boxes.device, dtype=boxes.dtype)
+    image = image[:, None, None].expand(-1, num_k, 1)
+    rois = torch.cat([image, boxes], -1).reshape(-1, 5)
+    x = pool_rois(roi_heads.box_roi_pool, features, rois, batch_hw)
+    logits, deltas = roi_heads.box_predictor(roi_heads.box_head(x))
+    cls = labels.clamp(1, num_c - 1).reshape(-1, 1)  # padding rows: any class, masked below
+    probs = F.softmax(logits.float(), dim=-1).gather(1, cls).view(num_b, num_k)
+    own = deltas.float().view(-1, num_c, 10).gather(1, cls[..., None].expand(-1, 1, 10))
+    decoded = roi_heads.coder.decode(own[:, 0], boxes.reshape(-1, 4), check=False)
+    sizes = image_sizes.to(decoded.dtype)[:, None].expand(-1, num_k, 2).reshape(-1, 2)
+    refined = clip_polyboxes(decoded, sizes).view(num_b, num_k, 10)
+    return (
+        torch.where(ok[..., None], refined, polyboxes),
+        torch.where(ok, (scores + probs) / 2, scores),
+    )
+
+
+def renms(
+    polyboxes: Tensor, scores: Tensor, labels: Tensor, found: Tensor, iou_threshold: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Polygon NMS per class again over detections ``[B, K, ...]`` whose quads and scores
+    changed after the first NMS (:func:`refine_detections` can move two neighbours onto the
+    same object); returns them best first, the same shapes, dropped rows as padding."""
+    num_k = scores.shape[1]
+    found = found.to(scores.dtype) > 0.5  # typed boolean for the ONNX exporter (see above)
+    same = labels[:, :, None] == labels[:, None, :]  # [B, K, K]
+    suppress = suppression_matrix(polyboxes[:, None], found[:, None], iou_threshold)
+    suppress = suppress & same[:, None]
+    picks, kept = greedy_select(scores, found, suppress, num_k)
+    poly = polyboxes.gather(1, picks[..., None].expand(-1, -1, 10))
+    return poly, scores.gather(1, picks), labels.gather(1, picks), kept
 
 
 def to_input_pixels(polyboxes: Tensor, sizes: Tensor, originals: Tensor) -> Tensor:

@@ -22,8 +22,20 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 
 from polydet.coder import PolyBoxCoder, polybox_loss
 from polydet.config import RoIConfig
-from polydet.model.inference import MIN_PROPOSAL_SIZE, detect_batched
+from polydet.model.inference import MIN_PROPOSAL_SIZE, detect_batched, quad_iou
 from polydet.polybox import hull_xyxy
+
+
+def polybox_iou_loss(deltas: Tensor, gt: Tensor, refs: Tensor, coder: PolyBoxCoder) -> Tensor:
+    """Summed ``1 - IoU`` of the decoded ``deltas [Q, 10]`` (relative to ``refs [Q, 4]``) with
+    the ground truths ``gt [Q, 10]``: the hull IoU of :func:`~polydet.model.inference.quad_iou`,
+    differentiable almost everywhere. It scores the corner *set*, so it does not depend on
+    which corner comes first, and it weighs a corner error by what it costs the overlap that
+    AP75 thresholds, where smooth-L1 weighs all 10 terms alike."""
+    if deltas.shape[0] == 0:
+        return deltas.sum() * 0.0
+    pred = coder.decode(deltas, refs, check=False)
+    return (1.0 - quad_iou(pred, gt.to(pred.dtype))).sum()
 
 
 class PolyPredictor(nn.Module):
@@ -149,12 +161,18 @@ class PolyRoIHeads(nn.Module):
         )
         if labels.numel() == 0:  # no proposal and no ground truth in the whole batch
             zero = logits.sum() * 0.0 + deltas.sum() * 0.0
-            losses = {"loss_classifier": zero, "loss_polybox": zero}
+            losses = {"loss_classifier": zero, "loss_polybox": zero, "loss_polybox_iou": zero}
         else:
             losses = {
                 "loss_classifier": F.cross_entropy(logits, labels),
                 "loss_polybox": loss_box * self.cfg.loss_weight / labels.numel(),
             }
+            loss_iou = pos_deltas.sum() * 0.0  # off: no work, the same keys
+            if self.cfg.iou_loss_weight > 0:
+                gt = torch.cat(samples.gt_polyboxes)[pos]
+                refs = torch.cat(samples.boxes)[pos]
+                loss_iou = polybox_iou_loss(pos_deltas, gt, refs, self.coder)
+            losses["loss_polybox_iou"] = loss_iou * self.cfg.iou_loss_weight / labels.numel()
         return losses, samples, RoIOutput(logits, deltas, targets_enc, pos_deltas)
 
     # --- inference ---------------------------------------------------------------------

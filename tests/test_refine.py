@@ -1,0 +1,97 @@
+"""Iterative refinement of detections (model.roi.refine_steps): the box head's second pass
+on each detection's hull, decoded with the detected class's deltas."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from polydet.coder import PolyBoxCoder
+from polydet.config import load_config
+from polydet.model.inference import refine_detections, renms
+from polydet.model.roi_heads import PolyRoIHeads
+from polydet.polybox import from_corners, hull_xyxy, to_corners
+
+NUM_C = 4  # background + 3
+
+
+class ClassShift(nn.Module):
+    """Logits ``log(p)`` for fixed class probabilities; deltas that keep the RoI box except for
+    a centre shift of ``c`` reference widths / ``W0`` for class ``c``."""
+
+    def __init__(self, probs: list[float]) -> None:
+        super().__init__()
+        self.logits = torch.tensor(probs).log()
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        n = x.shape[0]
+        deltas = torch.zeros(n, NUM_C, 10)
+        deltas[:, :, 0] = torch.arange(NUM_C, dtype=torch.float32)
+        return self.logits.expand(n, -1), deltas.flatten(1)
+
+
+def heads() -> PolyRoIHeads:
+    cfg = dataclasses.replace(load_config("params.yaml").model.roi, refine_steps=1)
+    h = PolyRoIHeads(["0"], 2, NUM_C, cfg)
+    h.box_head = nn.Flatten()  # any features: the stub predictor ignores them
+    h.box_predictor = ClassShift([0.1, 0.2, 0.3, 0.4])
+    return h
+
+
+def test_refinement_decodes_the_detected_class_on_the_hull_and_averages_scores() -> None:
+    h = heads()
+    features = {"0": torch.rand(2, 2, 16, 16)}  # stride 8 for 128 x 128 images
+    rect = [[10.0, 20.0], [50.0, 20.0], [50.0, 40.0], [10.0, 40.0]]
+    kite = [[70.0, 60.0], [90.0, 75.0], [70.0, 100.0], [55.0, 75.0]]
+    poly = from_corners(torch.tensor([[rect, kite], [kite, rect]]))  # [2, 2, 10]
+    scores = torch.tensor([[0.9, 0.6], [0.8, 0.0]])
+    labels = torch.tensor([[1, 3], [2, 0]])
+    found = torch.tensor([[True, True], [True, False]])  # the last row is padding
+    sizes = torch.tensor([[128.0, 128.0], [128.0, 128.0]])
+    out, out_scores = refine_detections(h, features, poly, scores, labels, found, sizes, (128, 128))
+
+    w0 = PolyBoxCoder(h.cfg.coder_weights).weights[0]
+    for b, k in [(0, 0), (0, 1), (1, 0)]:
+        hull = hull_xyxy(poly[b, k])
+        expected = torch.tensor(
+            [[hull[0], hull[1]], [hull[2], hull[1]], [hull[2], hull[3]], [hull[0], hull[3]]]
+        )
+        expected[:, 0] += int(labels[b, k]) * (hull[2] - hull[0]) / w0
+        assert torch.allclose(to_corners(out[b, k]), to_corners(from_corners(expected)), atol=1e-4)
+        probability = [0.1, 0.2, 0.3, 0.4][int(labels[b, k])]
+        assert abs(float(out_scores[b, k]) - (float(scores[b, k]) + probability) / 2) < 1e-6
+    assert torch.equal(out[1, 1], poly[1, 1]) and float(out_scores[1, 1]) == 0.0
+
+
+def test_refined_corners_are_clipped_to_the_image() -> None:
+    h = heads()
+    features = {"0": torch.rand(1, 2, 8, 8)}
+    near_edge = from_corners(
+        torch.tensor([[[[40.0, 5.0], [63.0, 5.0], [63.0, 30.0], [40.0, 30.0]]]])
+    )
+    out, _ = refine_detections(
+        h, features, near_edge, torch.tensor([[0.9]]), torch.tensor([[3]]),
+        torch.tensor([[True]]), torch.tensor([[64.0, 64.0]]), (64, 64),
+    )  # fmt: skip
+    corners = to_corners(out[0, 0])
+    assert float(corners[:, 0].max()) == 64.0  # the class-3 shift pushed it past the edge
+    assert float(corners.min()) >= 0.0
+
+
+def test_second_nms_drops_refined_duplicates_per_class_and_sorts() -> None:
+    a = from_corners(torch.tensor([[10.0, 10.0], [40.0, 10.0], [40.0, 30.0], [10.0, 30.0]]))
+    b = from_corners(torch.tensor([[11.0, 10.0], [41.0, 10.0], [41.0, 30.0], [11.0, 30.0]]))
+    c = from_corners(torch.tensor([[60.0, 60.0], [90.0, 60.0], [90.0, 80.0], [60.0, 80.0]]))
+    poly = torch.stack([a, b, b, c, c])[None]  # a ~ b (IoU 0.94), c alone
+    scores = torch.tensor([[0.5, 0.7, 0.6, 0.4, 0.0]])
+    labels = torch.tensor([[1, 1, 2, 1, 0]])
+    found = torch.tensor([[True, True, True, True, False]])
+    out, out_scores, out_labels, kept = renms(poly, scores, labels, found, 0.3)
+    # b (0.7) suppresses a (0.5, same class); b of class 2 and c stay; best first.
+    assert kept.tolist() == [[True, True, True, False, False]]
+    assert out_scores[0, :3].tolist() == pytest.approx([0.7, 0.6, 0.4])
+    assert out_labels[0, :3].tolist() == [1, 2, 1]
+    assert torch.equal(out[0, 0], b) and torch.equal(out[0, 2], c)
