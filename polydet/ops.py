@@ -292,8 +292,190 @@ def iou_areas(polyboxes: Tensor, mode: str = "hull") -> tuple[Tensor, Tensor]:
     return q.area, q.cover
 
 
+# --- compiled CPU kernel ----------------------------------------------------------------------
+# On CPU the same computation runs as a numba-compiled scalar loop over pairs (every
+# intermediate in registers or a 4 x 4 scratch): the tensor kernel is memory-bound (each of
+# its ~100 ops streams [16, chunk] float64 through memory), so fusing it is several times
+# faster (README, Performance). The tensor code stays for CUDA, for the exported models
+# (:mod:`polydet.model.inference`) and as the reference the compiled loop is tested against.
+try:
+    import numba
+except ImportError:  # pragma: no cover - a dependency; without it the tensor kernel runs
+    numba = None
+
+# Whether CPU tensors use the compiled loop (tests switch it off to compare with the tensors).
+COMPILED = numba is not None
+# intersection_area's collinear tolerance for float64 rings.
+_TOL64 = max(_COLLINEAR_TOL, 2.0 * float(np.finfo(np.float64).eps) ** 0.5)
+
+
+def _njit(fn):
+    return numba.njit(cache=True, nogil=True, error_model="numpy")(fn) if numba is not None else fn
+
+
+@_njit
+def _nb_intersection(pa, ia, ua, pb, ib, ub, ox, oy, v, m):  # pragma: no cover - compiled
+    """:func:`intersection_area` of rings ``pa[ia, ua]`` and ``pb[ib, ub] + (ox, oy)``, the
+    same decisions in the same float64 operations; ``v [8, 4]`` and ``m [6, 4, 4]`` are
+    scratch allocated once per call of the outer loop. Adds one shortcut: a separating line (all of one ring's corners
+    strictly outside one of the other's edges) gives 0 at once, as the clipping would."""
+    # v rows: ax, ay, bx, by (corners), dax, day, dbx, dby (edges i -> i+1); m: fa0, fb0,
+    # wx, wy, r (as in intersection_area, [i, k]), flags (1: collinear, 2: A's edge i
+    # crosses B's line k, 3: both).
+    size = 0.0
+    for i in range(4):
+        v[0, i] = pa[ia, ua, i, 0]
+        v[1, i] = pa[ia, ua, i, 1]
+        v[2, i] = pb[ib, ub, i, 0] + ox
+        v[3, i] = pb[ib, ub, i, 1] + oy
+    for i in range(4):
+        v[4, i] = v[0, (i + 1) % 4] - v[0, i]
+        v[5, i] = v[1, (i + 1) % 4] - v[1, i]
+        v[6, i] = v[2, (i + 1) % 4] - v[2, i]
+        v[7, i] = v[3, (i + 1) % 4] - v[3, i]
+        size = max(size, abs(v[0, i]), abs(v[1, i]), abs(v[2, i]), abs(v[3, i]))
+    for i in range(4):
+        for k in range(4):
+            x = v[0, i] - v[2, k]
+            y = v[1, i] - v[3, k]
+            m[2, i, k] = x
+            m[3, i, k] = y
+            m[0, i, k] = v[6, k] * y - v[7, k] * x  # A's corner i against B's line k
+            m[1, i, k] = v[5, i] * x - v[4, i] * y  # B's corner k against A's line i
+    for k in range(4):  # a zero-length edge gives 0 everywhere, never < 0
+        if max(m[0, 0, k], m[0, 1, k], m[0, 2, k], m[0, 3, k]) < 0:
+            return 0.0
+    for i in range(4):
+        if max(m[1, i, 0], m[1, i, 1], m[1, i, 2], m[1, i, 3]) < 0:
+            return 0.0
+    tol2 = (_TOL64 * size) ** 2
+    twice = 0.0
+    for i in range(4):  # A's edge i against B's lines
+        len2_a = v[4, i] * v[4, i] + v[5, i] * v[5, i]
+        t_lo, t_hi, keep = 0.0, 1.0, True
+        for k in range(4):
+            len2_b = v[6, k] * v[6, k] + v[7, k] * v[7, k]
+            f0, f1 = m[0, i, k], m[0, (i + 1) % 4, k]
+            g0, g1 = m[1, i, k], m[1, i, (k + 1) % 4]
+            col = (
+                (max(f0 * f0, f1 * f1) < tol2 * len2_b or max(g0 * g0, g1 * g1) < tol2 * len2_a)
+                and len2_a > 0
+                and len2_b > 0
+            )
+            rise = f1 - f0
+            rk = min(max(f0 / -rise if rise != 0 else f0, 0.0), 1.0)
+            m[4, i, k] = rk
+            m[5, i, k] = (1.0 if col else 0.0) + (2.0 if (f0 < 0) != (f1 < 0) else 0.0)
+            if col:  # same direction: A's edge counted once; opposite: dropped
+                if v[4, i] * v[6, k] + v[5, i] * v[7, k] < 0:
+                    keep = False
+            elif rise > 0:
+                t_lo = max(t_lo, rk)
+            elif rise < 0:
+                t_hi = min(t_hi, rk)
+            elif f0 < 0:
+                keep = False
+        if keep and t_hi > t_lo:
+            twice += (t_hi - t_lo) * (v[0, i] * v[5, i] - v[1, i] * v[4, i])
+    for k in range(4):  # B's edge k against A's lines
+        len2_b = v[6, k] * v[6, k] + v[7, k] * v[7, k]
+        s_lo, s_hi, keep = 0.0, 1.0, True
+        for i in range(4):
+            if m[5, i, k] == 1.0 or m[5, i, k] == 3.0:  # collinear: never counted for B
+                keep = False
+                continue
+            g0, g1 = m[1, i, k], m[1, i, (k + 1) % 4]
+            rise = g1 - g0
+            if rise == 0:
+                if g0 < 0:
+                    keep = False
+                continue
+            s = min(max(g0 / -rise, 0.0), 1.0)
+            if m[5, i, k] == 2.0 and (g0 < 0) != (g1 < 0):
+                # Both edges register the crossing: B's piece ends at the point A computed.
+                dot = v[4, i] * v[6, k] + v[5, i] * v[7, k]
+                s = m[2, i, k] * v[6, k] + m[3, i, k] * v[7, k] + m[4, i, k] * dot
+                s = min(max(s / max(len2_b, 1e-300), 0.0), 1.0)
+            if rise > 0:
+                s_lo = max(s_lo, s)
+            else:
+                s_hi = min(s_hi, s)
+        if keep and s_hi > s_lo:
+            twice += (s_hi - s_lo) * (v[2, k] * v[7, k] - v[3, k] * v[6, k])
+    return max(0.5 * twice, 0.0)
+
+
+@_njit
+def _nb_iou(
+    pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, i, j, v, m
+):  # pragma: no cover
+    """IoU of quads ``i`` of A and ``j`` of B (arrays of :class:`Quads`), as :func:`_pair_iou`."""
+    ox = cb[j, 0] - ca[i, 0]
+    oy = cb[j, 1] - ca[i, 1]
+    inter = 0.0
+    for u in range(pa.shape[1]):
+        if wa[i, u] == 0:
+            continue
+        for w in range(pb.shape[1]):
+            if wb[j, w] != 0:
+                piece = _nb_intersection(pa, i, u, pb, j, w, ox, oy, v, m)
+                inter += piece * (wa[i, u] * wb[j, w])
+    cap = min(cover_a[i], cover_b[j])
+    inter = max(min(inter, cap), -cap)
+    union = area_a[i] + area_b[j] - inter
+    return inter / union if union != 0 else 0.0
+
+
+@_njit
+def _nb_grid(
+    pa, wa, ca, area_a, cover_a, bound_a, pb, wb, cb, area_b, cover_b, bound_b, out
+):  # pragma: no cover
+    """``out [N, M]`` = IoU of every pair whose extents (:func:`_bounds`) overlap."""
+    v = np.empty((8, 4))
+    m = np.empty((6, 4, 4))
+    for i in range(pa.shape[0]):
+        for j in range(pb.shape[0]):
+            hit = True
+            for axis in range(4):
+                if not (
+                    bound_a[i, axis, 0] < bound_b[j, axis, 1]
+                    and bound_b[j, axis, 0] < bound_a[i, axis, 1]
+                ):
+                    hit = False
+                    break
+            if hit:
+                out[i, j] = _nb_iou(
+                    pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, i, j, v, m
+                )
+
+
+@_njit
+def _nb_pairs(
+    pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, ii, jj, out
+):  # pragma: no cover
+    """``out [P]`` = IoU of quads ``ii[p]`` of A and ``jj[p]`` of B."""
+    v = np.empty((8, 4))
+    m = np.empty((6, 4, 4))
+    for p in range(ii.shape[0]):
+        out[p] = _nb_iou(
+            pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, ii[p], jj[p], v, m
+        )
+
+
+def _compiled(q: Quads) -> bool:
+    return COMPILED and q.area.device.type == "cpu"
+
+
+def _arrays(q: Quads) -> tuple[np.ndarray, ...]:
+    return tuple(t.contiguous().numpy() for t in (q.pieces, q.weight, q.centre, q.area, q.cover))
+
+
 def _pair_iou(qa: Quads, qb: Quads, i: Tensor, j: Tensor, chunk_size: int) -> Tensor:
     """IoU ``[P]`` (float64) of quads ``qa[i[p]]`` and ``qb[j[p]]``."""
+    if _compiled(qa):
+        out = np.zeros(i.shape[0])
+        _nb_pairs(*_arrays(qa), *_arrays(qb), i.contiguous().numpy(), j.contiguous().numpy(), out)
+        return torch.from_numpy(out)
     ka, kb = qa.pieces.shape[1], qb.pieces.shape[1]
     if ka == 1 and kb == 1:  # hull mode: one ring per quad, nothing to expand
         src, w, ia, ib = None, None, i, j
@@ -396,6 +578,10 @@ def pairwise_iou(
     if n == 0 or m == 0:
         return out
     bound_a, bound_b = _live_bounds(qa), _live_bounds(qb)
+    if _compiled(qa):
+        grid = np.zeros((n, m))
+        _nb_grid(*_arrays(qa), bound_a.numpy(), *_arrays(qb), bound_b.numpy(), grid)
+        return torch.from_numpy(grid).to(dtype)
     rows = max(1, _MASK_ELEMS // m)
     for r in range(0, n, rows):
         # Dense test on x and y, the 45-degree axes on the (few) survivors: 10-20% faster.
