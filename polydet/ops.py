@@ -325,100 +325,105 @@ def _njit(fn):
 
 
 @_njit
-def _nb_intersection(pa, ia, ua, pb, ib, ub, ox, oy, v, m):  # pragma: no cover - compiled
-    """:func:`intersection_area` of rings ``pa[ia, ua]`` and ``pb[ib, ub] + (ox, oy)``, the
-    same decisions in the same float64 operations; ``v [8, 4]`` and ``m [6, 4, 4]`` are
-    scratch allocated once per call of the outer loop. Adds one shortcut: a separating line (all of one ring's corners
-    strictly outside one of the other's edges) gives 0 at once, as the clipping would."""
-    # v rows: ax, ay, bx, by (corners), dax, day, dbx, dby (edges i -> i+1); m: fa0, fb0,
-    # wx, wy, r (as in intersection_area, [i, k]), flags (1: collinear, 2: A's edge i
-    # crosses B's line k, 3: both).
+def _nb_intersection(pa, ia, ua, pb, ib, ub, ox, oy, acc):  # pragma: no cover - compiled
+    """:func:`intersection_area` of rings ``pa[ia, ua]`` and ``pb[ib, ub] + (ox, oy)``: the
+    same decisions from the same float64 expressions, one (A edge i, B line k) at a time,
+    corners in tuples (registers), ``acc [3, 4]`` scratch for B's edges (s_lo, s_hi, keep).
+    Adds one shortcut: a separating line (all of one ring's corners strictly outside one of
+    the other's edges) gives 0 at once, as the clipping would."""
+    ax = (pa[ia, ua, 0, 0], pa[ia, ua, 1, 0], pa[ia, ua, 2, 0], pa[ia, ua, 3, 0])
+    ay = (pa[ia, ua, 0, 1], pa[ia, ua, 1, 1], pa[ia, ua, 2, 1], pa[ia, ua, 3, 1])
+    bx = (
+        pb[ib, ub, 0, 0] + ox,
+        pb[ib, ub, 1, 0] + ox,
+        pb[ib, ub, 2, 0] + ox,
+        pb[ib, ub, 3, 0] + ox,
+    )
+    by = (
+        pb[ib, ub, 0, 1] + oy,
+        pb[ib, ub, 1, 1] + oy,
+        pb[ib, ub, 2, 1] + oy,
+        pb[ib, ub, 3, 1] + oy,
+    )
+    dax = (ax[1] - ax[0], ax[2] - ax[1], ax[3] - ax[2], ax[0] - ax[3])
+    day = (ay[1] - ay[0], ay[2] - ay[1], ay[3] - ay[2], ay[0] - ay[3])
+    dbx = (bx[1] - bx[0], bx[2] - bx[1], bx[3] - bx[2], bx[0] - bx[3])
+    dby = (by[1] - by[0], by[2] - by[1], by[3] - by[2], by[0] - by[3])
     size = 0.0
     for i in range(4):
-        v[0, i] = pa[ia, ua, i, 0]
-        v[1, i] = pa[ia, ua, i, 1]
-        v[2, i] = pb[ib, ub, i, 0] + ox
-        v[3, i] = pb[ib, ub, i, 1] + oy
-    for i in range(4):
-        v[4, i] = v[0, (i + 1) % 4] - v[0, i]
-        v[5, i] = v[1, (i + 1) % 4] - v[1, i]
-        v[6, i] = v[2, (i + 1) % 4] - v[2, i]
-        v[7, i] = v[3, (i + 1) % 4] - v[3, i]
-        size = max(size, abs(v[0, i]), abs(v[1, i]), abs(v[2, i]), abs(v[3, i]))
-    for i in range(4):
-        for k in range(4):
-            x = v[0, i] - v[2, k]
-            y = v[1, i] - v[3, k]
-            m[2, i, k] = x
-            m[3, i, k] = y
-            m[0, i, k] = v[6, k] * y - v[7, k] * x  # A's corner i against B's line k
-            m[1, i, k] = v[5, i] * x - v[4, i] * y  # B's corner k against A's line i
-    for k in range(4):  # a zero-length edge gives 0 everywhere, never < 0
-        if max(m[0, 0, k], m[0, 1, k], m[0, 2, k], m[0, 3, k]) < 0:
-            return 0.0
-    for i in range(4):
-        if max(m[1, i, 0], m[1, i, 1], m[1, i, 2], m[1, i, 3]) < 0:
+        size = max(size, abs(ax[i]), abs(ay[i]), abs(bx[i]), abs(by[i]))
+    for k in range(4):  # separating lines (a zero-length edge gives 0, never < 0)
+        out_a = True
+        out_b = True
+        for i in range(4):
+            out_a = out_a and dbx[k] * (ay[i] - by[k]) - dby[k] * (ax[i] - bx[k]) < 0
+            out_b = out_b and day[k] * (ax[k] - bx[i]) - dax[k] * (ay[k] - by[i]) < 0
+        if out_a or out_b:
             return 0.0
     tol2 = (_TOL64 * size) ** 2
+    for k in range(4):
+        acc[0, k] = 0.0
+        acc[1, k] = 1.0
+        acc[2, k] = 1.0
     twice = 0.0
-    for i in range(4):  # A's edge i against B's lines
-        len2_a = v[4, i] * v[4, i] + v[5, i] * v[5, i]
+    for i in range(4):
+        i1 = (i + 1) % 4
+        len2_a = dax[i] * dax[i] + day[i] * day[i]
         t_lo, t_hi, keep = 0.0, 1.0, True
         for k in range(4):
-            len2_b = v[6, k] * v[6, k] + v[7, k] * v[7, k]
-            f0, f1 = m[0, i, k], m[0, (i + 1) % 4, k]
-            g0, g1 = m[1, i, k], m[1, i, (k + 1) % 4]
+            k1 = (k + 1) % 4
+            len2_b = dbx[k] * dbx[k] + dby[k] * dby[k]
+            wx = ax[i] - bx[k]
+            wy = ay[i] - by[k]
+            f0 = dbx[k] * wy - dby[k] * wx  # A's corners i, i+1 against B's line k
+            f1 = dbx[k] * (ay[i1] - by[k]) - dby[k] * (ax[i1] - bx[k])
+            g0 = day[i] * wx - dax[i] * wy  # B's corners k, k+1 against A's line i
+            g1 = day[i] * (ax[i] - bx[k1]) - dax[i] * (ay[i] - by[k1])
             col = (
                 (max(f0 * f0, f1 * f1) < tol2 * len2_b or max(g0 * g0, g1 * g1) < tol2 * len2_a)
                 and len2_a > 0
                 and len2_b > 0
             )
+            dot = dax[i] * dbx[k] + day[i] * dby[k]
             rise = f1 - f0
-            rk = min(max(f0 / -rise if rise != 0 else f0, 0.0), 1.0)
-            m[4, i, k] = rk
-            m[5, i, k] = (1.0 if col else 0.0) + (2.0 if (f0 < 0) != (f1 < 0) else 0.0)
-            if col:  # same direction: A's edge counted once; opposite: dropped
-                if v[4, i] * v[6, k] + v[5, i] * v[7, k] < 0:
+            r = min(max(f0 / -rise if rise != 0 else f0, 0.0), 1.0)
+            if col:  # same direction: A's edge counted once; opposite: dropped; B's: never
+                if dot < 0:
                     keep = False
-            elif rise > 0:
-                t_lo = max(t_lo, rk)
+                acc[2, k] = 0.0
+                continue
+            if rise > 0:
+                t_lo = max(t_lo, r)
             elif rise < 0:
-                t_hi = min(t_hi, rk)
+                t_hi = min(t_hi, r)
             elif f0 < 0:
                 keep = False
-        if keep and t_hi > t_lo:
-            twice += (t_hi - t_lo) * (v[0, i] * v[5, i] - v[1, i] * v[4, i])
-    for k in range(4):  # B's edge k against A's lines
-        len2_b = v[6, k] * v[6, k] + v[7, k] * v[7, k]
-        s_lo, s_hi, keep = 0.0, 1.0, True
-        for i in range(4):
-            if m[5, i, k] == 1.0 or m[5, i, k] == 3.0:  # collinear: never counted for B
-                keep = False
-                continue
-            g0, g1 = m[1, i, k], m[1, i, (k + 1) % 4]
             rise = g1 - g0
             if rise == 0:
                 if g0 < 0:
-                    keep = False
+                    acc[2, k] = 0.0
                 continue
-            s = min(max(g0 / -rise, 0.0), 1.0)
-            if m[5, i, k] == 2.0 and (g0 < 0) != (g1 < 0):
+            if (f0 < 0) != (f1 < 0) and (g0 < 0) != (g1 < 0):
                 # Both edges register the crossing: B's piece ends at the point A computed.
-                dot = v[4, i] * v[6, k] + v[5, i] * v[7, k]
-                s = m[2, i, k] * v[6, k] + m[3, i, k] * v[7, k] + m[4, i, k] * dot
+                s = wx * dbx[k] + wy * dby[k] + r * dot
                 s = min(max(s / max(len2_b, 1e-300), 0.0), 1.0)
-            if rise > 0:
-                s_lo = max(s_lo, s)
             else:
-                s_hi = min(s_hi, s)
-        if keep and s_hi > s_lo:
-            twice += (s_hi - s_lo) * (v[2, k] * v[7, k] - v[3, k] * v[6, k])
+                s = min(max(g0 / -rise, 0.0), 1.0)
+            if rise > 0:
+                acc[0, k] = max(acc[0, k], s)
+            else:
+                acc[1, k] = min(acc[1, k], s)
+        if keep and t_hi > t_lo:
+            twice += (t_hi - t_lo) * (ax[i] * day[i] - ay[i] * dax[i])
+    for k in range(4):
+        if acc[2, k] != 0 and acc[1, k] > acc[0, k]:
+            twice += (acc[1, k] - acc[0, k]) * (bx[k] * dby[k] - by[k] * dbx[k])
     return max(0.5 * twice, 0.0)
 
 
 @_njit
 def _nb_iou(
-    pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, i, j, v, m
+    pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, i, j, acc
 ):  # pragma: no cover
     """IoU of quads ``i`` of A and ``j`` of B (arrays of :class:`Quads`), as :func:`_pair_iou`."""
     ox = cb[j, 0] - ca[i, 0]
@@ -429,7 +434,7 @@ def _nb_iou(
             continue
         for w in range(pb.shape[1]):
             if wb[j, w] != 0:
-                piece = _nb_intersection(pa, i, u, pb, j, w, ox, oy, v, m)
+                piece = _nb_intersection(pa, i, u, pb, j, w, ox, oy, acc)
                 inter += piece * (wa[i, u] * wb[j, w])
     cap = min(cover_a[i], cover_b[j])
     inter = max(min(inter, cap), -cap)
@@ -442,8 +447,7 @@ def _nb_grid(
     pa, wa, ca, area_a, cover_a, bound_a, pb, wb, cb, area_b, cover_b, bound_b, out
 ):  # pragma: no cover
     """``out [N, M]`` = IoU of every pair whose extents (:func:`_bounds`) overlap."""
-    v = np.empty((8, 4))
-    m = np.empty((6, 4, 4))
+    acc = np.empty((3, 4))
     for i in range(pa.shape[0]):
         for j in range(pb.shape[0]):
             hit = True
@@ -456,7 +460,7 @@ def _nb_grid(
                     break
             if hit:
                 out[i, j] = _nb_iou(
-                    pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, i, j, v, m
+                    pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, i, j, acc
                 )
 
 
@@ -465,11 +469,10 @@ def _nb_pairs(
     pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, ii, jj, out
 ):  # pragma: no cover
     """``out [P]`` = IoU of quads ``ii[p]`` of A and ``jj[p]`` of B."""
-    v = np.empty((8, 4))
-    m = np.empty((6, 4, 4))
+    acc = np.empty((3, 4))
     for p in range(ii.shape[0]):
         out[p] = _nb_iou(
-            pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, ii[p], jj[p], v, m
+            pa, wa, ca, area_a, cover_a, pb, wb, cb, area_b, cover_b, ii[p], jj[p], acc
         )
 
 
