@@ -70,7 +70,7 @@ everything. Then:
    line is 0 at once. The tensor kernel streams ~100 ``[16, chunk]`` float64 tensors
    through memory per chunk, the loop keeps a pair in a few cache lines: 2-3x faster on
    the benchmark's crowded and sparse cases, hence >= 50x vectorized shapely there
-   (README, Performance). The two agree to ~1e-15 (tested on identical, near-duplicate,
+   (README, Performance). The two agree to 1e-12 (tested on identical, near-duplicate,
    touching, nested, sliver, degenerate and self-intersecting pairs). Compiling the loop
    takes a few seconds once; numba caches it in ``__pycache__``.
 
@@ -304,8 +304,8 @@ def iou_areas(polyboxes: Tensor, mode: str = "hull") -> tuple[Tensor, Tensor]:
 
 
 # --- compiled CPU kernel ----------------------------------------------------------------------
-# On CPU the same computation runs as a numba-compiled scalar loop over pairs (every
-# intermediate in registers or a 4 x 4 scratch): the tensor kernel is memory-bound (each of
+# On CPU the same computation runs as a numba-compiled scalar loop over pairs (corners in
+# registers, one (edge, line) pair at a time): the tensor kernel is memory-bound (each of
 # its ~100 ops streams [16, chunk] float64 through memory), so fusing it is several times
 # faster (README, Performance). The tensor code stays for CUDA, for the exported models
 # (:mod:`polydet.model.inference`) and as the reference the compiled loop is tested against.
@@ -595,7 +595,13 @@ def pairwise_iou(
     bound_a, bound_b = _live_bounds(qa), _live_bounds(qb)
     if _compiled(qa):
         grid = np.zeros((n, m))
-        _nb_grid(*_arrays(qa), bound_a.numpy(), *_arrays(qb), bound_b.numpy(), grid)
+        _nb_grid(
+            *_arrays(qa),
+            bound_a.contiguous().numpy(),
+            *_arrays(qb),
+            bound_b.contiguous().numpy(),
+            grid,
+        )
         return torch.from_numpy(grid).to(dtype)
     rows = max(1, _MASK_ELEMS // m)
     for r in range(0, n, rows):
