@@ -10,9 +10,12 @@ up to 4 and 1/4; two cases side by side, the same inputs for every method:
 harbour: about the same share of pairs overlap, with quads a fifth of the size). Targets at 1000 x 1000, on both: >= 50x faster than shapely,
 within 30x of box_iou, max |IoU - shapely| <= 1e-6. Shapely's full grid at 4000 x 4000 is
 timed on a subsample of rows and extrapolated (said so in the output). Times are CPU (this
-process) and wall time, best of N runs, torch on 1 thread like shapely: when other jobs load
-the machine beyond its cores, wall time measures the share of CPU each side got and CPU
-time is the steadier comparison, so ratios are of CPU times (wall in brackets).
+process) and wall time, medians of N interleaved runs (one run of every method per round,
+so a change of load hits all alike), torch on 1 thread and numba's loop single-threaded,
+like shapely: when other jobs load the machine beyond its cores, wall time measures the
+share of CPU each side got and CPU time is the steadier comparison, so ratios are of CPU
+times (wall in brackets). ``pairwise_iou`` runs its compiled CPU loop; the tensor kernel
+(what CUDA runs) is timed beside it on the same inputs.
 Run: ``.venv/bin/python bench/bench_iou.py [--threads 1] [--repeats 3]``.
 """
 
