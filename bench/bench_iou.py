@@ -10,9 +10,12 @@ up to 4 and 1/4; two cases side by side, the same inputs for every method:
 harbour: about the same share of pairs overlap, with quads a fifth of the size). Targets at 1000 x 1000, on both: >= 50x faster than shapely,
 within 30x of box_iou, max |IoU - shapely| <= 1e-6. Shapely's full grid at 4000 x 4000 is
 timed on a subsample of rows and extrapolated (said so in the output). Times are CPU (this
-process) and wall time, best of N runs, torch on 1 thread like shapely: when other jobs load
-the machine beyond its cores, wall time measures the share of CPU each side got and CPU
-time is the steadier comparison, so ratios are of CPU times (wall in brackets).
+process) and wall time, medians of N interleaved runs (one run of every method per round,
+so a change of load hits all alike), torch on 1 thread and numba's loop single-threaded,
+like shapely: when other jobs load the machine beyond its cores, wall time measures the
+share of CPU each side got and CPU time is the steadier comparison, so ratios are of CPU
+times (wall in brackets). ``pairwise_iou`` runs its compiled CPU loop; the tensor kernel
+(what CUDA runs) is timed beside it on the same inputs.
 Run: ``.venv/bin/python bench/bench_iou.py [--threads 1] [--repeats 3]``.
 """
 
@@ -34,7 +37,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from polydet import polybox  # noqa: E402
+from polydet import ops, polybox  # noqa: E402
 from polydet.ops import nms, pairwise_iou  # noqa: E402
 
 T = TypeVar("T")
@@ -133,7 +136,12 @@ CASES = {  # name -> (image size, smallest and largest quad size), the same shap
 def measure_pairwise(
     rng: np.random.Generator, n: int, case: str, repeats: int, shapely_rows: int
 ) -> dict[str, float]:
-    """Times (wall and CPU, ms) and accuracy of every method on one ``n x n`` case."""
+    """Times (median CPU and wall, ms) and accuracy of every method on one ``n x n`` case.
+
+    The methods run interleaved (one run of each per round, ``repeats`` rounds, after one
+    warm-up run of each polydet variant), so a change of machine load during the
+    measurement hits all of them alike; the full shapely grid, when subsampled, runs once.
+    """
     img, smin, smax = CASES[case]
     ca, cb = random_quads(rng, n, img, smin, smax), random_quads(rng, n, img, smin, smax)
     a = polybox.from_corners(torch.tensor(ca, dtype=torch.float32))
@@ -142,23 +150,53 @@ def measure_pairwise(
     # shapely sees the float32 corners the polyboxes stand for.
     pa = shapely.polygons(polybox.to_corners(a.double()).numpy())
     pb = shapely.polygons(polybox.to_corners(b.double()).numpy())
-    out: dict[str, float] = {}
-
-    def timed(key: str, fn: Callable[[], T], runs: int = repeats, scale: float = 1.0) -> T:
-        wall, result = best_of(runs, fn)
-        out[f"{key} wall"], out[f"{key} cpu"] = wall * 1e3 * scale, cpu_of(result) * 1e3 * scale
-        return result
-
-    iou = timed("hull", lambda: pairwise_iou(a, b))
-    iou_poly = timed("polygon", lambda: pairwise_iou(a, b, mode="polygon"))
-    timed("box_iou", lambda: torchvision.ops.box_iou(ha, hb), runs=max(repeats, 5))
     rows = min(n, shapely_rows)
-    ref = timed("shapely", lambda: shapely_iou(pa[:rows], pb), 1 if rows < n else repeats, n / rows)
-    ref_pre = timed("shapely+filter", lambda: shapely_iou_prefiltered(pa, pb), 1)
+
+    def tensor_kernel(mode: str) -> torch.Tensor:  # the kernel CUDA runs, here on CPU
+        ops.COMPILED = False
+        try:
+            return pairwise_iou(a, b, mode=mode)
+        finally:
+            ops.COMPILED = compiled
+
+    compiled = ops.COMPILED
+    methods: dict[str, tuple[Callable[[], object], int, float]] = {  # fn, rounds, scale
+        "hull": (lambda: pairwise_iou(a, b), repeats, 1.0),
+        "polygon": (lambda: pairwise_iou(a, b, mode="polygon"), repeats, 1.0),
+        "tensor hull": (lambda: tensor_kernel("hull"), repeats, 1.0),
+        "tensor polygon": (lambda: tensor_kernel("polygon"), repeats, 1.0),
+        "box_iou": (lambda: torchvision.ops.box_iou(ha, hb), repeats, 1.0),
+        "shapely": (
+            lambda: shapely_iou(pa[:rows], pb),
+            1 if rows < n else repeats,
+            n / rows,
+        ),
+        "shapely+filter": (lambda: shapely_iou_prefiltered(pa, pb), repeats, 1.0),
+    }
+    for key in ("hull", "polygon", "tensor hull", "tensor polygon"):
+        methods[key][0]()  # warm-up: numba's compiled code loaded, torch's allocator warm
+    cpu: dict[str, list[float]] = {key: [] for key in methods}
+    wall: dict[str, list[float]] = {key: [] for key in methods}
+    results: dict[str, object] = {}
+    for round_ in range(repeats):
+        for key, (fn, rounds, _) in methods.items():
+            if round_ >= rounds:
+                continue
+            t0, c0 = time.perf_counter(), time.process_time()
+            results[key] = fn()
+            wall[key].append(time.perf_counter() - t0)
+            cpu[key].append(time.process_time() - c0)
+    out: dict[str, float] = {}
+    for key, (_, _, scale) in methods.items():
+        out[f"{key} cpu"] = float(np.median(cpu[key])) * 1e3 * scale
+        out[f"{key} wall"] = float(np.median(wall[key])) * 1e3 * scale
+    ref, ref_pre = results["shapely"], results["shapely+filter"]
     err = max(
-        np.abs(iou[:rows].double().numpy() - ref).max(),
-        np.abs(iou.double().numpy() - ref_pre).max(),
-        np.abs(iou_poly.double().numpy() - ref_pre).max(),
+        np.abs(results["hull"][:rows].double().numpy() - ref).max(),
+        *(
+            np.abs(results[key].double().numpy() - ref_pre).max()
+            for key in ("hull", "polygon", "tensor hull", "tensor polygon")
+        ),
     )
     out["err"], out["rows"] = float(err), float(rows)
     out["overlapping"] = float((ref_pre > 0).sum())
@@ -184,9 +222,11 @@ def bench_pairwise(rng: np.random.Generator, n: int, repeats: int, shapely_rows:
     desc = iter(f"{img:.0f}; {lo:.0f}-{hi:.0f}" for img, lo, hi in CASES.values())
     row("image px; quad sizes px", lambda r: next(desc))
     row("overlapping pairs", lambda r: f"{r['overlapping']:.0f} of {n * n}")
-    print("  times in ms: CPU (wall)")
+    print("  times in ms, median of interleaved runs: CPU (wall)")
     row("polydet pairwise_iou (hull)", ms("hull"))
     row("polydet pairwise_iou (polygon)", ms("polygon"))
+    row("  tensor kernel (CUDA's), hull", ms("tensor hull"))
+    row("  tensor kernel (CUDA's), polygon", ms("tensor polygon"))
     row("shapely 2, full grid", ms("shapely"))
     row("shapely 2, box filter", ms("shapely+filter"))
     row("torchvision box_iou", ms("box_iou"))
@@ -194,6 +234,8 @@ def bench_pairwise(rng: np.random.Generator, n: int, repeats: int, shapely_rows:
     row("shapely / polydet hull (>= 50x)", ratio("shapely", "hull"))
     row("shapely / polydet polygon (>= 50x)", ratio("shapely", "polygon"))
     row("shapely+filter / polydet hull", ratio("shapely+filter", "hull"))
+    row("shapely / tensor kernel hull", ratio("shapely", "tensor hull"))
+    row("shapely / tensor kernel polygon", ratio("shapely", "tensor polygon"))
     row("polydet hull / box_iou (<= 30x)", ratio("hull", "box_iou"))
     row("polydet polygon / box_iou (<= 30x)", ratio("polygon", "box_iou"))
     row("max |IoU - shapely| (<= 1e-6)", lambda r: f"{r['err']:.1e}")
@@ -232,7 +274,7 @@ def bench_nms(rng: np.random.Generator, repeats: int, subset: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shapely uses 1)")
-    parser.add_argument("--repeats", type=int, default=3, help="best of N runs")
+    parser.add_argument("--repeats", type=int, default=3, help="N interleaved runs (median)")
     parser.add_argument("--shapely-rows", type=int, default=250, help="rows timed at 4000^2")
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 1000, 4000], help="N x N")
     parser.add_argument("--no-nms", action="store_true", help="skip the NMS benchmark")
@@ -240,7 +282,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(
         f"torch {torch.__version__}, torchvision {torchvision.__version__}, shapely "
-        f"{shapely.__version__}; {args.threads} torch thread(s), best of {args.repeats}; "
+        f"{shapely.__version__}, numba {ops.numba.__version__ if ops.numba else 'absent'}; "
+        f"{args.threads} torch thread(s), median of {args.repeats} interleaved runs (NMS: best); "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     rng = np.random.default_rng(0)

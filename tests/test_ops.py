@@ -13,7 +13,7 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polydet import polybox
+from polydet import ops, polybox
 from polydet.ops import batched_nms, hull_rings, nms, paired_iou, pairwise_iou
 
 
@@ -309,10 +309,64 @@ def test_dtypes() -> None:
     assert pairwise_iou(p.half(), p.half()).dtype == torch.float32
 
 
-def test_chunking_gives_identical_results() -> None:
+def test_chunking_gives_identical_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "COMPILED", False)  # chunks exist only in the tensor kernel
     rng = np.random.default_rng(5)
     a, b = poly(random_quads(rng, 120, img=150)), poly(random_quads(rng, 90, img=150))
     assert torch.equal(pairwise_iou(a, b, chunk_size=7), pairwise_iou(a, b))
+
+
+def hard_pairs(rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs where the kernels' decisions are delicate: identical, near-duplicate (noise, tiny
+    rotation, slid along an edge), edge-sharing, touching, nested, far from the origin,
+    1:50 slivers, zero-area and non-finite boxes, plus random crowded quads."""
+    base = random_quads(rng, 60, img=120, smin=8, smax=60)
+    sq = SQUARE * 10 + 50
+    other = [
+        base,
+        base + rng.normal(0, 1e-3, base.shape),
+        np.stack([rotate(q, 1e-6, q.mean(0)) for q in base]),
+        base + 0.3 * (base[:, 1] - base[:, 0])[:, None],
+        base + (base[:, 1] - base[:, 0])[:, None],  # slid by a whole edge: often touching
+    ]
+    first = [base] * len(other)
+    first += [np.stack([sq, sq, sq, SQUARE * 0, sq, sq + 20000.0])]
+    other += [np.stack([sq + [20, 0], sq * 0.5 + 25, sq + [5, 5], sq, [[0, 0]] * 4, sq + 20000.0])]
+    rect = np.array([[-25.0, -0.5], [25.0, -0.5], [25.0, 0.5], [-25.0, 0.5]])
+    thin = np.stack(
+        [rotate(rect, th) + c for th, c in zip(rng.uniform(0, 3, 40), rng.uniform(0, 60, (40, 2)))]
+    )
+    first.append(thin)
+    other.append(thin + rng.normal(0, 1e-3, thin.shape))
+    a, b = poly(np.concatenate(first)), poly(np.concatenate(other))
+    a[5, 0] = torch.nan
+    return a, b
+
+
+def test_compiled_cpu_kernel_equals_the_tensor_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CPU pairwise_iou / paired_iou / nms run a compiled loop; it takes the tensor
+    kernel's decisions (the tensor kernel runs on CUDA and in the exported models)."""
+    assert ops.COMPILED  # numba is a dependency: CPU uses the compiled loop
+    rng = np.random.default_rng(11)
+    a, b = hard_pairs(rng)
+    bow = a[:, [0, 1, 2, 3, 6, 7, 4, 5, 8, 9]]  # corners 2 and 3 swapped: bow ties, darts
+    results = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(ops, "COMPILED", compiled)
+        results[compiled] = [
+            pairwise_iou(a, b, mode="hull").double(),
+            pairwise_iou(a, b, mode="polygon").double(),
+            pairwise_iou(bow, b, mode="polygon").double(),
+            paired_iou(a, b).double(),
+            paired_iou(bow, b, mode="polygon").double(),
+            nms(torch.cat([a, b]), torch.arange(2 * len(a)).float(), 0.3),
+        ]
+    compiled, tensor = results[True], results[False]
+    assert (tensor[3] > 0.999).sum() >= 60 and (tensor[3] == 0).sum() >= 20  # both kinds
+    for got, ref in zip(compiled[:5], tensor[:5]):
+        assert ((got != 0) == (ref != 0)).all()
+        assert (got - ref).abs().max() < 1e-12
+    assert torch.equal(compiled[5], tensor[5])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

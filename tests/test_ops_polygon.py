@@ -18,7 +18,7 @@ from test_evaluate import kit_voc_eval
 from test_ops import random_quads
 
 from polydet import evaluate as ev
-from polydet import polybox
+from polydet import ops, polybox
 from polydet.ops import iou_areas, paired_iou, pairwise_iou
 
 
@@ -203,7 +203,8 @@ def test_polygon_mode_edge_cases() -> None:
         pairwise_iou(sq, sq, mode="convex")
 
 
-def test_chunking_gives_identical_results_in_polygon_mode() -> None:
+def test_chunking_gives_identical_results_in_polygon_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ops, "COMPILED", False)  # chunks exist only in the tensor kernel
     rng = np.random.default_rng(3)
     a = as_given(np.concatenate([dart_quads(rng, 50), bow_ties(rng, 50)]))
     b = as_given(np.concatenate([random_quads(rng, 50, img=100, smax=60), dart_quads(rng, 40)]))

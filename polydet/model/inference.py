@@ -39,6 +39,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _setup_scales
 
 from polydet.coder import PolyBoxCoder
+from polydet.ops import intersection_area
 from polydet.polybox import area, canonicalize, from_corners, hull_xyxy, to_corners
 
 # Proposals whose clipped hull is narrower than this (pixels) are dropped, as in torchvision.
@@ -46,8 +47,6 @@ MIN_PROPOSAL_SIZE = 1e-3
 # Detections whose hull is narrower than this, or whose area is below its square, are dropped
 # (torchvision drops boxes narrower than 1e-2 px).
 MIN_DETECTION_SIZE = 1e-2
-# Collinear-edge tolerance of the quad IoU kernel, relative to the pair's size.
-_COLLINEAR_TOL = 1e-8
 
 
 # --- geometry ------------------------------------------------------------------------------
@@ -67,11 +66,6 @@ def _cross(u: Tensor, v: Tensor) -> Tensor:
     return u[..., 0] * v[..., 1] - u[..., 1] * v[..., 0]
 
 
-def _negative(x: Tensor) -> Tensor:
-    """1.0 where ``x < 0`` else 0.0, in ``x``'s dtype."""
-    return torch.sign(x).neg().clamp(min=0)
-
-
 def hull_ring(polyboxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(ring [N, 4, 2]`` relative to ``centre [N, 2]``, ``area [N])`` of *canonical*
     polyboxes ``[N, 10]`` (what the detector emits): the corners are already in angle order
@@ -85,72 +79,15 @@ def hull_ring(polyboxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ring, centre, (0.5 * _cross(ring, ring.roll(-1, 1)).sum(-1)).clamp_min(0.0)
 
 
-def _intersection_area(a: Tensor, b: Tensor) -> Tensor:
-    """Area ``[P]`` of ``A ∩ B`` for convex rings ``a, b [P, 4, 2]`` (clockwise on screen, one
-    origin near both). Green's theorem over each edge clipped to the other quad's half-planes,
-    in fixed-size tensors; collinear edge pairs are decided by rule (same direction: A's edge
-    counted once; opposite: both dropped), so identical and edge-sharing quads are exact.
-    The algorithm of :func:`polydet.ops.intersection_area`, without in-place tricks."""
-    ax, ay = a[..., 0].T, a[..., 1].T  # [4, P]
-    bx, by = b[..., 0].T, b[..., 1].T
-    dax, day = ax.roll(-1, 0) - ax, ay.roll(-1, 0) - ay
-    dbx, dby = bx.roll(-1, 0) - bx, by.roll(-1, 0) - by
-    len2_a, len2_b = dax * dax + day * day, dbx * dbx + dby * dby  # [4, P]
-    wx = ax[:, None] - bx[None]  # [4 (A corner i), 4 (B corner k), P]
-    wy = ay[:, None] - by[None]
-    fa0 = dbx[None] * wy - dby[None] * wx  # [i, k]: side of A's corner i, B's line k
-    fb0 = day[:, None] * wx - dax[:, None] * wy  # [i, k]: B's corner k, A's line i
-    fa1 = fa0.roll(-1, 0)
-    fb1 = fb0.roll(-1, 1)
-    dot = dax[:, None] * dbx[None] + day[:, None] * dby[None]
-
-    size = torch.maximum(a.abs().amax((1, 2)), b.abs().amax((1, 2)))  # [P]
-    tol = max(_COLLINEAR_TOL, 2.0 * torch.finfo(a.dtype).eps ** 0.5)
-    tol2 = (tol * size) ** 2
-    near_a = torch.maximum(fa0.square(), fa1.square()) < tol2 * len2_b[None]
-    near_b = torch.maximum(fb0.square(), fb1.square()) < tol2 * len2_a[:, None]
-    real = (len2_a > 0)[:, None] & (len2_b > 0)[None]
-    col = ((near_a | near_b) & real).to(a.dtype)
-    free = 1.0 - col
-
-    rise = fa1 - fa0
-    sg = torch.sign(rise)
-    par = 1.0 - sg.abs()
-    r = (fa0 / (par - rise)).clamp(0, 1)
-    sg = sg * free
-    out_a = _negative(fa0)
-    cross_a = (out_a.roll(-1, 0) - out_a).abs()
-    empty = par * free * out_a + _negative(dot) * col
-    rising = sg.clamp(min=0)
-    t_lo = (r * rising).amax(1)
-    t_hi = (1.0 - (1.0 - r) * (rising - sg)).amin(1)
-    keep = 1.0 - empty.amax(1)
-    twice_a = ((t_hi - t_lo).clamp(min=0) * keep * (ax * day - ay * dax)).sum(0)
-
-    rise = fb1 - fb0
-    sg = torch.sign(rise)
-    par = 1.0 - sg.abs()
-    s = (fb0 / (par - rise)).clamp(0, 1)
-    out_b = _negative(fb0)
-    shared = (out_b.roll(-1, 1) - out_b).abs() * cross_a * free
-    s_proj = (wx * dbx[None] + wy * dby[None] + r * dot) / len2_b[None].clamp_min(1e-300)
-    s = s + (s_proj.clamp(0, 1) - s) * shared
-    sg = sg * free
-    empty = par * free * out_b + col
-    rising = sg.clamp(min=0)
-    s_lo = (s * rising).amax(0)
-    s_hi = (1.0 - (1.0 - s) * (rising - sg)).amin(0)
-    keep = 1.0 - empty.amax(0)
-    twice_b = ((s_hi - s_lo).clamp(min=0) * keep * (bx * dby - by * dbx)).sum(0)
-    return (0.5 * (twice_a + twice_b)).clamp_min(0.0)
-
-
 def quad_iou(a: Tensor, b: Tensor) -> Tensor:
     """IoU ``[P]`` of canonical polyboxes ``a[p]`` and ``b[p]`` (``[P, 10]``, pixels), on their
-    convex hulls, computed in float64 relative to ``a``'s centre; returns ``a``'s dtype."""
+    convex hulls, computed in float64 relative to ``a``'s centre; returns ``a``'s dtype.
+    The intersection is :func:`polydet.ops.intersection_area`, the tensor kernel behind
+    :func:`polydet.ops.pairwise_iou` on CUDA (one implementation: plain tensor ops, which
+    the tracer and the ONNX exporter record as they are)."""
     ring_a, centre_a, area_a = hull_ring(a.double())
     ring_b, centre_b, area_b = hull_ring(b.double())
-    inter = _intersection_area(ring_a, ring_b + (centre_b - centre_a)[:, None])
+    inter = intersection_area(ring_a, ring_b + (centre_b - centre_a)[:, None])
     inter = torch.minimum(inter, torch.minimum(area_a, area_b))
     union = area_a + area_b - inter
     iou = torch.where(union > 0, inter / union.clamp_min(1e-30), torch.zeros_like(inter))
