@@ -197,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--score-thresh", type=float, default=0.3)
     p.add_argument(
         "--runtime", choices=["torch", "onnx"], default="torch",
-        help="onnx: run an exported model (--model DIR of `polydet export` or its model.onnx)",
+        help="onnx: ONNX Runtime on an export (--model DIR of `polydet export`, its model.onnx,"
+        " or a models:/ URI whose version carries one)",
     )  # fmt: skip
     p = add("payload", _cmd_payload, "print a request body for the served model (JSON)")
     p.add_argument("images", nargs="+", help="image files, one row each (base64)")

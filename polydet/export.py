@@ -30,12 +30,14 @@ versions, the parity report).
 from __future__ import annotations
 
 import json
+import sys
+import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -49,12 +51,11 @@ from polydet.model.inference import (
     select_proposals,
     to_input_pixels,
 )
+from polydet.onnx_runtime import INPUT, MODEL_FILE, OUTPUTS, OnnxModel, read_config, session
 
 FORMATS = ("onnx", "torchscript")
-FILES = {"onnx": "model.onnx", "torchscript": "model.ts"}
+FILES = {"onnx": MODEL_FILE, "torchscript": "model.ts"}
 OPSET = 17
-INPUT = "images"
-OUTPUTS = ("polyboxes", "scores", "labels")
 # Parity rule (tests and the export check): each eager detection scoring at least
 # PARITY_MIN_SCORE has a match with the same label, polygon IoU >= PARITY_IOU and a score
 # within PARITY_SCORE_TOL; detection counts per image differ by at most PARITY_COUNT.
@@ -62,6 +63,15 @@ PARITY_MIN_SCORE = 0.05
 PARITY_IOU = 0.99
 PARITY_SCORE_TOL = 1e-3
 PARITY_COUNT = 1
+
+
+class ParityError(ModelError):
+    """An export whose detections differ from the eager model's (``.parity``: the report of
+    :func:`compare_detections`)."""
+
+    def __init__(self, path: Path, parity: dict[str, Any]) -> None:
+        super().__init__(f"{path}: the export does not match the eager model: {parity}")
+        self.parity = parity
 
 
 class ExportableDetector(nn.Module):
@@ -119,75 +129,18 @@ class ExportableDetector(nn.Module):
 # --- running an export ------------------------------------------------------------------
 
 
-def _ort_session(path: Path) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:  # pragma: no cover - a dependency of the package
-        raise ModelError(f"{path}: onnxruntime is not installed") from e
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                 if p in ort.get_available_providers()]  # fmt: skip
-    try:
-        return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as e:  # onnxruntime raises its own exception types
-        raise ModelError(f"{path}: cannot be loaded by ONNX Runtime: {e}") from e
-
-
-class OnnxDetector:
-    """An exported ``model.onnx`` with :meth:`PolyDetector.predict`'s interface, on ONNX
-    Runtime (CUDA when its provider is installed, else CPU). ``path``: the export directory
-    or its ``model.onnx``; ``.cfg`` (model section) and ``.classes`` come from the directory's
-    ``config.json``."""
-
-    def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        directory = path if path.is_dir() else path.parent
-        model_path = directory / FILES["onnx"] if path.is_dir() else path
-        if not model_path.is_file():
-            raise ModelError(f"{model_path}: no such ONNX model (run `polydet export`)")
-        meta = read_config(directory)
-        self.cfg = meta["cfg"]
-        self.classes: list[str] = meta["classes"]
-        self.path = model_path
-        self.session = _ort_session(model_path)
-
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw outputs for a batch ``[B, 3, H, W]`` float32 in [0, 1]."""
-        out = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(images, np.float32)})
-        return out[0], out[1], out[2]
+class OnnxDetector(OnnxModel):
+    """An exported ``model.onnx`` with :meth:`PolyDetector.predict`'s interface (torch
+    tensors in and out) on ONNX Runtime: :class:`polydet.onnx_runtime.OnnxModel`, whose
+    ``device`` picks the providers (CUDA first when present and allowed, else CPU)."""
 
     def predict(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
         """Per image ``{"polyboxes" [K, 10], "scores" [K], "labels" [K]}`` (padding dropped);
         images of the same size run as one batch."""
-        results: list[dict[str, Tensor] | None] = [None] * len(images)
-        by_size: dict[tuple[int, int], list[int]] = {}
-        for i, image in enumerate(images):
-            by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
-        for idx in by_size.values():
-            batch = torch.stack([images[i].detach().float().cpu() for i in idx]).numpy()
-            poly, scores, labels = self.run(batch)
-            for i, p, s, lab in zip(idx, poly, scores, labels):
-                keep = s > 0
-                results[i] = {
-                    "polyboxes": torch.from_numpy(p[keep].copy()),
-                    "scores": torch.from_numpy(s[keep].copy()),
-                    "labels": torch.from_numpy(lab[keep].copy()),
-                }
-        return results  # type: ignore[return-value]
-
-
-def read_config(directory: Path) -> dict[str, Any]:
-    """``{"cfg": ModelConfig, "classes": [...], ...}`` from an export directory's
-    ``config.json`` (a :class:`ModelError` naming the file if it is missing or broken)."""
-    from polydet.config import model_config_from_dict
-
-    path = Path(directory) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-        return {**raw, "cfg": model_config_from_dict(raw["model"]), "classes": raw["classes"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{path}: not a polydet export config ({e})") from e
+        arrays = [image.detach().float().cpu().numpy() for image in images]
+        return [
+            {k: torch.from_numpy(v.copy()) for k, v in det.items()} for det in self.detect(arrays)
+        ]
 
 
 # --- parity -------------------------------------------------------------------------------
@@ -315,11 +268,11 @@ def export_model(
                     dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"},
                                   **{o: {0: "batch"} for o in OUTPUTS}},
                 )  # fmt: skip
-            session = _ort_session(tmp)
+            ort_session = session(tmp, device="cpu")  # as the eager model it is checked against
 
             def run(batch: list[Tensor]) -> list[dict[str, Tensor]]:
                 arr = torch.stack(batch).numpy()
-                poly, scores, labels = session.run(list(OUTPUTS), {INPUT: arr})
+                poly, scores, labels = ort_session.run(list(OUTPUTS), {INPUT: arr})
                 return [
                     {"polyboxes": torch.from_numpy(p[s > 0]), "scores": torch.from_numpy(s[s > 0]),
                      "labels": torch.from_numpy(lab[s > 0])}
@@ -329,7 +282,7 @@ def export_model(
         parity = check_parity(model, run, images)
     if not parity["ok"]:
         tmp.unlink(missing_ok=True)
-        raise ModelError(f"{out / FILES[fmt]}: the export does not match the eager model: {parity}")
+        raise ParityError(out / FILES[fmt], parity)
     tmp.replace(out / FILES[fmt])
     classes = [str(c) for c in classes]
     (out / "classes.json").write_text(json.dumps(classes, indent=1) + "\n")
@@ -368,11 +321,85 @@ def export(cfg: Config, model: str | None, fmt: str, out_dir: str | Path) -> dic
     return {**info, "model": str(path), "out": str(Path(out_dir) / FILES[fmt])}
 
 
+# --- the register stage ---------------------------------------------------------------------
+
+REGISTRY_PARITY_IMAGES = 4  # images of the evaluation split the register stage checks on
+
+
+@dataclass
+class RegistryExport:
+    """What the register stage logs about the ONNX export of the model it registers."""
+
+    artifacts: dict[str, str]  # {"onnx": export directory}, or {} when not logged
+    runtime: str  # the pyfunc's default runtime: "onnx" when the export is inside, else "torch"
+    status: str  # the version's tag polydet.onnx: "parity ok" or "not logged: <why>"
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def parity_images(cfg: Config) -> tuple[list[Tensor], str]:
+    """The register stage's parity images and a description of them: up to
+    :data:`REGISTRY_PARITY_IMAGES` prepared images of the evaluation split (``images.csv``,
+    sorted by id), and one non-square :func:`sample_images` image (another input size: the
+    resize is in the graph)."""
+    import csv
+
+    from polydet.data.dataset import load_image
+
+    table = Path(cfg.data.out) / "images.csv"
+    rows: list[dict[str, str]] = []
+    if table.is_file():
+        with table.open(newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("split") == cfg.evaluate.split]
+    paths = [Path(r["path"]) for r in sorted(rows, key=lambda r: r.get("image_id", ""))]
+    paths = [p for p in paths if p.is_file()][:REGISTRY_PARITY_IMAGES]
+    images = [load_image(p) for p in paths] + sample_images()[1:2]
+    return images, f"{cfg.evaluate.split}:{len(paths)}+sample:1"
+
+
+def export_for_registry(cfg: Config, model_path: str | Path, out_dir: str | Path) -> RegistryExport:
+    """Export ``model_path`` to ONNX in ``out_dir`` and check it on :func:`parity_images`,
+    for the register stage to log inside the pyfunc model.
+
+    An export that fails the parity check (or cannot be made) is not logged: the model is
+    then registered without it (default runtime ``torch``), with a warning on stderr and the
+    reason in ``status``. The parity figures are returned either way, as metrics
+    ``onnx/parity_<key>`` (``ok`` as 1/0) and ``onnx/export_seconds``."""
+    started = time.perf_counter()
+    images, described = parity_images(cfg)
+    params = {"onnx.opset": str(OPSET), "onnx.parity_images": described}
+    parity: dict[str, Any] | None = None
+    error = ""
+    try:
+        net = load_model(model_path, device="cpu")
+        classes = list(net.classes or cfg.data.classes)
+        parity = export_model(net, out_dir, "onnx", classes, check_images=images)["parity"]
+    except ParityError as e:
+        parity, error = e.parity, f"failed the parity check against the eager model: {e.parity}"
+    except Exception as e:  # noqa: BLE001 - any failure of the export must not stop registering
+        error = f"the export failed: {type(e).__name__}: {e}"
+    metrics = {f"onnx/parity_{k}": float(v) for k, v in (parity or {}).items()}
+    metrics["onnx/export_seconds"] = round(time.perf_counter() - started, 3)
+    if error:
+        print(
+            f"polydet register: warning: the ONNX export of {model_path} {error}; the model "
+            "is registered without it (runtime torch only)",
+            file=sys.stderr,
+        )
+        return RegistryExport({}, "torch", f"not logged: {error}"[:5000], params, metrics)
+    return RegistryExport({"onnx": str(out_dir)}, "onnx", "parity ok", params, metrics)
+
+
 __all__ = [
     "ExportableDetector",
     "OnnxDetector",
+    "ParityError",
+    "RegistryExport",
     "check_parity",
     "compare_detections",
     "export",
+    "export_for_registry",
     "export_model",
+    "parity_images",
+    "read_config",
 ]

@@ -129,8 +129,9 @@ def predict_paths(
 
     ``model``: a model file, a ``models:/NAME@ALIAS`` / ``runs:/`` URI, or ``None`` for
     ``{train.out}/model.pt``; with ``runtime="onnx"``, a directory written by ``polydet
-    export --format onnx`` (or its ``model.onnx``), run on ONNX Runtime
-    (:class:`polydet.export.OnnxDetector`). Only detections scoring at least
+    export --format onnx`` (or its ``model.onnx``) or a registered model's URI (its logged
+    export), run on ONNX Runtime (:class:`polydet.export.OnnxDetector`, providers for
+    ``train.device``). Only detections scoring at least
     ``score_thresh`` are kept.
     Returns a JSON-able summary (counts per class, files written).
     """
@@ -138,11 +139,12 @@ def predict_paths(
     paths = list_images(Path(input))
     if runtime == "onnx":
         from polydet.export import OnnxDetector
+        from polydet.onnx_runtime import export_dir
 
         if model is None:
             raise ModelError("--runtime onnx needs --model DIR (the output of `polydet export`)")
-        net: Any = OnnxDetector(model)
-        model_path, device = net.path, torch.device("cpu")
+        net: Any = OnnxDetector(export_dir(model), device=cfg.train.device)
+        model_path, device = net.path, torch.device("cpu")  # ONNX Runtime copies the input
     elif runtime == "torch":
         model_path = resolve_model(cfg, model)
         device = resolve_device(cfg.train.device, DistInfo(rank=0, world_size=1, local_rank=0))
@@ -183,6 +185,7 @@ def predict_paths(
         "model": str(model_path),
         "device": str(device),
         "runtime": runtime,
+        **({"provider": net.provider} if runtime == "onnx" else {}),
         "images": len(records),
         "skipped": skipped,
         "tiled_images": tiled,

@@ -38,7 +38,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from polydet.config import Config, flatten, flatten_dict, to_dict
@@ -471,45 +471,43 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
     Input: a DataFrame with a string column ``image``, each a base64-encoded image file
     (PNG/JPEG) or a path readable by the server. Output: one row per image with
     ``polyboxes`` (K×10, image pixels), ``scores`` (K), ``labels`` (K, 1-based) and
-    ``classes`` (K names). Parameter ``score_thresh`` (default 0.0) drops weaker detections.
+    ``classes`` (K names). Parameter ``score_thresh`` (default 0.0) drops weaker detections;
+    ``runtime`` (``onnx`` or ``torch``; default ``onnx`` when the model carries its ONNX
+    export) picks ONNX Runtime or torch (:class:`polydet.onnx_runtime.Runtimes`).
     """
 
     def load_context(self, context: Any) -> None:
-        import torch
+        from polydet.onnx_runtime import Runtimes
 
-        from polydet.model import load_model
-
-        path = context.artifacts["model"]
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = load_model(path, device=self.device)
-        self.classes = list(self.model.classes or [])
+        self.runtimes = Runtimes(context.artifacts, getattr(context, "model_config", None))
+        self.classes = self.runtimes.classes
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        import torch
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         thresh = float((params or {}).get("score_thresh", 0.0))
         images = []
         for i, value in enumerate(model_input["image"]):
             try:
-                images.append(decode_image(value).to(self.device))
+                images.append(decode_array(value))
             except DataError as e:
                 # MLflow's scoring server answers HTTP 400 with this message (any other
                 # error would be a 400 with a stack trace and no word of what was wrong).
-                from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
                 raise MlflowException(f"image {i}: {e}", INVALID_PARAMETER_VALUE) from None
-        with torch.no_grad():
-            outputs = self.model.predict(images)
+        try:
+            outputs = self.runtimes.detect(images, (params or {}).get("runtime"))
+        except ModelError as e:  # an unknown runtime, or onnx on a model without it
+            raise MlflowException(str(e), INVALID_PARAMETER_VALUE) from None
         rows = []
         for out in outputs:
             keep = out["scores"] >= thresh
-            labels = out["labels"][keep].cpu().tolist()
+            labels = out["labels"][keep].tolist()
             rows.append(
                 {
-                    "polyboxes": out["polyboxes"][keep].cpu().double().tolist(),
-                    "scores": out["scores"][keep].cpu().double().tolist(),
+                    "polyboxes": out["polyboxes"][keep].astype("float64").tolist(),
+                    "scores": out["scores"][keep].astype("float64").tolist(),
                     "labels": [int(x) for x in labels],
                     "classes": [self._name(int(x)) for x in labels],
                 }
@@ -520,8 +518,9 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
         return self.classes[label - 1] if 0 < label <= len(self.classes) else str(label)
 
 
-def model_signature() -> Any:
-    """The pyfunc model's interface: ``image`` strings in; polyboxes, scores, labels out."""
+def model_signature(runtime: str = "torch") -> Any:
+    """The pyfunc model's interface: ``image`` strings in; polyboxes, scores, labels out;
+    params ``score_thresh`` and ``runtime`` (default ``runtime``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
@@ -536,7 +535,12 @@ def model_signature() -> Any:
                 ColSpec(Array(DataType.string), "classes"),
             ]
         ),
-        params=ParamSchema([ParamSpec("score_thresh", DataType.double, 0.0)]),
+        params=ParamSchema(
+            [
+                ParamSpec("score_thresh", DataType.double, 0.0),
+                ParamSpec("runtime", DataType.string, runtime),
+            ]
+        ),
     )
 
 
@@ -546,9 +550,14 @@ def decode_image(value: str | bytes) -> Any:
 
     Raises :class:`DataError` saying what the value is not (a path, base64, an image).
     """
-    import binascii
-
     import torch
+
+    return torch.from_numpy(decode_array(value)).permute(2, 0, 1).contiguous()
+
+
+def decode_array(value: str | bytes) -> Any:
+    """:func:`decode_image` as a numpy ``[H, W, 3]`` float32 array (no torch needed)."""
+    import binascii
 
     from polydet.data.images import read_rgb
 
@@ -566,7 +575,7 @@ def decode_image(value: str | bytes) -> Any:
                 "file (polydet payload IMAGE > payload.json writes such a request)"
             ) from None
         arr = read_rgb(raw)
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return arr
 
 
 def _is_file(text: str) -> bool:
@@ -631,6 +640,7 @@ MODEL_REQUIREMENTS = (
     "pillow",
     "pyyaml",
     "mlflow",
+    "onnxruntime",  # the default runtime of a model that carries its ONNX export
 )
 
 
@@ -704,8 +714,9 @@ def register_model(
                 "map50": score,
                 "promotion": {"promoted": False, "reason": "identical model already registered"},
                 "champion": _alias_version(client, name, CHAMPION),
+                "onnx": client.get_model_version(name, existing).tags.get(TAG + "onnx", "-"),
             }
-        version = _log_and_register(cfg, client, model_path, metrics, run_id)
+        version, onnx_status = _log_and_register(cfg, client, model_path, metrics, run_id)
         for k, v in {
             "registration_key": key,
             "map50": f"{score:.6f}",
@@ -728,6 +739,7 @@ def register_model(
         "map50": score,
         "promotion": promotion,
         "champion": _alias_version(client, name, CHAMPION),
+        "onnx": onnx_status,
     }
 
 
@@ -737,11 +749,16 @@ def _log_and_register(
     model_path: Path,
     metrics: Mapping[str, Any],
     run_id: str,
-) -> str:
+) -> tuple[str, str]:
+    """Log the pyfunc model (with its checked ONNX export) and register it: its version and
+    the ONNX status (:func:`polydet.export.export_for_registry`)."""
     from mlflow.models import Model
+
+    from polydet.export import export_for_registry
 
     example = pd.DataFrame({"image": [_example_image(cfg)]})
     with tempfile.TemporaryDirectory() as tmp:
+        onnx = export_for_registry(cfg, model_path, Path(tmp) / "onnx")
         # "Models from code": the model is this module's class, named in a tiny script
         # (no pickled object to trust when loading).
         code = Path(tmp) / "polydet_pyfunc.py"
@@ -763,8 +780,9 @@ def _log_and_register(
             run_id=run_id,
             python_model=str(code),
             code_paths=[str(bundle)],
-            artifacts={"model": str(model_path)},
-            signature=model_signature(),
+            artifacts={"model": str(model_path), **onnx.artifacts},
+            signature=model_signature(onnx.runtime),
+            model_config={"runtime": onnx.runtime, "device": "auto"},
             input_example=example,  # MLflow checks the model answers it when logging
             pip_requirements=_pip_requirements(),
             tags={TAG + "map50": str(ap50(metrics))},
@@ -778,12 +796,17 @@ def _log_and_register(
             Metric(f"{split}/{k}", float(metrics[k]), now_ms, 0, model_id=info.model_id)
             for k in ("map50", "map75", "map50_95", "map50_coco")
             if isinstance(metrics.get(k), int | float) and not isinstance(metrics.get(k), bool)
-        ],
+        ]
+        + [Metric(k, v, now_ms, 0, model_id=info.model_id) for k, v in onnx.metrics.items()],
+        params=[Param(k, v) for k, v in onnx.params.items()],
+        tags=[RunTag(TAG + "onnx", onnx.status)],
     )
     version = mlflow.register_model(
-        info.model_uri, cfg.tracking.model_name, tags={TAG + "run_id": run_id}
+        info.model_uri,
+        cfg.tracking.model_name,
+        tags={TAG + "run_id": run_id, TAG + "onnx": onnx.status},
     )
-    return str(version.version)
+    return str(version.version), onnx.status
 
 
 def _find_version(client: mlflow.MlflowClient, name: str, tag: str, value: str) -> str | None:
@@ -943,8 +966,11 @@ def _rollback(cfg: Config, reason: str) -> dict[str, Any]:
 # --- model URIs ----------------------------------------------------------------------------
 
 
-def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
-    """Local path of the ``model.pt`` behind a file path or a ``models:/``/``runs:/`` URI.
+def resolve_model_path(
+    uri: str, tracking_uri: str | None = None, filename: str = "model.pt"
+) -> Path:
+    """Local path of the ``model.pt`` (or ``filename``, e.g. ``model.onnx``) behind a file
+    path or a ``models:/``/``runs:/`` URI.
 
     Registry models are downloaded once per version under ``outputs/models/``; the store is
     ``tracking_uri``, else ``MLFLOW_TRACKING_URI``, else the project's default. Every MLflow
@@ -975,9 +1001,9 @@ def resolve_model_path(uri: str, tracking_uri: str | None = None) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             raise ModelError(f"{uri}: cannot download from {store}: {e}") from e
         tmp.rename(dst)
-    found = sorted(dst.rglob("model.pt"))
+    found = sorted(dst.rglob(filename))
     if not found:
-        raise ModelError(f"{uri}: the downloaded artifacts hold no model.pt")
+        raise ModelError(f"{uri}: the downloaded artifacts hold no {filename}")
     return found[0]
 
 

@@ -322,3 +322,110 @@ def test_dvc_experiment_is_recorded(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("DVC_EXP_NAME")
     monkeypatch.setenv("DVC_STAGE", "register")
     assert tracking.launch_tags() == {"polydet.orchestrator": "dvc repro"}
+
+
+# --- the ONNX export inside the registered model (issue 14) ------------------------------
+
+
+def _textured_png(path: str) -> str:
+    """A smooth random picture (an untrained model's detections on it are many and varied)."""
+    from PIL import Image
+
+    from polydet.export import sample_images
+
+    image = sample_images(seed=3)[1]  # 200 x 320
+    Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype("uint8")).save(path)
+    return path
+
+
+def _as_tensors(row: pd.Series) -> dict:
+    import torch
+
+    return {
+        "polyboxes": torch.tensor(row["polyboxes"], dtype=torch.float64).view(-1, 10),
+        "scores": torch.tensor(row["scores"], dtype=torch.float64),
+        "labels": torch.tensor(row["labels"], dtype=torch.int64),
+    }
+
+
+def test_register_logs_the_checked_onnx_export(store: Path, model_file: Path):
+    """The version carries the ONNX export that passed the parity check, the run and the
+    logged model carry its figures, and the pyfunc runs on ONNX Runtime by default with the
+    same detections as on torch."""
+    from mlflow.exceptions import MlflowException
+
+    from polydet.export import compare_detections
+
+    cfg = _cfg()
+    record = tracking.register_model(cfg, model_file, {"map50": 0.3})
+    assert record["onnx"] == "parity ok"
+    client = mlflow.MlflowClient()
+    version = client.get_model_version("polydet", record["version"])
+    assert version.tags["polydet.onnx"] == "parity ok"
+    files = tracking.resolve_model_path("models:/polydet@champion").parent
+    assert (files / "onnx" / "model.onnx").is_file() and (files / "model.pt").is_file()
+    assert json.loads((files / "onnx" / "classes.json").read_text()) == list(cfg.data.classes)
+    # The parity figures: metrics of the run and of the logged model, equal to the export's
+    # own report; the images it was checked on as a param (no prepared data here).
+    parity = json.loads((files / "onnx" / "export.json").read_text())["parity"]
+    assert parity["ok"] and parity["checked"] > 0
+    run = client.get_run(record["run_id"])
+    for key, value in parity.items():
+        assert run.data.metrics[f"onnx/parity_{key}"] == float(value), key
+    assert run.data.metrics["onnx/export_seconds"] > 0
+    assert run.data.params["onnx.parity_images"] == "test:0+sample:1"
+    assert run.data.params["onnx.opset"] == "17"
+    assert run.data.tags["polydet.onnx"] == "parity ok"
+    logged = client.get_logged_model(version.source.rsplit("/", 1)[-1])
+    assert {m.key: m.value for m in logged.metrics}["onnx/parity_ok"] == 1.0
+
+    model = mlflow.pyfunc.load_model("models:/polydet@champion")
+    defaults = {p.name: p.default for p in model.metadata.get_params_schema().params}
+    assert defaults == {"score_thresh": 0.0, "runtime": "onnx"}
+    frame = pd.DataFrame({"image": [tracking.encode_image(_textured_png("t.png"))]})
+    default = model.predict(frame)
+    on_onnx = model.predict(frame, params={"runtime": "onnx"})
+    on_torch = model.predict(frame, params={"runtime": "torch"})
+    assert default["scores"][0] == on_onnx["scores"][0]
+    report = compare_detections([_as_tensors(on_torch.iloc[0])], [_as_tensors(on_onnx.iloc[0])])
+    assert report["ok"] and report["checked"] >= 5, report
+    assert on_onnx["classes"][0] == [cfg.data.classes[i - 1] for i in on_onnx["labels"][0]]
+    with pytest.raises(MlflowException, match="runtime 'tensorrt': expected one of onnx, torch"):
+        model.predict(frame, params={"runtime": "tensorrt"})
+
+
+def test_export_failing_parity_is_not_registered(
+    store: Path, model_file: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """A mismatching export is left out: the version is registered without it (runtime torch
+    only, said on stderr and in its tag), and the parity figures are still logged."""
+    from mlflow.exceptions import MlflowException
+
+    from polydet import export
+
+    mismatch = {"ok": False, "checked": 7, "unmatched": 3, "max_count_diff": 2,
+                "min_iou": 0.4, "max_score_diff": 0.25}  # fmt: skip
+    monkeypatch.setattr(export, "check_parity", lambda *args: dict(mismatch))
+    cfg = _cfg()
+    record = tracking.register_model(cfg, model_file, {"map50": 0.3})
+    assert record["onnx"].startswith("not logged: failed the parity check")
+    assert "registered without it" in capsys.readouterr().err
+    client = mlflow.MlflowClient()
+    tags = client.get_model_version("polydet", record["version"]).tags
+    assert tags["polydet.onnx"] == record["onnx"]
+    files = tracking.resolve_model_path("models:/polydet@champion").parent
+    assert not list(files.parent.rglob("*.onnx"))
+    metrics = client.get_run(record["run_id"]).data.metrics
+    assert metrics["onnx/parity_ok"] == 0.0 and metrics["onnx/parity_unmatched"] == 3.0
+
+    model = mlflow.pyfunc.load_model("models:/polydet@champion")
+    defaults = {p.name: p.default for p in model.metadata.get_params_schema().params}
+    assert defaults["runtime"] == "torch"
+    frame = pd.DataFrame({"image": [tracking.encode_image(_textured_png("t.png"))]})
+    assert len(model.predict(frame)["scores"][0]) > 0
+    with pytest.raises(MlflowException, match="carries no ONNX model"):
+        model.predict(frame, params={"runtime": "onnx"})
+    args = ["predict", "t.png", "--model", "models:/polydet@champion", "--runtime", "onnx",
+            "--params", str(ROOT / "params.yaml")]  # fmt: skip
+    assert cli.main(args) == 2
+    assert "carries no ONNX model" in capsys.readouterr().err

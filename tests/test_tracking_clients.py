@@ -25,7 +25,7 @@ import pytest
 from packaging.requirements import Requirement
 
 from flows.pipeline import SMOKE_OVERRIDES
-from polydet import tracking
+from polydet import cli, tracking
 from polydet.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +85,61 @@ def _sh(cmd: str, cwd: Path, timeout: float = 180) -> subprocess.CompletedProces
         text=True,
         timeout=timeout,
     )
+
+
+def _readme_block(after: str, lang: str) -> str:
+    """The first ```lang block of the README after the text ``after``."""
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(f"```{lang}\n", readme.index(after)) + len(f"```{lang}\n")
+    return readme[start : readme.index("```", start)]
+
+
+def test_champion_on_onnx_runtime_as_the_readme_says(project: Path, monkeypatch):
+    """README (Deployment): `polydet predict ... --runtime onnx` on the champion's URI, and the
+    Python snippet that loads the champion and runs it on ONNX Runtime and on torch, in a
+    fresh shell; ONNX Runtime's detections match torch's (the export's parity rule)."""
+    import torch
+
+    from polydet.export import compare_detections
+
+    commands = _readme_block("Load the champion on ONNX Runtime", "bash").strip().splitlines()
+    assert (
+        commands[0] == "polydet predict photo.png --model models:/polydet@champion --runtime onnx"
+    )
+    done = _sh(f"{commands[0]} --out outputs/predict-onnx --score-thresh 0.05", project, 600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["runtime"] == "onnx"
+    # The reference: the same command on torch (in this process: a shell costs minutes here).
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    args = [*commands[0].split()[1:], "--out", "outputs/predict-torch", "--score-thresh", "0.05"]
+    assert cli.main([a if a != "onnx" else "torch" for a in args]) == 0
+    docs = {
+        r: json.loads((project / f"outputs/predict-{r}/detections.json").read_text())["images"]
+        for r in ("onnx", "torch")
+    }
+
+    def tensors(record: dict) -> dict:
+        dets = record["detections"]
+        return {
+            "polyboxes": torch.tensor([d["polybox"] for d in dets]).view(-1, 10),
+            "scores": torch.tensor([d["score"] for d in dets]),
+            "labels": torch.tensor([d["label"] for d in dets], dtype=torch.int64),
+        }
+
+    report = compare_detections(
+        [tensors(r) for r in docs["torch"]], [tensors(r) for r in docs["onnx"]]
+    )
+    assert report["ok"] and report["checked"] > 0, report
+
+    snippet = _readme_block("Load the champion on ONNX Runtime", "python")
+    guard = "\nimport sys\nassert 'torch' not in sys.modules  # ONNX Runtime alone\n"
+    on_torch = 'on_torch = model.predict(frame, params={"runtime": "torch"})'
+    assert on_torch in snippet  # the guard runs before it
+    first, rest = snippet.split(on_torch, 1)
+    done = _sh(f"python - <<'EOF'\n{first}{guard}{on_torch}{rest}EOF", project, 600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "card" in done.stdout or "plate" in done.stdout or "kite" in done.stdout
 
 
 def test_predict_champion_in_a_fresh_shell(project: Path):
@@ -237,7 +292,7 @@ from polydet.tracking import encode_image  # on sys.path only through the model'
 out = model.predict(pd.DataFrame({"image": [encode_image(image)]}))
 files = [getattr(m, "__file__", None) for m in list(sys.modules.values())]
 print(json.dumps({"polydet": sys.modules["polydet"].__file__, "scores": list(out["scores"][0]),
-                  "files": sorted({f for f in files if f})}))
+                  "files": sorted({f for f in files if f}), "torch": "torch" in sys.modules}))
 """
 
 
@@ -286,3 +341,31 @@ def test_registered_model_loads_with_its_own_requirements_only(project: Path, tm
     model = mlflow.pyfunc.load_model(str(model_dir))
     frame = pd.DataFrame({"image": [tracking.encode_image(project / "photo.png")]})
     assert got["scores"] == pytest.approx(list(model.predict(frame)["scores"][0]), abs=1e-5)
+
+
+def test_onnx_runtime_needs_no_torch(project: Path, tmp_path: Path):
+    """The registered model's default runtime (ONNX Runtime on its logged export) loads and
+    predicts with the distributions of its requirements.txt but torch and torchvision: torch
+    is never imported, and the scores are those of the same model in this process."""
+    model_dir = _model_dir(project, tmp_path / "model")
+    lines = (model_dir / "requirements.txt").read_text().split()
+    slim = [x for x in lines if Requirement(x).name not in {"torch", "torchvision"}]
+    assert len(slim) == len(lines) - 2
+    names = requirement_closure(slim)
+    assert not {"torch", "torchvision"} & names and "onnxruntime" in names
+    site = site_of(names, tmp_path / "site")
+    away = tmp_path / "away"
+    away.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _LOAD, str(site), str(model_dir),
+         str(project / "photo.png")],
+        cwd=away, env=fresh_shell_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert got["torch"] is False and Path(got["polydet"]).is_relative_to(model_dir / "code")
+    model = mlflow.pyfunc.load_model(str(model_dir))
+    frame = pd.DataFrame({"image": [tracking.encode_image(project / "photo.png")]})
+    expected = model.predict(frame, params={"runtime": "onnx"})["scores"][0]
+    assert len(got["scores"]) == len(expected) > 0
+    assert got["scores"] == pytest.approx(list(expected), abs=1e-6)
