@@ -244,6 +244,67 @@ class Quads(NamedTuple):
     cover: Tensor  # [N] sum of |piece areas|: bounds |intersection| with anything
 
 
+def intersection_area_autograd(a: Tensor, b: Tensor) -> Tensor:
+    """Area ``[P]`` of ``A ∩ B`` for convex rings ``a, b [P, 4, 2]`` (clockwise on screen, one
+    origin near both). Green's theorem over each edge clipped to the other quad's half-planes,
+    in fixed-size tensors; collinear edge pairs are decided by rule (same direction: A's edge
+    counted once; opposite: both dropped), so identical and edge-sharing quads are exact.
+    The algorithm of :func:`intersection_area` written without in-place ops, so autograd can
+    differentiate it (the RoI head's IoU loss): slower, the same numbers (tested)."""
+    ax, ay = a[..., 0].T, a[..., 1].T  # [4, P]
+    bx, by = b[..., 0].T, b[..., 1].T
+    dax, day = ax.roll(-1, 0) - ax, ay.roll(-1, 0) - ay
+    dbx, dby = bx.roll(-1, 0) - bx, by.roll(-1, 0) - by
+    len2_a, len2_b = dax * dax + day * day, dbx * dbx + dby * dby  # [4, P]
+    wx = ax[:, None] - bx[None]  # [4 (A corner i), 4 (B corner k), P]
+    wy = ay[:, None] - by[None]
+    fa0 = dbx[None] * wy - dby[None] * wx  # [i, k]: side of A's corner i, B's line k
+    fb0 = day[:, None] * wx - dax[:, None] * wy  # [i, k]: B's corner k, A's line i
+    fa1 = fa0.roll(-1, 0)
+    fb1 = fb0.roll(-1, 1)
+    dot = dax[:, None] * dbx[None] + day[:, None] * dby[None]
+
+    size = torch.maximum(a.abs().amax((1, 2)), b.abs().amax((1, 2)))  # [P]
+    tol = max(_COLLINEAR_TOL, 2.0 * torch.finfo(a.dtype).eps ** 0.5)
+    tol2 = (tol * size) ** 2
+    near_a = torch.maximum(fa0.square(), fa1.square()) < tol2 * len2_b[None]
+    near_b = torch.maximum(fb0.square(), fb1.square()) < tol2 * len2_a[:, None]
+    real = (len2_a > 0)[:, None] & (len2_b > 0)[None]
+    col = ((near_a | near_b) & real).to(a.dtype)
+    free = 1.0 - col
+
+    rise = fa1 - fa0
+    sg = torch.sign(rise)
+    par = 1.0 - sg.abs()
+    r = (fa0 / (par - rise)).clamp(0, 1)
+    sg = sg * free
+    out_a = _negative(fa0)
+    cross_a = (out_a.roll(-1, 0) - out_a).abs()
+    empty = par * free * out_a + _negative(dot) * col
+    rising = sg.clamp(min=0)
+    t_lo = (r * rising).amax(1)
+    t_hi = (1.0 - (1.0 - r) * (rising - sg)).amin(1)
+    keep = 1.0 - empty.amax(1)
+    twice_a = ((t_hi - t_lo).clamp(min=0) * keep * (ax * day - ay * dax)).sum(0)
+
+    rise = fb1 - fb0
+    sg = torch.sign(rise)
+    par = 1.0 - sg.abs()
+    s = (fb0 / (par - rise)).clamp(0, 1)
+    out_b = _negative(fb0)
+    shared = (out_b.roll(-1, 1) - out_b).abs() * cross_a * free
+    s_proj = (wx * dbx[None] + wy * dby[None] + r * dot) / len2_b[None].clamp_min(1e-300)
+    s = s + (s_proj.clamp(0, 1) - s) * shared
+    sg = sg * free
+    empty = par * free * out_b + col
+    rising = sg.clamp(min=0)
+    s_lo = (s * rising).amax(0)
+    s_hi = (1.0 - (1.0 - s) * (rising - sg)).amin(0)
+    keep = 1.0 - empty.amax(0)
+    twice_b = ((s_hi - s_lo).clamp(min=0) * keep * (bx * dby - by * dbx)).sum(0)
+    return (0.5 * (twice_a + twice_b)).clamp_min(0.0)
+
+
 def polygon_pieces(polyboxes: Tensor) -> Quads:
     """Polyboxes ``[N, 10]`` as the polygons their corners trace *in the stored order*, as
     the DOTA kit's ``polyiou`` measures them (``mode="polygon"``; module docstring).

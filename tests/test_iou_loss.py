@@ -70,3 +70,18 @@ def test_iou_loss_of_no_positives_is_a_zero_that_backpropagates() -> None:
     loss = polybox_iou_loss(deltas, torch.zeros(0, 10), torch.zeros(0, 4), coder)
     loss.backward()
     assert float(loss) == 0.0
+
+
+def test_autograd_kernel_equals_the_tensor_kernel() -> None:
+    from polydet.model.inference import hull_ring
+    from polydet.ops import intersection_area, intersection_area_autograd
+
+    a = random_polyboxes(300, seed=12).double()
+    b = torch.cat([a[:100], random_polyboxes(200, seed=13).double()])  # identical pairs too
+    b[100:200, :2] = a[100:200, :2] + 5.0  # and overlapping ones
+    ring_a, centre_a, _ = hull_ring(a)
+    ring_b, centre_b, _ = hull_ring(b)
+    shifted = ring_b + (centre_b - centre_a)[:, None]
+    fast = intersection_area(ring_a, shifted)
+    assert (fast > 0).sum() >= 150
+    assert torch.allclose(intersection_area_autograd(ring_a, shifted), fast, rtol=0, atol=1e-9)

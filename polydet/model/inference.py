@@ -39,7 +39,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _setup_scales
 
 from polydet.coder import PolyBoxCoder
-from polydet.ops import intersection_area
+from polydet.ops import intersection_area, intersection_area_autograd
 from polydet.polybox import area, canonicalize, from_corners, hull_xyxy, to_corners
 
 # Proposals whose clipped hull is narrower than this (pixels) are dropped, as in torchvision.
@@ -79,15 +79,17 @@ def hull_ring(polyboxes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ring, centre, (0.5 * _cross(ring, ring.roll(-1, 1)).sum(-1)).clamp_min(0.0)
 
 
-def quad_iou(a: Tensor, b: Tensor) -> Tensor:
+def quad_iou(a: Tensor, b: Tensor, differentiable: bool = False) -> Tensor:
     """IoU ``[P]`` of canonical polyboxes ``a[p]`` and ``b[p]`` (``[P, 10]``, pixels), on their
     convex hulls, computed in float64 relative to ``a``'s centre; returns ``a``'s dtype.
     The intersection is :func:`polydet.ops.intersection_area`, the tensor kernel behind
     :func:`polydet.ops.pairwise_iou` on CUDA (one implementation: plain tensor ops, which
-    the tracer and the ONNX exporter record as they are)."""
+    the tracer and the ONNX exporter record as they are); ``differentiable`` uses its
+    out-of-place twin :func:`polydet.ops.intersection_area_autograd` (for losses)."""
     ring_a, centre_a, area_a = hull_ring(a.double())
     ring_b, centre_b, area_b = hull_ring(b.double())
-    inter = intersection_area(ring_a, ring_b + (centre_b - centre_a)[:, None])
+    kernel = intersection_area_autograd if differentiable else intersection_area
+    inter = kernel(ring_a, ring_b + (centre_b - centre_a)[:, None])
     inter = torch.minimum(inter, torch.minimum(area_a, area_b))
     union = area_a + area_b - inter
     iou = torch.where(union > 0, inter / union.clamp_min(1e-30), torch.zeros_like(inter))

@@ -35,7 +35,7 @@ def polybox_iou_loss(deltas: Tensor, gt: Tensor, refs: Tensor, coder: PolyBoxCod
     if deltas.shape[0] == 0:
         return deltas.sum() * 0.0
     pred = coder.decode(deltas, refs, check=False)
-    return (1.0 - quad_iou(pred, gt.to(pred.dtype))).sum()
+    return (1.0 - quad_iou(pred, gt.to(pred.dtype), differentiable=True)).sum()
 
 
 class PolyPredictor(nn.Module):
