@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from polydet.config import Config, load_config
-from polydet.errors import PolydetError
+from polydet.core.config import Config, load_config
+from polydet.core.errors import PolydetError
 
 
 class UserError(PolydetError):
@@ -52,7 +52,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_anchors(args: argparse.Namespace) -> None:
-    from polydet.anchors import configure_anchors
+    from polydet.train.anchors import configure_anchors
 
     _print_json(configure_anchors(_cfg(args)))
 
@@ -60,7 +60,7 @@ def _cmd_anchors(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     import os
 
-    from polydet.engine import train
+    from polydet.train.engine import train
 
     result = train(_cfg(args), resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary (rank 0's)
@@ -68,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from polydet import evaluate
+    from polydet.eval import evaluate
 
     if args.format:
         if not (args.detections and args.annotations):
@@ -86,7 +86,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from polydet.predict import predict_paths
+    from polydet.deploy.predict import predict_paths
 
     cfg = _cfg(args)
     result = predict_paths(
@@ -120,13 +120,13 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from polydet.export import export
+    from polydet.deploy.export import export
 
     _print_json(export(_cfg(args), model=args.model, fmt=args.format, out_dir=Path(args.out)))
 
 
 def _cmd_debug(args: argparse.Namespace) -> None:
-    from polydet.debug import debug_report
+    from polydet.debug.report import debug_report
 
     _print_json(debug_report(_cfg(args), model=args.model))
 
@@ -150,7 +150,10 @@ def _cmd_register(args: argparse.Namespace) -> None:
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> None:
-    from flows.pipeline import polydet_pipeline
+    from polydet.pipeline.prefect_env import use_project_prefect
+
+    use_project_prefect()  # before Prefect is imported: it reads its settings once
+    from polydet.pipeline.flow import polydet_pipeline
 
     _print_json(polydet_pipeline(params=args.params, overrides=list(args.set)))
 
@@ -222,15 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Commands that write the project's outputs: one at a time per project (polydet.locks).
+# Commands that write the project's outputs: one at a time per project (polydet.core.locks).
 LOCKED_COMMANDS = frozenset(
     {"synth", "prepare", "anchors", "train", "evaluate", "debug", "register", "pipeline"}
 )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from polydet.files import describe_os_error
-    from polydet.locks import project_lock
+    from polydet.core.files import describe_os_error
+    from polydet.core.locks import project_lock
 
     args = build_parser().parse_args(argv)
     # evaluate --format dota reads other files and writes nothing of the project's.

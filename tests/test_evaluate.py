@@ -1,4 +1,4 @@
-"""Tests of polydet.evaluate: hand-computed AP, and agreement with direct reimplementations
+"""Tests of polydet.eval.evaluate: hand-computed AP, and agreement with direct reimplementations
 of the DOTA development kit's ``voc_eval`` and of pycocotools' matching (per detection, with
 shapely standing in for the kit's ``polyiou``)."""
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from shapely.geometry import Polygon
 
-from polydet import evaluate as ev
-from polydet.errors import DataError
-from polydet.metrics import orientation_offset
-from polydet.polybox import from_corners
+from polydet.core.errors import DataError
+from polydet.eval import evaluate as ev
+from polydet.eval.metrics import orientation_offset
+from polydet.geometry.polybox import from_corners
 
 # --- independent references (per detection, as the originals loop) -----------------------
 
@@ -660,7 +660,7 @@ def test_write_outputs_and_task1_round_trip(tmp_path: Path) -> None:
 
 
 def test_pairs_are_pairwise_iou_of_same_image_boxes() -> None:
-    from polydet.ops import pairwise_iou
+    from polydet.geometry.ops import pairwise_iou
 
     rng = np.random.default_rng(6)
     q = random_quads(rng, 60, 100)

@@ -13,9 +13,9 @@ from torchvision.models import resnet18
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from polydet.errors import ModelError
+from polydet.core.errors import ModelError
+from polydet.geometry.polybox import canonicalize, hull_xyxy, scale, to_corners
 from polydet.model import PolyDetector, build_model, load_model, save_model
-from polydet.polybox import canonicalize, hull_xyxy, scale, to_corners
 
 KEYS = {"loss_rpn_objectness", "loss_rpn_polybox", "loss_classifier", "loss_polybox"}
 

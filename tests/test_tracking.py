@@ -18,10 +18,10 @@ import mlflow
 import pandas as pd
 import pytest
 
-from flows.pipeline import SMOKE_OVERRIDES
 from polydet import cli, tracking
-from polydet.config import Config, load_config
-from polydet.errors import ModelError, TrackingError
+from polydet.core.config import Config, load_config
+from polydet.core.errors import ModelError, TrackingError
+from polydet.pipeline.flow import SMOKE_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 from packaging.requirements import Requirement
 
-from flows.pipeline import SMOKE_OVERRIDES
 from polydet import tracking
-from polydet.config import load_config
+from polydet.core.config import load_config
+from polydet.pipeline.flow import SMOKE_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

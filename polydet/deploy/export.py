@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polydet.config import Config, to_dict
-from polydet.errors import ModelError
+from polydet.core.config import Config, to_dict
+from polydet.core.errors import ModelError
 from polydet.model import PolyDetector, load_model
 from polydet.model.inference import (
     detect_batched,
@@ -180,7 +180,7 @@ class OnnxDetector:
 def read_config(directory: Path) -> dict[str, Any]:
     """``{"cfg": ModelConfig, "classes": [...], ...}`` from an export directory's
     ``config.json`` (a :class:`ModelError` naming the file if it is missing or broken)."""
-    from polydet.config import model_config_from_dict
+    from polydet.core.config import model_config_from_dict
 
     path = Path(directory) / "config.json"
     try:
@@ -201,7 +201,7 @@ def compare_detections(
     with the same label, polygon IoU >= :data:`PARITY_IOU` and a score within
     :data:`PARITY_SCORE_TOL`; counts per image may differ by :data:`PARITY_COUNT`.
     Returns ``{"ok", "checked", "unmatched", "max_count_diff", "min_iou", "max_score_diff"}``."""
-    from polydet.ops import pairwise_iou
+    from polydet.geometry.ops import pairwise_iou
 
     checked = unmatched = 0
     max_count, min_iou, max_score = 0, 1.0, 0.0
@@ -359,7 +359,7 @@ def export_model(
 def export(cfg: Config, model: str | None, fmt: str, out_dir: str | Path) -> dict[str, Any]:
     """``polydet export``: load ``model`` (a file, a ``models:/`` / ``runs:/`` URI, or
     ``None`` for ``{train.out}/model.pt``) and :func:`export_model` it."""
-    from polydet.evaluate import resolve_model
+    from polydet.eval.evaluate import resolve_model
 
     path = resolve_model(cfg, model)
     net = load_model(path, device="cpu")

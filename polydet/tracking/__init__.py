@@ -12,7 +12,7 @@ the DVC ``register`` stage log exactly the same things:
 
 The store is ``MLFLOW_TRACKING_URI`` when set, else ``cfg.tracking.default_uri`` (SQLite
 inside ``mlruns/``). An unreachable server fails within seconds with a
-:class:`~polydet.errors.TrackingError` naming the URI, before anything is written to it.
+:class:`~polydet.core.errors.TrackingError` naming the URI, before anything is written to it.
 """
 
 from __future__ import annotations
@@ -41,9 +41,9 @@ import yaml
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 
-from polydet.config import Config, flatten, flatten_dict, to_dict
-from polydet.errors import DataError, ModelError, TrackingError
-from polydet.files import write_text
+from polydet.core.config import Config, flatten, flatten_dict, to_dict
+from polydet.core.errors import DataError, ModelError, TrackingError
+from polydet.core.files import write_text
 
 FALLBACK_URI = "sqlite:///mlruns/mlflow.db"  # when neither the env nor params.yaml names one
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -862,7 +862,7 @@ def promotion_lock_path(uri: str) -> Path:
 @contextmanager
 def promotion_lock(cfg: Config | None = None) -> Iterator[None]:
     """Hold the promotion gate's lock (waiting for it) for the ``with`` body."""
-    from polydet.locks import file_lock
+    from polydet.core.locks import file_lock
 
     uri = get_tracking_uri(cfg)
     with file_lock(promotion_lock_path(uri), wait=True, what="the promotion gate", record=False):

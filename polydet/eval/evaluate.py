@@ -4,7 +4,7 @@
 DOTA Task1 files and evaluates them *from those files*; ``evaluate_dota_dirs`` evaluates any
 detector's Task1 files against DOTA ``labelTxt`` annotations. The metrics (DOTA Task1 AP,
 VOC all-point, COCO-style AP by size, recall at precision, confusion) are defined and
-computed in :mod:`polydet.metrics`, the plots drawn by :mod:`polydet.eval_plots`; their
+computed in :mod:`polydet.eval.metrics`, the plots drawn by :mod:`polydet.eval.plots`; their
 public names are importable from here too. Files are parsed by :mod:`polydet.data.formats`.
 """
 
@@ -20,13 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from polydet import polybox
-from polydet.config import Config
+from polydet.core.config import Config
+from polydet.core.errors import DataError, ModelError
+from polydet.core.files import write_text
 from polydet.data import formats
-from polydet.errors import DataError, ModelError
-from polydet.eval_plots import plot_all
-from polydet.files import write_text
-from polydet.metrics import (
+from polydet.eval.metrics import (
     COCO_IOUS,
     COCO_MAX_DETS,
     COCO_RECALLS,
@@ -48,6 +46,8 @@ from polydet.metrics import (
     voc_all_point_ap,
     voc_outcome,
 )
+from polydet.eval.plots import plot_all
+from polydet.geometry import polybox
 
 __all__ = [
     "COCO_IOUS",

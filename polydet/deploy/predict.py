@@ -26,18 +26,18 @@ import torch
 from PIL import ImageDraw
 from torch import Tensor
 
-from polydet import polybox
-from polydet.config import Config, TileConfig
+from polydet.core.config import Config, TileConfig
+from polydet.core.errors import DataError, ModelError
+from polydet.core.files import write_text
 from polydet.data.dataset import load_image
 from polydet.data.formats import write_task1
 from polydet.data.images import open_image, rgb_image
 from polydet.data.tiling import merge_detections, tile_grid
-from polydet.distributed import DistInfo
-from polydet.engine import resolve_device
-from polydet.errors import DataError, ModelError
-from polydet.evaluate import resolve_model
-from polydet.files import write_text
+from polydet.eval.evaluate import resolve_model
+from polydet.geometry import polybox
 from polydet.model import PolyDetector, load_model
+from polydet.train.distributed import DistInfo
+from polydet.train.engine import resolve_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Distinct outline colours, one per class (cycled).
@@ -130,14 +130,14 @@ def predict_paths(
     ``model``: a model file, a ``models:/NAME@ALIAS`` / ``runs:/`` URI, or ``None`` for
     ``{train.out}/model.pt``; with ``runtime="onnx"``, a directory written by ``polydet
     export --format onnx`` (or its ``model.onnx``), run on ONNX Runtime
-    (:class:`polydet.export.OnnxDetector`). Only detections scoring at least
+    (:class:`polydet.deploy.export.OnnxDetector`). Only detections scoring at least
     ``score_thresh`` are kept.
     Returns a JSON-able summary (counts per class, files written).
     """
     started = time.perf_counter()
     paths = list_images(Path(input))
     if runtime == "onnx":
-        from polydet.export import OnnxDetector
+        from polydet.deploy.export import OnnxDetector
 
         if model is None:
             raise ModelError("--runtime onnx needs --model DIR (the output of `polydet export`)")

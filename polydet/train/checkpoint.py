@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from polydet.errors import ModelError
-from polydet.files import torch_load_problem, torch_save
+from polydet.core.errors import ModelError
+from polydet.core.files import torch_load_problem, torch_save
 
 CHECKPOINT_FORMAT = "polydet-checkpoint/1"
 
@@ -68,9 +68,9 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 
     A crash mid-write leaves the previous file intact: readers see the old or the new
     checkpoint, never a truncated one. A failed write removes its temp file and raises a
-    :class:`~polydet.files.WriteError` naming the path and the cause (e.g. a full disk);
+    :class:`~polydet.core.files.WriteError` naming the path and the cause (e.g. a full disk);
     one left by a killed process is removed by the next run
-    (:func:`polydet.files.remove_stale_temps`).
+    (:func:`polydet.core.files.remove_stale_temps`).
     """
     return torch_save(obj, path)
 
