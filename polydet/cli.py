@@ -101,7 +101,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_payload(args: argparse.Namespace) -> None:
-    from polydet.tracking import serving_payload
+    from polydet.tracking.pyfunc import serving_payload
 
     print(json.dumps(serving_payload(args.images, args.score_thresh)))
 
@@ -109,7 +109,7 @@ def _cmd_payload(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     import os
 
-    from polydet.tracking import serve_command
+    from polydet.tracking.pyfunc import serve_command
 
     cfg = _cfg(args)
     model = args.model or f"models:/{cfg.tracking.model_name}@champion"
@@ -132,19 +132,19 @@ def _cmd_debug(args: argparse.Namespace) -> None:
 
 
 def _cmd_promote(args: argparse.Namespace) -> None:
-    from polydet.tracking import promote
+    from polydet.tracking.registry import promote
 
     _print_json(promote(_cfg(args), version=args.version, reason=args.reason))
 
 
 def _cmd_rollback(args: argparse.Namespace) -> None:
-    from polydet.tracking import rollback
+    from polydet.tracking.registry import rollback
 
     _print_json(rollback(_cfg(args), reason=args.reason))
 
 
 def _cmd_register(args: argparse.Namespace) -> None:
-    from polydet.tracking import record_and_register
+    from polydet.tracking.registry import record_and_register
 
     _print_json(record_and_register(_cfg(args)))
 

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PLUMBING = {
     "polydet/cli.py", "polydet/tracking/__init__.py", "polydet/deploy/predict.py",
     "polydet/core/errors.py", "polydet/core/files.py", "polydet/core/locks.py",
+    "polydet/core/store.py", "polydet/core/model_uri.py",  # resolve models:/ URIs
 }  # fmt: skip
 
 

@@ -69,7 +69,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_db: Path) -> Path:
     assert (record["version"], record["champion"]) == ("1", "1")
     # The package travels with the model, without bytecode (loading it later may add some).
     code = _model_dir(path) / "code" / "polydet"
-    assert (code / "tracking.py").is_file() and not list(code.rglob("__pycache__"))
+    assert (code / "tracking" / "registry.py").is_file() and not list(code.rglob("__pycache__"))
     # Another process set MLflow's global URI (as the pipeline does); the shells below must
     # not depend on it.
     mlflow.set_tracking_uri(f"sqlite:///{path / 'elsewhere.db'}")

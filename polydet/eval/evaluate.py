@@ -212,7 +212,8 @@ def resolve_model(cfg: Config, model: str | None) -> Path:
     if model is None:
         path = Path(cfg.train.out) / "model.pt"
     elif model.startswith(("models:/", "runs:/")):
-        from polydet.tracking import get_tracking_uri, resolve_model_path
+        from polydet.core.model_uri import resolve_model_path
+        from polydet.core.store import get_tracking_uri
 
         path = Path(resolve_model_path(model, get_tracking_uri(cfg)))
     else:

@@ -32,11 +32,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 import polydet
-from polydet import tracking
 from polydet.core.config import Config, ConfigError, load_config, to_dict
 from polydet.core.errors import DataError, ModelError, PolydetError
 from polydet.core.locks import project_lock
 from polydet.pipeline.dvc_record import record_in_dvc
+from polydet.tracking import registry, runs
 
 CACHE_VERSION = "polydet-pipeline-cache/1"  # bump to invalidate every cached stage result
 RESULTS_DIR = Path(".prefect") / "results"  # relative to the project (the working directory)
@@ -209,7 +209,7 @@ def file_digest(path: Path) -> str:
     st = path.stat()
     memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _DIGESTS:
-        _DIGESTS[memo] = tracking.file_sha256(path)
+        _DIGESTS[memo] = registry.file_sha256(path)
     return _DIGESTS[memo]
 
 
@@ -294,7 +294,7 @@ def _transient(task: Any, task_run: Any, state: Any) -> bool:
 )
 def register(cfg: Config, cached: dict[str, bool], run_id: str) -> dict[str, Any]:
     """Log every stage's outputs to the MLflow run, register the model, apply the gate."""
-    return tracking.record_and_register(cfg, cached, run_id=run_id)
+    return registry.record_and_register(cfg, cached, run_id=run_id)
 
 
 def needs_synthetic_data(cfg: Config) -> bool:
@@ -333,8 +333,8 @@ def _pipeline_body(cfg: Config, flow_run: Any) -> dict[str, Any]:
         "polydet.prefect_flow_run": str(flow_run.get_id()),
     }
     timing: dict[str, float] = {}  # wall seconds of each step, as the flow saw them
-    name = tracking.run_name(cfg, f"prefect-{flow_run.get_name()}")
-    with tracking.pipeline_run(cfg, name, run_tags) as run_id:
+    name = runs.run_name(cfg, f"prefect-{flow_run.get_name()}")
+    with runs.pipeline_run(cfg, name, run_tags) as run_id:
         if needs_synthetic_data(cfg):
             started = time.perf_counter()
             synthesize(cfg)
@@ -358,7 +358,7 @@ def _pipeline_body(cfg: Config, flow_run: Any) -> dict[str, Any]:
         print(record_in_dvc(cfg, "register"))
         timing["register"] = time.perf_counter() - started
     record["timing"] = {k: round(v, 3) for k, v in timing.items()}
-    record["run_link"] = tracking.run_link(cfg, run_id)
+    record["run_link"] = registry.run_link(cfg, run_id)
     record["cached"] = cached
     record["outputs"] = outputs_of(cfg)
     _publish(cfg, summaries, record)
@@ -374,7 +374,7 @@ def outputs_of(cfg: Config) -> dict[str, str]:
         "report_md": str(Path(cfg.debug.out) / "report.md"),
         "anchors": str(Path(cfg.anchors.out) / "report.md"),
         "dataset": str(Path(cfg.data.out) / "stats.md"),
-        "registration": str(tracking.registration_path(cfg)),
+        "registration": str(registry.registration_path(cfg)),
     }
 
 
@@ -431,12 +431,12 @@ def import_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
 def _metric(cfg: Config, key: str) -> Any:
     """One value of the evaluation's ``metrics.json`` (None when absent)."""
     path = Path(cfg.evaluate.out) / "metrics.json"
-    return tracking.read_json(path).get(key) if path.is_file() else None
+    return runs.read_json(path).get(key) if path.is_file() else None
 
 
 def summary_markdown(cfg: Config, summaries: dict[str, dict[str, Any]], record: dict) -> str:
     """The run's Markdown summary: metrics, anchor coverage, debug findings, MLflow links."""
-    metrics = tracking.read_json(Path(cfg.evaluate.out) / "metrics.json")
+    metrics = runs.read_json(Path(cfg.evaluate.out) / "metrics.json")
     headline = [k for k in ("map50", "map50_95", "map75", "map_voc_all") if k in metrics]
     lines = [
         f"# polydet pipeline — {cfg.tracking.model_name} v{record['version']}",
@@ -469,9 +469,9 @@ def summary_markdown(cfg: Config, summaries: dict[str, dict[str, Any]], record: 
         "## Anchor coverage",
         "",
     ]
-    lines += anchor_lines(tracking.read_json(Path(cfg.anchors.out) / "coverage.json"))
+    lines += anchor_lines(runs.read_json(Path(cfg.anchors.out) / "coverage.json"))
     lines += ["", "## Debug report findings", ""]
-    debug = summaries.get("debug") or tracking.read_json(Path(cfg.debug.out) / "debug.json")
+    debug = summaries.get("debug") or runs.read_json(Path(cfg.debug.out) / "debug.json")
     findings = debug.get("findings") or []
     lines += [f"- {_finding(f)}" for f in findings] or ["- no findings"]
     lines += ["", f"Full report: `{Path(cfg.debug.out) / 'report.html'}`"]
@@ -504,14 +504,14 @@ def _publish(cfg: Config, summaries: dict[str, dict[str, Any]], record: dict) ->
         key="polydet-summary",
         description="polydet pipeline: metrics, anchors, debug findings, MLflow links",
     )
-    metrics = tracking.read_json(Path(cfg.evaluate.out) / "metrics.json")
+    metrics = runs.read_json(Path(cfg.evaluate.out) / "metrics.json")
     rows = per_class_rows(metrics, cfg.data.classes)
     create_table_artifact(
         [{k: _fmt(v) for k, v in r.items()} for r in rows],
         key="per-class-ap",
         description=f"per-class AP on the {cfg.evaluate.split} split",
     )
-    imports = import_rows(tracking.read_json(Path(cfg.data.out) / "import_summary.json"))
+    imports = import_rows(runs.read_json(Path(cfg.data.out) / "import_summary.json"))
     if imports:
         create_table_artifact(imports, key="import-summary", description="dataset import")
 
