@@ -2,8 +2,8 @@
 
 The package's folders are its layers, each importing only the ones below it (README, "How
 the code is laid out"; ``tests/test_layers.py``): ``core`` → ``geometry`` → ``model``,
-``data`` → ``eval`` → ``train`` → ``deploy``, ``debug`` → ``tracking`` → ``pipeline`` →
-``cli``.
+``data`` → ``eval`` → ``train`` → ``deploy``, ``debug`` → ``stages`` → ``tracking`` →
+``pipeline`` → ``cli``.
 
 The public paths of the design (``polydet.polybox``, ``polydet.ops``, ``polydet.coder``,
 ``polydet.config``) name the modules that now live in ``geometry/`` and ``core/``: importing

@@ -158,6 +158,15 @@ def _cmd_pipeline(args: argparse.Namespace) -> None:
     _print_json(polydet_pipeline(params=args.params, overrides=list(args.set)))
 
 
+def _cmd_dvc_yaml(args: argparse.Namespace) -> None:
+    from polydet.pipeline.dvc_yaml import write_dvc_yaml
+
+    same = write_dvc_yaml(_cfg(args), args.out, check=args.check)
+    if args.check and not same:
+        raise UserError(f"{args.out}: differs from the stage table; run `polydet dvc-yaml`")
+    print(f"{args.out}: {'up to date' if same else 'written'}")
+
+
 # --- parser ------------------------------------------------------------------------------
 
 
@@ -222,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rollback", _cmd_rollback, "give champion back to the previous champion")
     p.add_argument("--reason", default="rolled back by hand")
     add("pipeline", _cmd_pipeline, "run the whole Prefect pipeline once")
+    p = add("dvc-yaml", _cmd_dvc_yaml, "write dvc.yaml from the stage table (polydet.stages)")
+    p.add_argument("--out", default="dvc.yaml", help="the file to write (default dvc.yaml)")
+    p.add_argument("--check", action="store_true", help="only check it is up to date")
     return parser
 
 

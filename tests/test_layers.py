@@ -26,9 +26,10 @@ LAYERS: dict[str, int] = {
     "train": 4,
     "deploy": 5,  # predict, export
     "debug": 5,
-    "tracking": 6,
-    "pipeline": 7,
-    "cli": 8,
+    "stages": 6,  # the stage table: runs the stages below, read by tracking and pipeline
+    "tracking": 7,
+    "pipeline": 8,
+    "cli": 9,
 }
 # The public paths of DESIGN.md that now live deeper: importing one gives the deeper module.
 ALIASES = {

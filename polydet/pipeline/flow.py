@@ -5,7 +5,7 @@ Each stage is one cached task around its library function (docs/CONTRACTS.md). A
 cache key is the hash of its settings (the ``params.yaml`` keys it reads), the content of
 the files it reads and of its source code, so a second run with nothing changed reruns
 nothing; results are persisted inside the project (``.prefect/results``). The same table
-(:data:`STAGES`) is mirrored by ``dvc.yaml``; ``tests/test_dvc.py`` checks they agree.
+(:data:`polydet.stages.table.STAGES`) generates ``dvc.yaml`` (``polydet dvc-yaml``).
 
 Without ``PREFECT_API_URL`` the flow runs on Prefect's ephemeral local API; with it, against
 that server. MLflow is checked before any stage runs, so an unreachable tracking server
@@ -21,8 +21,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from polydet.core.config import Config, ConfigError, load_config, to_dict
 from polydet.core.errors import DataError, ModelError, PolydetError
 from polydet.core.locks import project_lock
 from polydet.pipeline.dvc_record import record_in_dvc
+from polydet.stages.table import STAGE_BY_NAME, STAGES, Stage
 from polydet.tracking import registry, runs
 
 CACHE_VERSION = "polydet-pipeline-cache/1"  # bump to invalidate every cached stage result
@@ -70,133 +70,6 @@ SMOKE_OVERRIDES: tuple[str, ...] = (
     "debug.num_images=2",
     "debug.top_n_proposals=10",
 )
-
-
-# --- the stages ----------------------------------------------------------------------------
-
-
-def _prepared(cfg: Config, *names: str) -> list[str]:
-    return [str(Path(cfg.data.out) / n) for n in names]
-
-
-def _run_prepare(cfg: Config) -> dict[str, Any]:
-    from polydet.data.prepare import prepare
-
-    return prepare(cfg)
-
-
-def _run_anchors(cfg: Config) -> dict[str, Any]:
-    from polydet.train.anchors import configure_anchors
-
-    return configure_anchors(cfg)
-
-
-def _run_train(cfg: Config) -> dict[str, Any]:
-    from polydet.train.engine import train
-
-    return train(cfg)
-
-
-def _run_evaluate(cfg: Config) -> dict[str, Any]:
-    from polydet.eval.evaluate import evaluate_model
-
-    return evaluate_model(cfg)
-
-
-def _run_debug(cfg: Config) -> dict[str, Any]:
-    from polydet.debug.report import debug_report
-
-    return debug_report(cfg)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One pipeline stage: what it reads, what it writes, what it runs."""
-
-    name: str
-    params: tuple[str, ...]  # params.yaml keys it depends on (dvc.yaml's ``params``)
-    deps: Callable[[Config], list[str]]  # files / directories it reads
-    outs: Callable[[Config], list[str]]  # files a cached result needs to still exist
-    code: tuple[str, ...]  # its source files / packages (dvc.yaml's code ``deps``)
-    run: Callable[[Config], dict[str, Any]]
-
-
-_CORE = ("polydet/geometry", "polydet/core/config.py", "polydet/core/files.py")  # every stage
-_MODEL = ("polydet/model",)  # the detector
-_EVALUATE = ("polydet/eval",)
-
-STAGES: tuple[Stage, ...] = (
-    Stage(
-        "prepare",
-        ("data",),
-        lambda c: [c.data.root],
-        lambda c: _prepared(c, "images.csv", "objects.csv"),
-        ("polydet/data", *_CORE),
-        _run_prepare,
-    ),
-    Stage(
-        "anchors",
-        # The anchor grid's strides come from the backbone; sizes are in model input pixels.
-        ("anchors", "model.backbone", "model.returned_layers", "model.min_size", "model.max_size"),
-        lambda c: _prepared(c, "images.csv", "objects.csv"),
-        lambda c: [str(Path(c.anchors.out) / "anchors.json")],
-        ("polydet/train/anchors.py", "polydet/model", "polydet/data", *_CORE),
-        _run_anchors,
-    ),
-    Stage(
-        "train",
-        ("model", "train"),
-        lambda c: [
-            *_prepared(c, "images.csv", "objects.csv", "tiles"),
-            c.data.root,
-            str(Path(c.anchors.out) / "anchors.json"),
-        ],
-        lambda c: [str(Path(c.train.out) / n) for n in ("model.pt", "history.csv")],
-        (
-            "polydet/train/engine.py",
-            "polydet/train/checkpoint.py",
-            "polydet/train/distributed.py",
-            *_MODEL,
-            "polydet/data",
-            *_CORE,
-        ),
-        _run_train,
-    ),
-    Stage(
-        "evaluate",
-        ("evaluate",),
-        lambda c: [
-            str(Path(c.train.out) / "model.pt"),
-            *_prepared(c, "images.csv", "objects.csv", "tiles"),
-            c.data.root,
-        ],
-        lambda c: [str(Path(c.evaluate.out) / "metrics.json")],
-        (*_EVALUATE, *_MODEL, "polydet/train/checkpoint.py", "polydet/data", *_CORE),
-        _run_evaluate,
-    ),
-    Stage(
-        "debug",
-        # The report judges detections as the evaluation does, with its settings.
-        ("debug", "evaluate.iou_threshold", "evaluate.score_thresh"),
-        lambda c: [
-            str(Path(c.train.out) / "model.pt"),
-            str(Path(c.train.out) / "history.csv"),
-            *_prepared(c, "images.csv", "objects.csv", "tiles"),
-            c.data.root,
-        ],
-        lambda c: [str(Path(c.debug.out) / "report.md")],
-        (
-            "polydet/debug",
-            *_EVALUATE,
-            *_MODEL,
-            "polydet/train/checkpoint.py",  # model files are written and read through it
-            "polydet/data",
-            *_CORE,
-        ),
-        _run_debug,
-    ),
-)
-STAGE_BY_NAME = {s.name: s for s in STAGES}
 
 
 # --- cache keys ----------------------------------------------------------------------------

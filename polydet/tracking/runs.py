@@ -25,9 +25,10 @@ from mlflow.exceptions import MlflowException
 from polydet.core.config import Config, flatten, flatten_dict, to_dict
 from polydet.core.errors import TrackingError
 from polydet.core.store import connect, get_tracking_uri, store_message
+from polydet.stages.table import STAGES as STAGE_TABLE
 
 TAG = "polydet."  # prefix of every tag this module writes
-STAGES = ("prepare", "anchors", "train", "evaluate", "debug")
+STAGES = tuple(s.name for s in STAGE_TABLE)  # one nested run each, in this order
 
 
 # --- lineage -------------------------------------------------------------------------------
@@ -200,27 +201,12 @@ def read_json(path: Path) -> dict:
 
 
 def stage_files(cfg: Config) -> dict[str, dict[str, Path]]:
-    """Per stage: its summary file and output directory (what gets logged)."""
-    return {
-        "prepare": {"summary": Path(cfg.data.out) / "stats.json", "dir": Path(cfg.data.out)},
-        "anchors": {
-            "summary": Path(cfg.anchors.out) / "coverage.json",
-            "dir": Path(cfg.anchors.out),
-        },
-        "train": {"summary": Path(cfg.train.out) / "summary.json", "dir": Path(cfg.train.out)},
-        "evaluate": {
-            "summary": Path(cfg.evaluate.out) / "metrics.json",
-            "dir": Path(cfg.evaluate.out),
-        },
-        "debug": {"summary": Path(cfg.debug.out) / "debug.json", "dir": Path(cfg.debug.out)},
-    }
+    """Per stage: its summary file and output directory (what gets logged; the stage table)."""
+    return {s.name: {"summary": s.summary(cfg), "dir": s.artifacts(cfg)} for s in STAGE_TABLE}
 
 
 # Large or already-versioned outputs that are not worth copying into every run.
-_SKIP_ARTIFACTS = {
-    "prepare": ("images.csv", "objects.csv", "tiles"),
-    "train": ("model.pt", "checkpoints"),
-}
+_SKIP_ARTIFACTS = {s.name: s.skip_artifacts for s in STAGE_TABLE if s.skip_artifacts}
 
 
 def history_metrics(history_csv: Path) -> list[Metric]:
