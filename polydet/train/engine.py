@@ -13,7 +13,7 @@ run is reproducible and resumable bit for bit on CPU:
 Outputs under ``cfg.train.out``: ``model.pt``, ``checkpoints/last.pt``, ``history.csv``,
 ``summary.json`` and, when a loss goes non-finite, ``nonfinite.json``.
 
-Run on several devices with ``torchrun --nproc-per-node N -m polydet.train.engine [--params ...]``
+Run on several devices with ``torchrun --nproc-per-node N -m polydet.cli train [--params ...]``
 (the same arguments as ``polydet train``).
 """
 
