@@ -36,8 +36,7 @@ from polydet.data.tiling import merge_detections, tile_grid
 from polydet.eval.evaluate import resolve_model
 from polydet.geometry import polybox
 from polydet.model import PolyDetector, load_model
-from polydet.train.distributed import DistInfo
-from polydet.train.engine import resolve_device
+from polydet.model.device import resolve_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Distinct outline colours, one per class (cycled).
@@ -145,7 +144,7 @@ def predict_paths(
         model_path, device = net.path, torch.device("cpu")
     elif runtime == "torch":
         model_path = resolve_model(cfg, model)
-        device = resolve_device(cfg.train.device, DistInfo(rank=0, world_size=1, local_rank=0))
+        device = resolve_device(cfg.train.device)
         net = load_model(model_path, device=device)
     else:
         raise ModelError(f"unknown runtime {runtime!r} (expected torch or onnx)")

@@ -62,9 +62,9 @@ def resolve_device(cfg: Config) -> str:
     """The device training uses for ``cfg.train.device`` (``auto``: CUDA when present)."""
     if cfg.train.device != "auto":
         return cfg.train.device
-    import torch
+    from polydet.model.device import resolve_device as device_of
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return device_of("auto").type
 
 
 def launch_tags() -> dict[str, str]:

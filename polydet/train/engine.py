@@ -44,6 +44,7 @@ from polydet.core.errors import DataError, ModelError, PolydetError
 from polydet.core.files import remove_stale_temps, write_text
 from polydet.data.dataset import PolyDataset, collate
 from polydet.model import build_model, save_model
+from polydet.model.device import resolve_device
 from polydet.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -81,24 +82,6 @@ class TrainingInterrupted(PolydetError):
 
 
 # --- setup -------------------------------------------------------------------------------
-
-
-def resolve_device(spec: str, info: DistInfo) -> torch.device:
-    """``train.device`` -> a device. Under torchrun each rank takes ``cuda:LOCAL_RANK``."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device is {spec!r} but CUDA is not available here")
-        if info.distributed or spec == "cuda":
-            return torch.device("cuda", info.local_rank)
-        try:
-            return torch.device(spec)
-        except RuntimeError as e:
-            raise ConfigError(f"train.device: {spec!r} is not a device ({e})") from e
-    raise ConfigError(f"train.device: {spec!r} is not one of auto, cpu, cuda, cuda:N")
 
 
 def autocast_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -332,7 +315,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     stays as it was).
     """
     info = dist_info_from_env()
-    device = resolve_device(cfg.train.device, info)
+    device = resolve_device(cfg.train.device, info.local_rank, info.distributed)
     joined = info.distributed and not torch.distributed.is_initialized()
     init_distributed(info, device)
     try:
