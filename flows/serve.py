@@ -13,10 +13,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from prefect import serve
-from prefect.deployments.runner import RunnerDeployment
+from polydet.pipeline.prefect_env import use_project_prefect
 
-from polydet.pipeline.flow import polydet_pipeline
+if __name__ == "__main__":  # before Prefect is imported: it reads its settings once
+    use_project_prefect()
+
+from prefect import serve  # noqa: E402
+from prefect.deployments.runner import RunnerDeployment  # noqa: E402
+
+from polydet.pipeline.flow import polydet_pipeline  # noqa: E402
 
 DEFAULT_NAME = "polydet-nightly"
 

@@ -134,7 +134,8 @@ def test_down_and_same_folder_imports_pass():
 
 def test_every_module_imports_alone_and_aliases_are_the_same_module():
     """In a fresh interpreter: every module imports (no cycle at import time), the public
-    paths name the very modules they alias, and importing the package sets no Prefect home."""
+    paths name the very modules they alias, and importing the package or flows/ sets no
+    Prefect home (only running an entry point does)."""
     modules = [module_name(p) for p in package_files()]
     code = (
         "import importlib, os, sys\n"
@@ -144,6 +145,8 @@ def test_every_module_imports_alone_and_aliases_are_the_same_module():
         "    assert importlib.import_module(old) is sys.modules[new], old\n"
         "    assert importlib.import_module(old).__name__ == new, old\n"
         "assert 'flows' not in sys.modules\n"
+        "assert 'PREFECT_HOME' not in os.environ, os.environ['PREFECT_HOME']\n"
+        "import flows.pipeline, flows.serve  # the checkout's entry points, imported\n"
         "assert 'PREFECT_HOME' not in os.environ, os.environ['PREFECT_HOME']\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "PREFECT_HOME"}

@@ -3,6 +3,7 @@ backbones and weights. Tiny models (32-channel FPN) on 64-128 px images keep thi
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,16 @@ def target(*polyboxes: torch.Tensor, labels: list[int] | None = None) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def model() -> PolyDetector:
+def _built() -> PolyDetector:
     torch.manual_seed(0)
     return build_model(tiny_cfg())
+
+
+@pytest.fixture
+def model(_built: PolyDetector) -> PolyDetector:
+    """A fresh copy per test: training-mode losses update BatchNorm statistics and tests
+    switch train/eval, so no test sees what an earlier one did to the model."""
+    return copy.deepcopy(_built)
 
 
 def _finite(losses: dict[str, torch.Tensor]) -> bool:

@@ -171,7 +171,8 @@ def loss_terms(history: pd.DataFrame) -> list[str]:
     return [c for c in history.columns if c.startswith("loss_")]
 
 
-def _window(n: int) -> int:
+def smoothing_window(n: int) -> int:
+    """Rolling-mean window for a loss curve of ``n`` points (a tenth of them, at least 1)."""
     return max(1, n // 10)
 
 
@@ -226,7 +227,7 @@ def analyze_losses(
     n = len(train)
     if n == 0:
         return stats, findings
-    w = _window(n)
+    w = smoothing_window(n)
     late_total = 0.0
     for c in cols:
         x = train[c].to_numpy(np.float64)
