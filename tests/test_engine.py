@@ -395,8 +395,8 @@ import os, sys
 from pathlib import Path
 # Each rank works in its own directory, so that the files each one writes can be told apart.
 os.chdir(Path(sys.argv[1]) / f"rank{os.environ['RANK']}")
-from polydet.train.engine import main
-sys.exit(main(sys.argv[2:]))
+from polydet.cli import main  # as `torchrun -m polydet.cli train ARGS` runs it
+sys.exit(main(["train", *sys.argv[2:]]))
 """
 
 
