@@ -17,7 +17,7 @@ export DVC_NO_ANALYTICS := 1
 export TORCH_HOME ?= $(CURDIR)/.torch
 export GIT_PYTHON_REFRESH := quiet
 
-.PHONY: install demo test lint bench ui clean
+.PHONY: install demo test lint bench ui clean dvc-yaml
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# dvc.yaml is generated from the stage table (polydet/stages/table.py); commit the result.
+dvc-yaml: $(STAMP)
+	$(BIN)/polydet dvc-yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

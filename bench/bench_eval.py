@@ -1,4 +1,4 @@
-"""Benchmark: polydet.evaluate against a faithful per-detection reimplementation of the
+"""Benchmark: polydet.eval.evaluate against a faithful per-detection reimplementation of the
 DOTA development kit's ``voc_eval`` (tests/test_evaluate.py ``kit_voc_eval``: its hull
 pre-filter and one polygon IoU per kept ground truth, shapely standing in for ``polyiou``).
 
@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from polydet import evaluate as ev  # noqa: E402
+from polydet.eval import evaluate as ev  # noqa: E402
 
 T = TypeVar("T")
 CLASSES = ["plane", "ship", "small-vehicle", "harbor", "helicopter"]

@@ -2,7 +2,7 @@
 
 The model (``--model`` file, else ``params.yaml``'s ``model`` section from scratch: untrained
 scores are near-uniform, so every candidate reaches both NMS stages, the worst case) is
-exported to both formats with :func:`polydet.export.export_model` (including its parity
+exported to both formats with :func:`polydet.deploy.export.export_model` (including its parity
 check), then each runtime predicts the same batch of smooth random images at each image size
 (``--sizes``: the demo's 256 px and 1024 px by default; the model resizes inside) and each
 batch size (``--batches``). Runs alternate between the runtimes so that load from other
@@ -29,8 +29,8 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from polydet.config import load_config
-from polydet.export import OnnxDetector, export_model, sample_images
+from polydet.core.config import load_config
+from polydet.deploy.export import OnnxDetector, export_model, sample_images
 from polydet.model import build_model, load_model
 
 

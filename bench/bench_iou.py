@@ -37,8 +37,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from polydet import ops, polybox  # noqa: E402
-from polydet.ops import nms, pairwise_iou  # noqa: E402
+from polydet.geometry import ops, polybox  # noqa: E402
+from polydet.geometry.ops import nms, pairwise_iou  # noqa: E402
 
 T = TypeVar("T")
 

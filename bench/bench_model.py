@@ -35,9 +35,9 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-from polydet.config import ModelConfig, load_config
+from polydet.core.config import ModelConfig, load_config
+from polydet.geometry.polybox import from_corners, hull_xyxy
 from polydet.model import PolyDetector, build_model
-from polydet.polybox import from_corners, hull_xyxy
 
 
 class _RPNWithoutFinestLevel(torch.nn.Module):

@@ -31,13 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_direct(params: str, overrides: list[str]) -> dict[str, float]:
     """The stage functions one after the other, no orchestration, no tracking."""
     t0 = time.perf_counter()
-    from polydet.anchors import configure_anchors
-    from polydet.config import load_config
+    from polydet.core.config import load_config
     from polydet.data.prepare import prepare
     from polydet.data.synth import generate
-    from polydet.debug import debug_report
-    from polydet.engine import train
-    from polydet.evaluate import evaluate_model
+    from polydet.debug.report import debug_report
+    from polydet.eval.evaluate import evaluate_model
+    from polydet.train.anchors import configure_anchors
+    from polydet.train.engine import train
 
     imports = time.perf_counter() - t0
     cfg = load_config(params, overrides)
@@ -61,12 +61,12 @@ def run_direct(params: str, overrides: list[str]) -> dict[str, float]:
 def run_flow(params: str, overrides: list[str]) -> dict[str, float]:
     """The Prefect flow (with MLflow), then the same flow again with nothing changed."""
     t0 = time.perf_counter()
-    import polydet.anchors  # noqa: F401  (the same imports as the direct mode, timed apart)
     import polydet.data.prepare  # noqa: F401
-    import polydet.debug  # noqa: F401
-    import polydet.engine  # noqa: F401
-    import polydet.evaluate  # noqa: F401
-    from flows.pipeline import polydet_pipeline
+    import polydet.debug.report  # noqa: F401
+    import polydet.eval.evaluate  # noqa: F401
+    import polydet.train.anchors  # noqa: F401  (the same imports as the direct mode, timed apart)
+    import polydet.train.engine  # noqa: F401
+    from polydet.pipeline.flow import polydet_pipeline
 
     imports = time.perf_counter() - t0
     start = time.perf_counter()
@@ -129,7 +129,7 @@ def main() -> None:
         print(json.dumps(run(args.params, args.set)))
         return
 
-    from flows.pipeline import SMOKE_OVERRIDES
+    from polydet.pipeline.flow import SMOKE_OVERRIDES
 
     overrides = [*([] if args.demo else SMOKE_OVERRIDES), *args.set]
     label = "demo (params.yaml)" if args.demo else "smoke (flows.pipeline.SMOKE_OVERRIDES)"

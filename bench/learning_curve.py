@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from polydet.config import load_config
-from polydet.evaluate import evaluate_model
+from polydet.core.config import load_config
+from polydet.eval.evaluate import evaluate_model
 
 
 def cpu_description() -> dict[str, str]:

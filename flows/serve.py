@@ -1,6 +1,6 @@
 """Serve the pipeline on a cron schedule: ``python -m flows.serve --cron "0 3 * * *"``.
 
-``serve`` registers a deployment of :func:`flows.pipeline.polydet_pipeline` with the Prefect
+``serve`` registers a deployment of :func:`polydet.pipeline.flow.polydet_pipeline` with the Prefect
 API and runs each scheduled run in this process until it is stopped (Ctrl-C). With no
 ``PREFECT_API_URL`` that API is Prefect's ephemeral local server, which lives as long as
 this process; with one, the schedule is visible (and runs can be started) in that server's
@@ -13,10 +13,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from prefect import serve
-from prefect.deployments.runner import RunnerDeployment
+from polydet.pipeline.prefect_env import use_project_prefect
 
-from flows.pipeline import polydet_pipeline
+if __name__ == "__main__":  # before Prefect is imported: it reads its settings once
+    use_project_prefect()
+
+from prefect import serve  # noqa: E402
+from prefect.deployments.runner import RunnerDeployment  # noqa: E402
+
+from polydet.pipeline.flow import polydet_pipeline  # noqa: E402
 
 DEFAULT_NAME = "polydet-nightly"
 

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from polydet.config import Config, load_config
-from polydet.errors import PolydetError
+from polydet.core.config import Config, load_config
+from polydet.core.errors import PolydetError
 
 
 class UserError(PolydetError):
@@ -52,7 +52,7 @@ def _cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def _cmd_anchors(args: argparse.Namespace) -> None:
-    from polydet.anchors import configure_anchors
+    from polydet.train.anchors import configure_anchors
 
     _print_json(configure_anchors(_cfg(args)))
 
@@ -60,7 +60,7 @@ def _cmd_anchors(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     import os
 
-    from polydet.engine import train
+    from polydet.train.engine import train
 
     result = train(_cfg(args), resume=args.resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one summary (rank 0's)
@@ -68,7 +68,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
-    from polydet import evaluate
+    from polydet.eval import evaluate
 
     if args.format:
         if not (args.detections and args.annotations):
@@ -86,7 +86,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from polydet.predict import predict_paths
+    from polydet.deploy.predict import predict_paths
 
     cfg = _cfg(args)
     result = predict_paths(
@@ -101,7 +101,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_payload(args: argparse.Namespace) -> None:
-    from polydet.tracking import serving_payload
+    from polydet.tracking.pyfunc import serving_payload
 
     print(json.dumps(serving_payload(args.images, args.score_thresh)))
 
@@ -109,7 +109,7 @@ def _cmd_payload(args: argparse.Namespace) -> None:
 def _cmd_serve(args: argparse.Namespace) -> None:
     import os
 
-    from polydet.tracking import serve_command
+    from polydet.tracking.pyfunc import serve_command
 
     cfg = _cfg(args)
     model = args.model or f"models:/{cfg.tracking.model_name}@champion"
@@ -120,39 +120,51 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from polydet.export import export
+    from polydet.deploy.export import export
 
     _print_json(export(_cfg(args), model=args.model, fmt=args.format, out_dir=Path(args.out)))
 
 
 def _cmd_debug(args: argparse.Namespace) -> None:
-    from polydet.debug import debug_report
+    from polydet.debug.report import debug_report
 
     _print_json(debug_report(_cfg(args), model=args.model))
 
 
 def _cmd_promote(args: argparse.Namespace) -> None:
-    from polydet.tracking import promote
+    from polydet.tracking.registry import promote
 
     _print_json(promote(_cfg(args), version=args.version, reason=args.reason))
 
 
 def _cmd_rollback(args: argparse.Namespace) -> None:
-    from polydet.tracking import rollback
+    from polydet.tracking.registry import rollback
 
     _print_json(rollback(_cfg(args), reason=args.reason))
 
 
 def _cmd_register(args: argparse.Namespace) -> None:
-    from polydet.tracking import record_and_register
+    from polydet.tracking.registry import record_and_register
 
     _print_json(record_and_register(_cfg(args)))
 
 
 def _cmd_pipeline(args: argparse.Namespace) -> None:
-    from flows.pipeline import polydet_pipeline
+    from polydet.pipeline.prefect_env import use_project_prefect
+
+    use_project_prefect()  # before Prefect is imported: it reads its settings once
+    from polydet.pipeline.flow import polydet_pipeline
 
     _print_json(polydet_pipeline(params=args.params, overrides=list(args.set)))
+
+
+def _cmd_dvc_yaml(args: argparse.Namespace) -> None:
+    from polydet.pipeline.dvc_yaml import write_dvc_yaml
+
+    same = write_dvc_yaml(_cfg(args), args.out, check=args.check)
+    if args.check and not same:
+        raise UserError(f"{args.out}: differs from the stage table; run `polydet dvc-yaml`")
+    print(f"{args.out}: {'up to date' if same else 'written'}")
 
 
 # --- parser ------------------------------------------------------------------------------
@@ -220,18 +232,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("rollback", _cmd_rollback, "give champion back to the previous champion")
     p.add_argument("--reason", default="rolled back by hand")
     add("pipeline", _cmd_pipeline, "run the whole Prefect pipeline once")
+    p = add("dvc-yaml", _cmd_dvc_yaml, "write dvc.yaml from the stage table (polydet.stages)")
+    p.add_argument("--out", default="dvc.yaml", help="the file to write (default dvc.yaml)")
+    p.add_argument("--check", action="store_true", help="only check it is up to date")
     return parser
 
 
-# Commands that write the project's outputs: one at a time per project (polydet.locks).
+# Commands that write the project's outputs: one at a time per project (polydet.core.locks).
 LOCKED_COMMANDS = frozenset(
     {"synth", "prepare", "anchors", "train", "evaluate", "debug", "register", "pipeline"}
 )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from polydet.files import describe_os_error
-    from polydet.locks import project_lock
+    from polydet.core.files import describe_os_error
+    from polydet.core.locks import project_lock
 
     args = build_parser().parse_args(argv)
     # evaluate --format dota reads other files and writes nothing of the project's.

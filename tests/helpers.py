@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from polydet.config import ModelConfig, load_config
-from polydet.polybox import from_corners
+from polydet.core.config import ModelConfig, load_config
+from polydet.geometry.polybox import from_corners
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 # A 32-channel FPN on 128 px images, two classes: fast enough for CPU tests.

@@ -1,4 +1,4 @@
-"""polydet.anchors: the anchor grid IoU against torchvision, the resize rule against
+"""polydet.train.anchors: the anchor grid IoU against torchvision, the resize rule against
 torchvision's transform, the fit, and the stage's files and errors."""
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from polydet import polybox
-from polydet.anchors import (
+from polydet.core.config import ConfigError, load_config
+from polydet.core.errors import DataError
+from polydet.data.manifest import BOX_COLUMNS
+from polydet.geometry import polybox
+from polydet.train.anchors import (
     GroundTruths,
     best_anchor_iou,
     configure_anchors,
@@ -25,9 +28,6 @@ from polydet.anchors import (
     input_scale,
     level_strides,
 )
-from polydet.config import ConfigError, load_config
-from polydet.data.manifest import BOX_COLUMNS
-from polydet.errors import DataError
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -192,7 +192,7 @@ def test_stage_writes_its_files(dataset: Path) -> None:
     assert summary["num_unreachable"] == len(cov["unreachable"])
     assert "Unreachable ground truths" in (out / "report.md").read_text()
     # The engine reads what the stage wrote.
-    from polydet.engine import load_anchors
+    from polydet.train.engine import load_anchors
 
     assert load_anchors(cfg) == anchors
 

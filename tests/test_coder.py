@@ -8,8 +8,8 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder
 
-from polydet import polybox
-from polydet.coder import PolyBoxCoder, order_free_loss
+from polydet.geometry import polybox
+from polydet.geometry.coder import PolyBoxCoder, order_free_loss
 
 
 def random_polyboxes(n: int, seed: int = 0) -> torch.Tensor:

@@ -6,9 +6,9 @@ import pytest
 import torch
 from matplotlib.path import Path as MPath
 
-from polydet import polybox
-from polydet.config import AugmentConfig
+from polydet.core.config import AugmentConfig
 from polydet.data import augment as A
+from polydet.geometry import polybox
 
 H, W = 48, 64  # not square: rot90 must swap the sides
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from polydet.config import load_config
+from polydet.core.config import load_config
 from polydet.data.synth import generate
 
 ROOT = Path(__file__).resolve().parents[1]

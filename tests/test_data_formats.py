@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from polydet import polybox
+from polydet.core.errors import DataError
 from polydet.data import formats as F
 from polydet.data.validate import ImportLog
-from polydet.errors import DataError
+from polydet.geometry import polybox
 
 CLASSES = ("card", "plate", "kite")
 

@@ -9,12 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from polydet import cli, polybox
-from polydet.config import SplitConfig, load_config
+from polydet import cli
+from polydet.core.config import SplitConfig, load_config
 from polydet.data import manifest
 from polydet.data.dataset import PolyDataset, Record, collate, load_records
 from polydet.data.formats import read_dota_labels
 from polydet.data.prepare import prepare
+from polydet.geometry import polybox
 
 PARAMS = Path(__file__).parents[1] / "params.yaml"
 

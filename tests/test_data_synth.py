@@ -10,10 +10,10 @@ import pytest
 import torch
 from matplotlib.path import Path as MPath
 
-from polydet import polybox
-from polydet.config import ConfigError, load_config
+from polydet.core.config import ConfigError, load_config
 from polydet.data import synth
 from polydet.data.formats import read_dota_labels
+from polydet.geometry import polybox
 
 PARAMS = Path(__file__).parents[1] / "params.yaml"
 

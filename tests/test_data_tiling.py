@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from polydet import polybox
-from polydet.config import load_config
+from polydet.core.config import load_config
 from polydet.data import tiling
 from polydet.data.formats import Annotation, write_dota
 from polydet.data.prepare import prepare
+from polydet.geometry import polybox
 
 PARAMS = Path(__file__).parents[1] / "params.yaml"
 
@@ -56,7 +56,7 @@ def test_objects_cut_by_a_tile_edge_are_clipped_and_marked() -> None:
 
 
 def test_an_object_split_over_tiles_comes_back_once() -> None:
-    from polydet.ops import pairwise_iou
+    from polydet.geometry.ops import pairwise_iou
 
     rng = np.random.default_rng(0)
     w, h = 700, 500

@@ -11,10 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from polydet import cli, polybox
-from polydet.config import load_config
+from polydet import cli
+from polydet.core.config import load_config
+from polydet.core.errors import DataError
 from polydet.data.prepare import import_dataset, prepare
-from polydet.errors import DataError
+from polydet.geometry import polybox
 
 DATA = Path(__file__).parent / "data"
 DOTA = DATA / "dota_bad"

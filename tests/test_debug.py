@@ -1,4 +1,4 @@
-"""Tests of polydet.debug: the findings on synthetic histories and inspect-dicts, on a tiny
+"""Tests of polydet.debug.report: the findings on synthetic histories and inspect-dicts, on a tiny
 randomly initialised model with deliberately wrong anchors, and the whole report (plus
 ``evaluate_model``) on a tiny prepared dataset."""
 
@@ -14,10 +14,10 @@ import torch
 from PIL import Image, ImageDraw
 from torchvision.ops import box_iou
 
-from polydet import debug as dbg
-from polydet import evaluate as ev
-from polydet.config import Config, load_config
-from polydet.polybox import from_xyxy, hull_xyxy
+from polydet.core.config import Config, load_config
+from polydet.debug import report as dbg
+from polydet.eval import evaluate as ev
+from polydet.geometry.polybox import from_xyxy, hull_xyxy
 
 ROOT = Path(__file__).resolve().parents[1]
 

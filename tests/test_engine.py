@@ -22,18 +22,20 @@ import torch
 from helpers import one_thread  # noqa: F401  (a fixture, used below)
 from PIL import Image, ImageDraw
 
-from polydet import polybox
-from polydet.checkpoint import (
+from polydet.core.config import Config, ConfigError, load_config
+from polydet.core.errors import ModelError
+from polydet.data.dataset import PolyDataset
+from polydet.data.manifest import object_rows, write_tables
+from polydet.geometry import polybox
+from polydet.model import PolyDetector, load_model
+from polydet.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from polydet.config import Config, ConfigError, load_config
-from polydet.data.dataset import PolyDataset
-from polydet.data.manifest import object_rows, write_tables
-from polydet.distributed import ResumableSampler, state_digest
-from polydet.engine import (
+from polydet.train.distributed import ResumableSampler, state_digest
+from polydet.train.engine import (
     HISTORY_COLUMNS,
     LOSS_TERMS,
     NonFiniteLossError,
@@ -43,8 +45,6 @@ from polydet.engine import (
     lr_factor,
     train,
 )
-from polydet.errors import ModelError
-from polydet.model import PolyDetector, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -230,7 +230,7 @@ def test_seeded_items_reproducible_and_leave_global_rng_alone(prepared: Path) ->
 
 
 def test_batches_do_not_depend_on_worker_processes(prepared: Path) -> None:
-    import polydet.engine as engine
+    import polydet.train.engine as engine
 
     tc = tiny_config(prepared, prepared / "unused").train
     dataset = PolyDataset(prepared, "train", tc.augment)
@@ -318,7 +318,7 @@ def test_train_writes_outputs_and_resume_is_bit_exact(
     assert last["step"] == 10 and last["config"]["train"]["out"] == str(out)
 
     # The same run killed after its step-3 checkpoint (mid-epoch), then resumed.
-    import polydet.engine as engine
+    import polydet.train.engine as engine
 
     real_save = engine.save_checkpoint
 
@@ -395,8 +395,8 @@ import os, sys
 from pathlib import Path
 # Each rank works in its own directory, so that the files each one writes can be told apart.
 os.chdir(Path(sys.argv[1]) / f"rank{os.environ['RANK']}")
-from polydet.engine import main
-sys.exit(main(sys.argv[2:]))
+from polydet.cli import main  # as `torchrun -m polydet.cli train ARGS` runs it
+sys.exit(main(["train", *sys.argv[2:]]))
 """
 
 
@@ -430,7 +430,7 @@ def test_ddp_two_cpu_processes_with_gloo(prepared: Path, tmp_path: Path) -> None
 
 
 def test_split_history_writes_one_file_per_split(tmp_path: Path):
-    from polydet.engine import HISTORY_COLUMNS, split_history
+    from polydet.train.engine import HISTORY_COLUMNS, split_history
 
     rows = [
         {"step": 1, "epoch": 1, "split": "train", "loss": 3.0},

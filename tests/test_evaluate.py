@@ -1,4 +1,4 @@
-"""Tests of polydet.evaluate: hand-computed AP, and agreement with direct reimplementations
+"""Tests of polydet.eval.evaluate: hand-computed AP, and agreement with direct reimplementations
 of the DOTA development kit's ``voc_eval`` and of pycocotools' matching (per detection, with
 shapely standing in for the kit's ``polyiou``)."""
 
@@ -13,10 +13,10 @@ import pytest
 import torch
 from shapely.geometry import Polygon
 
-from polydet import evaluate as ev
-from polydet.errors import DataError
-from polydet.metrics import orientation_offset
-from polydet.polybox import from_corners
+from polydet.core.errors import DataError
+from polydet.eval import evaluate as ev
+from polydet.eval.metrics import orientation_offset
+from polydet.geometry.polybox import from_corners
 
 # --- independent references (per detection, as the originals loop) -----------------------
 
@@ -637,7 +637,10 @@ def test_cli_prints_map50_and_per_class_ap(tmp_path: Path, capsys: pytest.Captur
     )
     assert code == 0
     out = json.loads(capsys.readouterr().out)
-    assert 0.0 <= out["map50"] <= 1.0
+    names = sorted(p.stem for p in (tmp_path / "ann").glob("*.txt"))
+    det_fmt, ann_fmt = str(tmp_path / "det" / "Task1_{:s}.txt"), str(tmp_path / "ann" / "{:s}.txt")
+    refs = [kit_voc_eval(det_fmt, ann_fmt, names, c, 0.5, True) for c in ("plane", "ship")]
+    assert out["map50"] == pytest.approx(np.mean([r for r in refs if not math.isnan(r)]))
     assert {"ap50/plane", "ap50/ship"} <= set(out)
     # A usage problem is one line on stderr and exit code 2.
     assert main(["evaluate", "--format", "dota", "--detections", str(tmp_path / "det")]) == 2
@@ -652,15 +655,21 @@ def test_write_outputs_and_task1_round_trip(tmp_path: Path) -> None:
     ev.write_outputs(r, tmp_path / "out")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["map50"] == pytest.approx(r.metrics["map50"])
-    for name in ("pr_curves.png", "score_hist.png", "ap_by_size.png", "confusion.png", "pr.csv"):
-        assert (tmp_path / "out" / name).stat().st_size > 0
+    from PIL import Image
+
+    for name in ("pr_curves.png", "score_hist.png", "ap_by_size.png", "confusion.png"):
+        with Image.open(tmp_path / "out" / name) as im:  # a whole, decodable PNG
+            im.load()
+            assert im.format == "PNG" and min(im.size) > 100, name
+    pr = (tmp_path / "out" / "pr.csv").read_text().splitlines()
+    assert len(pr) > 1 and "precision" in pr[0] and "recall" in pr[0]
     assert json.loads((tmp_path / "out" / "confusion.json").read_text())["matrix"] == (
         r.confusion.tolist()
     )
 
 
 def test_pairs_are_pairwise_iou_of_same_image_boxes() -> None:
-    from polydet.ops import pairwise_iou
+    from polydet.geometry.ops import pairwise_iou
 
     rng = np.random.default_rng(6)
     q = random_quads(rng, 60, 100)

@@ -15,13 +15,13 @@ import torch
 from helpers import one_thread, tiny_cfg  # noqa: F401  (a fixture, used below)
 
 from polydet.cli import main
-from polydet.config import load_config
+from polydet.core.config import load_config
 from polydet.data.dataset import load_image
 from polydet.data.formats import read_dota, write_task1
-from polydet.evaluate import evaluate_dota_dirs
-from polydet.export import OnnxDetector, compare_detections, export_model
+from polydet.deploy.export import OnnxDetector, compare_detections, export_model
+from polydet.eval.evaluate import evaluate_dota_dirs
+from polydet.geometry.polybox import from_corners
 from polydet.model import build_model, save_model
-from polydet.polybox import from_corners
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,14 +13,14 @@ from helpers import quad
 from shapely.geometry import Polygon
 from torchvision.ops import batched_nms as box_batched_nms
 
-from polydet import ops
+from polydet.geometry import ops
+from polydet.geometry.polybox import _stable_argsort4, from_corners, to_corners
 from polydet.model.inference import (
     greedy_select,
     quad_iou,
     select_proposals,
     suppression_matrix,
 )
-from polydet.polybox import _stable_argsort4, from_corners, to_corners
 
 
 def test_sort_free_argsort_is_the_stable_argsort() -> None:
@@ -112,7 +112,7 @@ def test_greedy_select_is_greedy_polygon_nms_truncated(threshold: float) -> None
 
 def test_select_proposals_nms_matches_torchvision_per_image() -> None:
     """One batched NMS over (image, level) groups == torchvision per image and level."""
-    from polydet.coder import PolyBoxCoder
+    from polydet.geometry.coder import PolyBoxCoder
 
     g = torch.Generator().manual_seed(3)
     coder = PolyBoxCoder((1.0, 1.0) + (2.0,) * 8)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shapely
 import torch
 
-from polydet import polybox
-from polydet.coder import PolyBoxCoder
+from polydet.geometry import polybox
+from polydet.geometry.coder import PolyBoxCoder
 from polydet.model.roi_heads import polybox_iou_loss
 from tests.test_coder import hull_refs, random_polyboxes
 
@@ -73,8 +73,8 @@ def test_iou_loss_of_no_positives_is_a_zero_that_backpropagates() -> None:
 
 
 def test_autograd_kernel_equals_the_tensor_kernel() -> None:
+    from polydet.geometry.ops import intersection_area, intersection_area_autograd
     from polydet.model.inference import hull_ring
-    from polydet.ops import intersection_area, intersection_area_autograd
 
     a = random_polyboxes(300, seed=12).double()
     b = torch.cat([a[:100], random_polyboxes(200, seed=13).double()])  # identical pairs too

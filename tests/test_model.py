@@ -3,6 +3,7 @@ backbones and weights. Tiny models (32-channel FPN) on 64-128 px images keep thi
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,9 @@ from torchvision.models import resnet18
 from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from polydet.errors import ModelError
+from polydet.core.errors import ModelError
+from polydet.geometry.polybox import canonicalize, hull_xyxy, scale, to_corners
 from polydet.model import PolyDetector, build_model, load_model, save_model
-from polydet.polybox import canonicalize, hull_xyxy, scale, to_corners
 
 KEYS = {
     "loss_rpn_objectness",
@@ -33,9 +34,16 @@ def target(*polyboxes: torch.Tensor, labels: list[int] | None = None) -> dict[st
 
 
 @pytest.fixture(scope="module")
-def model() -> PolyDetector:
+def _built() -> PolyDetector:
     torch.manual_seed(0)
     return build_model(tiny_cfg())
+
+
+@pytest.fixture
+def model(_built: PolyDetector) -> PolyDetector:
+    """A fresh copy per test: training-mode losses update BatchNorm statistics and tests
+    switch train/eval, so no test sees what an earlier one did to the model."""
+    return copy.deepcopy(_built)
 
 
 def _finite(losses: dict[str, torch.Tensor]) -> bool:

@@ -7,8 +7,8 @@ import torch
 from helpers import quad, tiny_cfg
 from shapely.geometry import Polygon
 
+from polydet.geometry.polybox import to_corners
 from polydet.model import build_model
-from polydet.polybox import to_corners
 
 COLOURS = {1: (0.9, 0.2, 0.2), 2: (0.2, 0.3, 0.9)}
 

@@ -23,8 +23,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from polydet.geometry.polybox import from_xyxy, hull_xyxy
 from polydet.model import PolyDetector, build_model
-from polydet.polybox import from_xyxy, hull_xyxy
 
 NUM_CLASSES = 3
 SIZES = [[16], [32], [64], [128]]

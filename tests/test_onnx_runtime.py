@@ -1,4 +1,4 @@
-"""ONNX Runtime's provider choice (one place: ``polydet.onnx_runtime.execution_providers``).
+"""ONNX Runtime's provider choice (one place: ``polydet.deploy.onnx_runtime.execution_providers``).
 
 There is no GPU here: ``onnxruntime.get_available_providers`` is replaced by what a CUDA build
 (``onnxruntime-gpu``) reports, and ``InferenceSession`` by a recorder, to check which
@@ -14,10 +14,10 @@ import onnxruntime
 import pytest
 from helpers import tiny_cfg
 
-from polydet import onnx_runtime
-from polydet.config import to_dict
-from polydet.errors import ModelError
-from polydet.onnx_runtime import CPU, CUDA, OnnxModel, execution_providers
+from polydet.core.config import to_dict
+from polydet.core.errors import ModelError
+from polydet.deploy import onnx_runtime
+from polydet.deploy.onnx_runtime import CPU, CUDA, OnnxModel, execution_providers
 
 GPU_BUILD = ["TensorrtExecutionProvider", CUDA, CPU]
 

@@ -13,8 +13,8 @@ import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from polydet import ops, polybox
-from polydet.ops import batched_nms, hull_rings, nms, paired_iou, pairwise_iou
+from polydet.geometry import ops, polybox
+from polydet.geometry.ops import batched_nms, hull_rings, nms, paired_iou, pairwise_iou
 
 
 def random_quads(

@@ -17,9 +17,9 @@ import torch
 from test_evaluate import kit_voc_eval
 from test_ops import random_quads
 
-from polydet import evaluate as ev
-from polydet import ops, polybox
-from polydet.ops import iou_areas, paired_iou, pairwise_iou
+from polydet.eval import evaluate as ev
+from polydet.geometry import ops, polybox
+from polydet.geometry.ops import iou_areas, paired_iou, pairwise_iou
 
 
 def as_given(corners) -> torch.Tensor:

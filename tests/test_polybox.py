@@ -10,7 +10,7 @@ import pytest
 import shapely
 import torch
 
-from polydet import polybox
+from polydet.geometry import polybox
 
 RECT = torch.tensor([[10.0, 20.0], [50.0, 20.0], [50.0, 40.0], [10.0, 40.0]])  # TL TR BR BL
 

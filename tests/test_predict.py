@@ -12,13 +12,13 @@ import torch
 from helpers import one_thread  # noqa: F401  (a fixture, used below)
 from PIL import Image
 
-from polydet import polybox
 from polydet.cli import main
-from polydet.config import Config, load_config
+from polydet.core.config import Config, load_config
+from polydet.core.errors import DataError, ModelError
 from polydet.data.formats import read_task1_dir
-from polydet.errors import DataError, ModelError
+from polydet.deploy.predict import detect, list_images, predict_paths
+from polydet.geometry import polybox
 from polydet.model import build_model, save_model
-from polydet.predict import detect, list_images, predict_paths
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

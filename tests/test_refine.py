@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from polydet.coder import PolyBoxCoder
-from polydet.config import load_config
+from polydet.core.config import load_config
+from polydet.geometry.coder import PolyBoxCoder
+from polydet.geometry.polybox import from_corners, hull_xyxy, to_corners
 from polydet.model.inference import refine_detections, renms
 from polydet.model.roi_heads import PolyRoIHeads
-from polydet.polybox import from_corners, hull_xyxy, to_corners
 
 NUM_C = 4  # background + 3
 

@@ -24,9 +24,9 @@ import pandas as pd
 import pytest
 from packaging.requirements import Requirement
 
-from flows.pipeline import SMOKE_OVERRIDES
 from polydet import cli, tracking
-from polydet.config import load_config
+from polydet.core.config import load_config
+from polydet.pipeline.flow import SMOKE_OVERRIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -69,7 +69,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, mlflow_db: Path) -> Path:
     assert (record["version"], record["champion"]) == ("1", "1")
     # The package travels with the model, without bytecode (loading it later may add some).
     code = _model_dir(path) / "code" / "polydet"
-    assert (code / "tracking.py").is_file() and not list(code.rglob("__pycache__"))
+    assert (code / "tracking" / "registry.py").is_file() and not list(code.rglob("__pycache__"))
     # Another process set MLflow's global URI (as the pipeline does); the shells below must
     # not depend on it.
     mlflow.set_tracking_uri(f"sqlite:///{path / 'elsewhere.db'}")
@@ -100,7 +100,7 @@ def test_champion_on_onnx_runtime_as_the_readme_says(project: Path, monkeypatch)
     fresh shell; ONNX Runtime's detections match torch's (the export's parity rule)."""
     import torch
 
-    from polydet.export import compare_detections
+    from polydet.deploy.export import compare_detections
 
     commands = _readme_block("Load the champion on ONNX Runtime", "bash").strip().splitlines()
     assert (

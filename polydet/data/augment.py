@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from polydet import polybox
-from polydet.config import AugmentConfig
+from polydet.geometry import polybox
+from polydet.core.config import AugmentConfig
 
 Target = dict[str, Tensor | str]
 

@@ -15,11 +15,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from polydet.config import AugmentConfig
+from polydet.core.config import AugmentConfig
 from polydet.data.augment import Augment
 from polydet.data.images import read_rgb
 from polydet.data.manifest import BOX_COLUMNS, SPLITS, read_tables
-from polydet.errors import DataError
+from polydet.core.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ DOTA Task1 result files and COCO result JSON.
 Readers parse one file into :class:`Annotation` records (corners in image pixels, in the
 order the file lists them) and report every malformed record to an
 :class:`~polydet.data.validate.ImportLog` (default: stop at the first error, raising
-:class:`~polydet.errors.DataError` as ``"<file>:<line>: <reason>: <detail>"``). Geometry
+:class:`~polydet.core.errors.DataError` as ``"<file>:<line>: <reason>: <detail>"``). Geometry
 and class checks are :func:`polydet.data.validate.validate_objects`' job, except in
 :func:`read_dota_labels`, the all-in-one reader evaluation uses.
 
@@ -43,12 +43,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from polydet import polybox
+from polydet.geometry import polybox
 from polydet.data import validate as v
 from polydet.data.quads import polygon_to_quad
 from polydet.data.validate import ImportLog, where
-from polydet.errors import DataError
-from polydet.files import write_text
+from polydet.core.errors import DataError
+from polydet.core.files import write_text
 
 # ICDAR 2015's "don't care" transcription.
 DONT_CARE = "###"
@@ -243,7 +243,7 @@ def read_dota_arrays(
 
     Well-formed files go through one pandas parse (~10x faster than file by file); anything
     irregular sends every file through :func:`read_dota`, which raises a
-    :class:`~polydet.errors.DataError` naming the file and line.
+    :class:`~polydet.core.errors.DataError` naming the file and line.
     """
     fast = _dota_table(paths)
     if fast is not None:
@@ -299,7 +299,7 @@ def _read_table(source: object, dtype: dict, width: int | None = None) -> pd.Dat
 
 def read_dota_labels(path: str | Path, on_error: v.OnError = "stop") -> list[Annotation]:
     """Objects of a DOTA ``labelTxt`` file, checked: malformed lines, non-finite, zero-area and
-    non-convex quads raise :class:`~polydet.errors.DataError` naming file and line
+    non-convex quads raise :class:`~polydet.core.errors.DataError` naming file and line
     (``on_error="skip"``: left out); self-intersecting quads come back in hull order."""
     log = ImportLog(on_error)
     objs = read_dota(path, log).objects
@@ -613,7 +613,7 @@ def read_task1(path: str | Path, log: ImportLog | None = None) -> list[Detection
 def read_task1_arrays(path: str | Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """A Task1 result file as arrays: image ids ``[n]``, scores ``[n]`` float64 and corners
     ``[n, 8]`` float64, in line order (what :func:`read_task1` reads, without a Python object
-    per detection). An irregular file raises a :class:`~polydet.errors.DataError` naming the
+    per detection). An irregular file raises a :class:`~polydet.core.errors.DataError` naming the
     file and line."""
     fast = _task1_table(path)
     if fast is not None:

@@ -10,7 +10,7 @@ prediction, the MLflow model) goes through :func:`open_image` and :func:`rgb_flo
 - **Size limit**: Pillow refuses images above ~179 megapixels as possible decompression bombs;
   aerial images are that big. The limit here is ``POLYDET_MAX_IMAGE_PIXELS`` (default
   :data:`DEFAULT_MAX_PIXELS`, 400 megapixels; ``0`` = none), and an image above it is a
-  :class:`~polydet.errors.DataError` naming the file, its size and the setting.
+  :class:`~polydet.core.errors.DataError` naming the file, its size and the setting.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from polydet.errors import DataError
+from polydet.core.errors import DataError
 
 MAX_PIXELS_ENV = "POLYDET_MAX_IMAGE_PIXELS"
 DEFAULT_MAX_PIXELS = 400_000_000  # a 20000 x 20000 image (DOTA v2's largest)

@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from polydet.data import formats
 from polydet.data import validate as v
 from polydet.data.validate import ImportLog, check_image, inside_root, where
-from polydet.errors import DataError
+from polydet.core.errors import DataError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 LABEL_DIRS = {"dota": "labelTxt", "yolo_obb": "labels", "icdar15": "gt"}
@@ -170,7 +170,7 @@ def read_dataset(
 ) -> list[SourceImage]:
     """Every usable image of the dataset at ``root`` in format ``fmt`` with its parsed
     objects, sorted by id; problems go to ``log``. A missing root or layout directory is a
-    :class:`~polydet.errors.DataError` whatever the policy (nothing could be imported)."""
+    :class:`~polydet.core.errors.DataError` whatever the policy (nothing could be imported)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(

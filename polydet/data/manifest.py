@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from polydet import polybox
-from polydet.config import SplitConfig
+from polydet.geometry import polybox
+from polydet.core.config import SplitConfig
 
 IMAGE_COLUMNS = ["image_id", "path", "width", "height", "split", "num_objects"]
 BOX_COLUMNS = ["xc", "yc", "dx1", "dy1", "dx2", "dy2", "dx3", "dy3", "dx4", "dy4"]

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from polydet.config import Config, DataConfig
+from polydet.core.config import Config, DataConfig
 from polydet.data import manifest, tiling
 from polydet.data.layouts import SourceImage, read_dataset
 from polydet.data.validate import ImportLog, ValidObjects, validate_objects
-from polydet.errors import DataError
-from polydet.files import WriteError, describe_os_error, process_alive
+from polydet.core.errors import DataError
+from polydet.core.files import WriteError, describe_os_error, process_alive
 
 # Issues shown in the returned summary (all of them are in import_issues.txt).
 SHOWN_ISSUES = 20
@@ -40,7 +40,7 @@ class Imported:
 
 def import_dataset(dc: DataConfig) -> Imported:
     """Read and check ``dc.root`` in ``dc.format`` under policy ``dc.on_error`` (nothing is
-    written); a data problem under ``stop`` raises :class:`~polydet.errors.DataError`."""
+    written); a data problem under ``stop`` raises :class:`~polydet.core.errors.DataError`."""
     log = ImportLog(dc.on_error)
     sources = read_dataset(dc.root, dc.format, dc.classes, log)
     valid = [

@@ -35,7 +35,7 @@ import numpy as np
 import shapely
 from PIL import Image, ImageDraw
 
-from polydet.config import ConfigError, SynthConfig
+from polydet.core.config import ConfigError, SynthConfig
 from polydet.data.formats import Annotation, write_dota
 from polydet.data.quads import clip_quad, inside_share
 

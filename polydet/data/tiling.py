@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polydet import polybox
+from polydet.geometry import polybox
 from polydet.data.images import open_image, rgb_image
 from polydet.data.quads import clip_quad, inside_share
 
@@ -153,7 +153,7 @@ def merge_detections(
     """Full-image detections from per-tile ones: ``tiles`` holds ``((x0, y0), {"polyboxes"
     [K, 10], "scores" [K], "labels" [K]})`` per tile, in that tile's pixels. Shifted by the
     tile offset, then polygon NMS per label; result sorted by descending score."""
-    from polydet.ops import batched_nms
+    from polydet.geometry.ops import batched_nms
 
     boxes, scores, labels = [], [], []
     for (x0, y0), d in tiles:

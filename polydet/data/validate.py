@@ -4,7 +4,7 @@ Each problem becomes an :class:`Issue` naming the file and line (or JSON item) a
 stable reasons below. What happens to the record:
 
 - **dropped** (an error): under ``data.on_error: stop`` the first one raises
-  :class:`~polydet.errors.DataError` with the issue as its message; under ``skip`` the record
+  :class:`~polydet.core.errors.DataError` with the issue as its message; under ``skip`` the record
   (or the whole image, for image-level problems) is left out and the import goes on.
 - **repaired** (a warning, never stops): the record is kept in a corrected form.
 - **warning** (never stops): the record is kept as is (e.g. an empty label file).
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 
-from polydet import polybox
+from polydet.geometry import polybox
 from polydet.data.images import displayed_size, open_raw
 from polydet.data.quads import clip_quad, inside_share
-from polydet.errors import DataError
+from polydet.core.errors import DataError
 
 OnError = Literal["stop", "skip"]
 

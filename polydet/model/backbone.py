@@ -30,8 +30,8 @@ from torchvision.models.detection.backbone_utils import (
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
-from polydet.config import ModelConfig
-from polydet.errors import ModelError
+from polydet.core.config import ModelConfig
+from polydet.core.errors import ModelError
 
 # The classification networks behind each backbone name, and their torchvision weights enum.
 _TRUNKS: dict[str, tuple[Callable[..., nn.Module], str]] = {

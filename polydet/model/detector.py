@@ -30,13 +30,13 @@ from torchvision.models.detection.transform import (
     _resize_image_and_masks,
 )
 
-from polydet.coder import polybox_loss
-from polydet.config import ConfigError, ModelConfig, check_model_config
-from polydet.errors import ModelError
+from polydet.core.config import ConfigError, ModelConfig, check_model_config
+from polydet.core.errors import ModelError
+from polydet.geometry.coder import polybox_loss
+from polydet.geometry.polybox import canonicalize, scale
 from polydet.model.backbone import build_backbone
 from polydet.model.roi_heads import PolyRoIHeads
 from polydet.model.rpn import PolyRPN, PolyRPNHead
-from polydet.polybox import canonicalize, scale
 
 # torchvision's ImageNet statistics (what its pretrained backbones expect).
 IMAGE_MEAN = [0.485, 0.456, 0.406]

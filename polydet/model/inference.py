@@ -1,5 +1,5 @@
 """The inference path of the detector as fixed-shape tensor code, shared by the eager
-:meth:`PolyDetector.predict` and the exported models (:mod:`polydet.export`).
+:meth:`PolyDetector.predict` and the exported models (:mod:`polydet.deploy.export`).
 
 Everything here works on padded batches: each stage returns ``[B, K, ...]`` tensors plus a
 ``valid [B, K]`` mask instead of per-image lists, and uses no data-dependent Python (no
@@ -38,9 +38,9 @@ from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _setup_scales
 
-from polydet.coder import PolyBoxCoder
-from polydet.ops import intersection_area, intersection_area_autograd
-from polydet.polybox import area, canonicalize, from_corners, hull_xyxy, to_corners
+from polydet.geometry.coder import PolyBoxCoder
+from polydet.geometry.ops import intersection_area, intersection_area_autograd
+from polydet.geometry.polybox import area, canonicalize, from_corners, hull_xyxy, to_corners
 
 # Proposals whose clipped hull is narrower than this (pixels) are dropped, as in torchvision.
 MIN_PROPOSAL_SIZE = 1e-3

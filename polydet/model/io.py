@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from polydet.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
-from polydet.errors import ModelError
-from polydet.files import torch_load_problem, torch_save
+from polydet.core.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
+from polydet.core.errors import ModelError
+from polydet.core.files import torch_load_problem, torch_save
 from polydet.model.detector import PolyDetector, _build
 
 FORMAT = "polydet-model/1"

@@ -20,10 +20,10 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
-from polydet.coder import PolyBoxCoder, polybox_loss
-from polydet.config import RoIConfig
+from polydet.core.config import RoIConfig
+from polydet.geometry.coder import PolyBoxCoder, polybox_loss
+from polydet.geometry.polybox import hull_xyxy
 from polydet.model.inference import MIN_PROPOSAL_SIZE, detect_batched, quad_iou
-from polydet.polybox import hull_xyxy
 
 
 def polybox_iou_loss(deltas: Tensor, gt: Tensor, refs: Tensor, coder: PolyBoxCoder) -> Tensor:

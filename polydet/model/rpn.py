@@ -34,10 +34,10 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import Conv2dNormActivation, box_iou
 
-from polydet.coder import PolyBoxCoder, polybox_loss
-from polydet.config import RPNConfig
+from polydet.core.config import RPNConfig
+from polydet.geometry.coder import PolyBoxCoder, polybox_loss
+from polydet.geometry.polybox import hull_xyxy
 from polydet.model.inference import select_proposals
-from polydet.polybox import hull_xyxy
 
 
 class Matcher(det_utils.Matcher):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from polydet.core.errors import DataError
 from polydet.data.dataset import load_image
 from polydet.data.images import MAX_PIXELS_ENV
 from polydet.data.tiling import write_tiles
 from polydet.data.validate import ImportLog, check_image
-from polydet.errors import DataError
 from polydet.tracking import decode_image
 
 

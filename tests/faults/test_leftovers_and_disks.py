@@ -20,12 +20,12 @@ from helpers import one_thread  # noqa: F401  (a fixture, used below)
 from test_engine import make_dataset, tiny_config, tiny_overrides
 
 from polydet import cli
-from polydet.config import load_config
+from polydet.core.config import load_config
+from polydet.core.errors import PolydetError
 from polydet.data import manifest
 from polydet.data.prepare import prepare
-from polydet.engine import train
-from polydet.errors import PolydetError
 from polydet.model import PolyDetector
+from polydet.train.engine import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,7 +123,7 @@ def test_failed_save_model_leaves_no_temp_file(tmp_path: Path) -> None:
     code = CHILD.split("from polydet import cli")[0] + (
         "from helpers import tiny_cfg\n"
         "from polydet.model import build_model, save_model\n"
-        "from polydet.errors import PolydetError\n"
+        "from polydet.core.errors import PolydetError\n"
         "cfg = tiny_cfg()\n"
         "try:\n"
         f"    save_model(build_model(cfg), {str(tmp_path / 'model.pt')!r}, cfg, ['a', 'b'], None)\n"

@@ -11,10 +11,10 @@ from helpers import one_thread  # noqa: F401  (a fixture, used below)
 from test_engine import tiny_overrides
 
 from polydet import cli
-from polydet.config import load_config
+from polydet.core.config import load_config
 from polydet.data.prepare import format_summary, prepare
-from polydet.debug import debug_report
-from polydet.engine import train
+from polydet.debug.report import debug_report
+from polydet.train.engine import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"

@@ -16,10 +16,10 @@ from helpers import one_thread  # noqa: F401  (a fixture, used below)
 from test_engine import make_dataset, tiny_config
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from polydet.checkpoint import load_checkpoint, save_checkpoint
-from polydet.engine import NonFiniteLossError, train
-from polydet.errors import ModelError
+from polydet.core.errors import ModelError
 from polydet.model import PolyDetector
+from polydet.train.checkpoint import load_checkpoint, save_checkpoint
+from polydet.train.engine import NonFiniteLossError, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

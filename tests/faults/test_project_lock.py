@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from flows import pipeline
 from polydet import cli
-from polydet.locks import project_lock
+from polydet.core.locks import project_lock
+from polydet.pipeline import flow as pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +21,7 @@ HOLDER = r"""
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from polydet.locks import project_lock
+from polydet.core.locks import project_lock
 with project_lock():
     print("locked", flush=True)
     while not Path("release").exists():

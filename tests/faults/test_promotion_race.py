@@ -24,8 +24,8 @@ CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
 sys.path.insert(0, {root!r})
-from polydet import tracking
-from polydet.config import load_config
+from polydet.tracking import registry as tracking
+from polydet.core.config import load_config
 
 pause = float(sys.argv[3])
 real = tracking._version_ap

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from polydet import cli
-from polydet.config import ConfigError, load_config
+from polydet.core.config import ConfigError, load_config
 
 PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
 

@@ -15,9 +15,9 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from polydet import cli
-from polydet.checkpoint import load_checkpoint
-from polydet.errors import ModelError
+from polydet.core.errors import ModelError
 from polydet.model import build_model, load_model, save_model
+from polydet.train.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@
 DOTA Task1 files and evaluates them *from those files*; ``evaluate_dota_dirs`` evaluates any
 detector's Task1 files against DOTA ``labelTxt`` annotations. The metrics (DOTA Task1 AP,
 VOC all-point, COCO-style AP by size, recall at precision, confusion) are defined and
-computed in :mod:`polydet.metrics`, the plots drawn by :mod:`polydet.eval_plots`; their
+computed in :mod:`polydet.eval.metrics`, the plots drawn by :mod:`polydet.eval.plots`; their
 public names are importable from here too. Files are parsed by :mod:`polydet.data.formats`.
 """
 
@@ -20,13 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from polydet import polybox
-from polydet.config import Config
+from polydet.core.config import Config
+from polydet.core.errors import DataError, ModelError
+from polydet.core.files import write_text
 from polydet.data import formats
-from polydet.errors import DataError, ModelError
-from polydet.eval_plots import plot_all
-from polydet.files import write_text
-from polydet.metrics import (
+from polydet.eval.metrics import (
     COCO_IOUS,
     COCO_MAX_DETS,
     COCO_RECALLS,
@@ -48,6 +46,9 @@ from polydet.metrics import (
     voc_all_point_ap,
     voc_outcome,
 )
+from polydet.eval.plots import plot_all
+from polydet.geometry import polybox
+from polydet.model.device import resolve_device
 
 __all__ = [
     "COCO_IOUS",
@@ -76,8 +77,7 @@ __all__ = [
     "overlapping_pairs",
     "plot_all",
     "predict_records",
-    "read_task1_dir",
-    "resolve_device",
+    "task1_detections",
     "resolve_model",
     "voc07_ap",
     "voc_all_point_ap",
@@ -100,7 +100,7 @@ def _corners_to_polyboxes(corners: np.ndarray) -> np.ndarray:
     return np.concatenate([centre, (c - centre[:, None]).reshape(-1, 8)], 1)
 
 
-def read_task1_dir(
+def task1_detections(
     det_dir: Path, classes: Sequence[str], image_ids: Sequence[str], ann_dir: Path | None = None
 ) -> Detections:
     """Detections of ``classes`` from ``Task1_<class>.txt`` files (a missing file: none).
@@ -166,7 +166,7 @@ def load_dota_dirs(
         polyboxes=_corners_to_polyboxes(corners[keep]),
         difficult=difficult[keep],
     )
-    dets = read_task1_dir(det_dir, classes, image_ids, ann_dir)
+    dets = task1_detections(det_dir, classes, image_ids, ann_dir)
     return image_ids, classes, gt, dets
 
 
@@ -212,7 +212,8 @@ def resolve_model(cfg: Config, model: str | None) -> Path:
     if model is None:
         path = Path(cfg.train.out) / "model.pt"
     elif model.startswith(("models:/", "runs:/")):
-        from polydet.tracking import get_tracking_uri, resolve_model_path
+        from polydet.core.model_uri import resolve_model_path
+        from polydet.core.store import get_tracking_uri
 
         path = Path(resolve_model_path(model, get_tracking_uri(cfg)))
     else:
@@ -220,13 +221,6 @@ def resolve_model(cfg: Config, model: str | None) -> Path:
     if not path.is_file():
         raise ModelError(f"{path}: no such model file (train one with `polydet train`)")
     return path
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"``: CUDA when present, else CPU; otherwise the named device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def ground_truth_of(records: Sequence[Any]) -> GroundTruth:
@@ -322,7 +316,7 @@ def evaluate_model(cfg: Config, model: str | None = None) -> dict[str, Any]:
     det_dir = out / "detections"
     formats.write_task1(det_dir, preds, classes)
     image_ids = [r.image_id for r in records]
-    dets = read_task1_dir(det_dir, classes, image_ids)
+    dets = task1_detections(det_dir, classes, image_ids)
     ev = evaluate_detections(
         image_ids,
         classes,

@@ -11,7 +11,7 @@ rounding), by one of two semantics (``mode``):
   rejects the second on import) counts as its hull. The model's quads are canonical and
   nearly always convex, where both modes agree; the hull is one convex piece per quad, the
   cheapest case of the kernel.
-* ``"polygon"`` (evaluation: ``polydet.metrics``, ``polydet evaluate``, including
+* ``"polygon"`` (evaluation: ``polydet.eval.metrics``, ``polydet evaluate``, including
   ``--format dota``): the polygon the corners trace **in the stored order**, exactly as the
   DOTA kit's ``polyiou.iou_poly`` measures it, so any Task1 file gets the kit's number.
   The kit (``polyiou.cpp``) reverses a ring whose shoelace area is negative, then sums the
@@ -94,7 +94,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polydet import polybox
+from polydet.geometry import polybox
 
 # IoU semantics (module docstring).
 MODES = ("hull", "polygon")

@@ -26,18 +26,17 @@ import torch
 from PIL import ImageDraw
 from torch import Tensor
 
-from polydet import polybox
-from polydet.config import Config, TileConfig
+from polydet.core.config import Config, TileConfig
+from polydet.core.errors import DataError, ModelError
+from polydet.core.files import write_text
 from polydet.data.dataset import load_image
 from polydet.data.formats import write_task1
 from polydet.data.images import open_image, rgb_image
 from polydet.data.tiling import merge_detections, tile_grid
-from polydet.distributed import DistInfo
-from polydet.engine import resolve_device
-from polydet.errors import DataError, ModelError
-from polydet.evaluate import resolve_model
-from polydet.files import write_text
+from polydet.eval.evaluate import resolve_model
+from polydet.geometry import polybox
 from polydet.model import PolyDetector, load_model
+from polydet.model.device import resolve_device
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # Distinct outline colours, one per class (cycled).
@@ -130,7 +129,7 @@ def predict_paths(
     ``model``: a model file, a ``models:/NAME@ALIAS`` / ``runs:/`` URI, or ``None`` for
     ``{train.out}/model.pt``; with ``runtime="onnx"``, a directory written by ``polydet
     export --format onnx`` (or its ``model.onnx``) or a registered model's URI (its logged
-    export), run on ONNX Runtime (:class:`polydet.export.OnnxDetector`, providers for
+    export), run on ONNX Runtime (:class:`polydet.deploy.export.OnnxDetector`, providers for
     ``train.device``). Only detections scoring at least
     ``score_thresh`` are kept.
     Returns a JSON-able summary (counts per class, files written).
@@ -138,8 +137,8 @@ def predict_paths(
     started = time.perf_counter()
     paths = list_images(Path(input))
     if runtime == "onnx":
-        from polydet.export import OnnxDetector
-        from polydet.onnx_runtime import export_dir
+        from polydet.deploy.export import OnnxDetector
+        from polydet.deploy.onnx_runtime import export_dir
 
         if model is None:
             raise ModelError("--runtime onnx needs --model DIR (the output of `polydet export`)")
@@ -147,7 +146,7 @@ def predict_paths(
         model_path, device = net.path, torch.device("cpu")  # ONNX Runtime copies the input
     elif runtime == "torch":
         model_path = resolve_model(cfg, model)
-        device = resolve_device(cfg.train.device, DistInfo(rank=0, world_size=1, local_rank=0))
+        device = resolve_device(cfg.train.device)
         net = load_model(model_path, device=device)
     else:
         raise ModelError(f"unknown runtime {runtime!r} (expected torch or onnx)")

@@ -4,7 +4,7 @@ One loop for every setting: CPU or CUDA (mixed precision with ``torch.autocast``
 and a ``GradScaler`` on CUDA, bfloat16 on CPUs with fast bfloat16), one process or several under ``torchrun`` (DDP; rank 0 alone writes). The
 run is reproducible and resumable bit for bit on CPU:
 
-* the data order comes from a seeded :class:`~polydet.distributed.ResumableSampler` whose
+* the data order comes from a seeded :class:`~polydet.train.distributed.ResumableSampler` whose
   position is stored in the checkpoint (the step), so a resumed run sees the same batches;
 * each sample's augmentation is drawn from a seed derived from ``(seed, epoch, index)``
   (:class:`SeededItems`), independent of worker processes and of where a run resumed;
@@ -13,7 +13,7 @@ run is reproducible and resumable bit for bit on CPU:
 Outputs under ``cfg.train.out``: ``model.pt``, ``checkpoints/last.pt``, ``history.csv``,
 ``summary.json`` and, when a loss goes non-finite, ``nonfinite.json``.
 
-Run on several devices with ``torchrun --nproc-per-node N -m polydet.engine [--params ...]``
+Run on several devices with ``torchrun --nproc-per-node N -m polydet.cli train [--params ...]``
 (the same arguments as ``polydet train``).
 """
 
@@ -28,7 +28,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,19 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from polydet.checkpoint import (
+from polydet.core.config import Config, ConfigError, TrainConfig, flatten_dict, to_dict
+from polydet.core.errors import DataError, ModelError, PolydetError
+from polydet.core.files import remove_stale_temps, write_text
+from polydet.data.dataset import PolyDataset, collate
+from polydet.model import build_model, save_model
+from polydet.model.device import resolve_device
+from polydet.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
 )
-from polydet.config import Config, ConfigError, TrainConfig, flatten_dict, to_dict
-from polydet.data.dataset import PolyDataset, collate
-from polydet.distributed import (
+from polydet.train.distributed import (
     DistInfo,
     ResumableSampler,
     all_gather_objects,
@@ -59,9 +63,6 @@ from polydet.distributed import (
     init_distributed,
     state_digest,
 )
-from polydet.errors import DataError, ModelError, PolydetError
-from polydet.files import remove_stale_temps, write_text
-from polydet.model import build_model, save_model
 
 LOSS_TERMS = (
     "loss_rpn_objectness",
@@ -87,24 +88,6 @@ class TrainingInterrupted(PolydetError):
 
 
 # --- setup -------------------------------------------------------------------------------
-
-
-def resolve_device(spec: str, info: DistInfo) -> torch.device:
-    """``train.device`` -> a device. Under torchrun each rank takes ``cuda:LOCAL_RANK``."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device is {spec!r} but CUDA is not available here")
-        if info.distributed or spec == "cuda":
-            return torch.device("cuda", info.local_rank)
-        try:
-            return torch.device(spec)
-        except RuntimeError as e:
-            raise ConfigError(f"train.device: {spec!r} is not a device ({e})") from e
-    raise ConfigError(f"train.device: {spec!r} is not one of auto, cpu, cuda, cuda:N")
 
 
 def autocast_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -338,7 +321,7 @@ def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     stays as it was).
     """
     info = dist_info_from_env()
-    device = resolve_device(cfg.train.device, info)
+    device = resolve_device(cfg.train.device, info.local_rank, info.distributed)
     joined = info.distributed and not torch.distributed.is_initialized()
     init_distributed(info, device)
     try:
@@ -867,14 +850,3 @@ def _where_good(report: dict[str, Any]) -> str:
         f"last good checkpoint {report['last_checkpoint']} (step "
         f"{report['last_checkpoint_step']}): polydet train --resume last"
     )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m polydet.engine ARGS`` = ``polydet train ARGS`` (the torchrun entry point)."""
-    from polydet.cli import main as cli_main
-
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -18,8 +18,8 @@ numbers as ``debug.json``) under ``cfg.debug.out``. It covers:
 - **Findings**: known pathologies flagged automatically (:class:`Thresholds`).
 
 The analysis (``analyze_*``: tensors, inspect-dicts and tables in, numbers and findings out)
-lives in :mod:`polydet.debug_analysis`, the drawing (``plot_*``, ``draw_*``) in
-:mod:`polydet.debug_plots`, and the report writing here, so that the findings can be tested
+lives in :mod:`polydet.debug.analysis`, the drawing (``plot_*``, ``draw_*``) in
+:mod:`polydet.debug.plots`, and the report writing here, so that the findings can be tested
 without a trained model; their public names are importable from here too.
 """
 
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from polydet import evaluate as ev
-from polydet.config import Config
-from polydet.debug_analysis import (
+from polydet.core.config import Config
+from polydet.core.errors import DataError
+from polydet.debug.analysis import (
     ENCODING_GROUPS,
     IOU_BINS,
     MAX_LISTED,
@@ -55,7 +55,7 @@ from polydet.debug_analysis import (
     read_history,
     scaled_targets,
 )
-from polydet.debug_plots import (
+from polydet.debug.plots import (
     DRAWN_DETECTIONS,
     DRAWN_IMAGES,
     DRAWN_PROPOSALS,
@@ -69,7 +69,7 @@ from polydet.debug_plots import (
     plot_matching,
     plot_objectness,
 )
-from polydet.errors import DataError
+from polydet.eval import evaluate as ev
 
 __all__ = [
     "DRAWN_DETECTIONS",
@@ -341,7 +341,7 @@ def _dataset_findings(cfg: Config) -> list[Finding]:
 def debug_report(cfg: Config, model: str | None = None) -> dict[str, Any]:
     """Write the debugging report of a model on ``cfg.debug.split`` (module docstring).
 
-    ``model``: as :func:`polydet.evaluate.evaluate_model` (default ``cfg.train.out/model.pt``).
+    ``model``: as :func:`polydet.eval.evaluate.evaluate_model` (default ``cfg.train.out/model.pt``).
     Returns a summary: the findings, the main numbers and the files written.
     """
     th = Thresholds()

@@ -1,4 +1,4 @@
-"""The analysis behind the debugging report (:mod:`polydet.debug`): tensors, ``inspect``
+"""The analysis behind the debugging report (:mod:`polydet.debug.report`): tensors, ``inspect``
 dicts and tables in, numbers and :class:`Finding` s out, testable without a trained model.
 
 - :func:`analyze_losses`: each loss term of ``history.csv`` early / late / best, its share
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from polydet.errors import DataError
-from polydet.polybox import hull_xyxy, scale
+from polydet.core.errors import DataError
+from polydet.geometry.polybox import hull_xyxy, scale
 
 # Names of the 10 polybox terms, in order (encoded terms keep the positions).
 TERMS = ("xc", "yc", "dx1", "dy1", "dx2", "dy2", "dx3", "dy3", "dx4", "dy4")
@@ -171,7 +171,8 @@ def loss_terms(history: pd.DataFrame) -> list[str]:
     return [c for c in history.columns if c.startswith("loss_")]
 
 
-def _window(n: int) -> int:
+def smoothing_window(n: int) -> int:
+    """Rolling-mean window for a loss curve of ``n`` points (a tenth of them, at least 1)."""
     return max(1, n // 10)
 
 
@@ -226,7 +227,7 @@ def analyze_losses(
     n = len(train)
     if n == 0:
         return stats, findings
-    w = _window(n)
+    w = smoothing_window(n)
     late_total = 0.0
     for c in cols:
         x = train[c].to_numpy(np.float64)
@@ -349,7 +350,7 @@ def analyze_matching(
     ``targets``: per image ``{"polyboxes" [G, 10] (input image pixels), "labels" [G]}``
     (optionally ``"difficult" [G]``), the ones given to ``inspect``.
     """
-    from polydet.ops import pairwise_iou
+    from polydet.geometry.ops import pairwise_iou
 
     n_img = len(inspect["anchors"])
     image_ids = list(image_ids or [str(i) for i in range(n_img)])

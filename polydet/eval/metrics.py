@@ -54,8 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from polydet.ops import iou_areas, paired_iou
-from polydet.polybox import area as polybox_area
+from polydet.geometry.ops import iou_areas, paired_iou
+from polydet.geometry.polybox import area as polybox_area
 
 # COCO's constants (pycocotools Params): IoU thresholds, recall points, detections per image.
 COCO_IOUS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1)

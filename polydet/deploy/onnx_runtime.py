@@ -6,7 +6,7 @@ runtimes.
   ``cuda:N``) and the installed ONNX Runtime has it (``onnxruntime-gpu``), always
   ``CPUExecutionProvider`` (last, as the fallback).
 * :class:`OnnxModel` runs an export directory (``polydet export --format onnx``) on numpy
-  arrays; :class:`polydet.export.OnnxDetector` is its torch-tensor face.
+  arrays; :class:`polydet.deploy.export.OnnxDetector` is its torch-tensor face.
 * :class:`Runtimes` is what the registered MLflow model (``polydet.tracking.PolydetPyfunc``)
   runs: ONNX Runtime on the export logged inside it (artifact ``onnx``) or torch on its
   ``model.pt``, chosen per call (``params={"runtime": "onnx" | "torch"}``). Only the
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from polydet.errors import ModelError
+from polydet.core.errors import ModelError
 
 MODEL_FILE = "model.onnx"
 INPUT = "images"
@@ -85,7 +85,7 @@ def session(path: str | Path, device: str = "auto") -> Any:
 def read_config(directory: str | Path) -> dict[str, Any]:
     """``{"cfg": ModelConfig, "classes": [...], ...}`` from an export directory's
     ``config.json`` (a :class:`ModelError` naming the file if it is missing or broken)."""
-    from polydet.config import model_config_from_dict
+    from polydet.core.config import model_config_from_dict
 
     path = Path(directory) / "config.json"
     try:
@@ -145,7 +145,7 @@ def export_dir(model: str | Path, tracking_uri: str | None = None) -> Path:
     text = str(model)
     if not text.startswith(("models:/", "runs:/")):
         return Path(text)
-    from polydet.tracking import resolve_model_path
+    from polydet.core.model_uri import resolve_model_path
 
     try:
         return resolve_model_path(text, tracking_uri, filename=MODEL_FILE).parent

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from polydet.errors import PolydetError
+from polydet.core.errors import PolydetError
 
 
 class WriteError(PolydetError, OSError):

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from polydet.errors import ModelError
-from polydet.files import torch_load_problem, torch_save
+from polydet.core.errors import ModelError
+from polydet.core.files import torch_load_problem, torch_save
 
 CHECKPOINT_FORMAT = "polydet-checkpoint/1"
 
@@ -63,21 +63,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temp file in the same directory, fsync, then ``os.replace``.
-
-    A crash mid-write leaves the previous file intact: readers see the old or the new
-    checkpoint, never a truncated one. A failed write removes its temp file and raises a
-    :class:`~polydet.files.WriteError` naming the path and the cause (e.g. a full disk);
-    one left by a killed process is removed by the next run
-    (:func:`polydet.files.remove_stale_temps`).
-    """
-    return torch_save(obj, path)
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write a training checkpoint atomically (``state`` gains the ``format`` tag)."""
-    return atomic_torch_save({"format": CHECKPOINT_FORMAT, **state}, path)
+    """Write a training checkpoint atomically (``state`` gains the ``format`` tag): a temp file
+    beside ``path``, fsync, ``os.replace`` (:func:`polydet.core.files.torch_save`), so a crash
+    mid-write leaves the previous checkpoint intact and a full disk is a one-line
+    :class:`~polydet.core.files.WriteError`."""
+    return torch_save({"format": CHECKPOINT_FORMAT, **state}, path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from polydet.errors import PolydetError
+from polydet.core.errors import PolydetError
 
 PROJECT_LOCK = Path(".polydet.lock")  # in the project directory (the working directory)
 

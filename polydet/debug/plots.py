@@ -1,4 +1,4 @@
-"""The drawings of the debugging report (:mod:`polydet.debug`): loss curves, matching and
+"""The drawings of the debugging report (:mod:`polydet.debug.report`): loss curves, matching and
 encoding statistics, example images with anchors, proposals and detections, and crops of
 the worst false positives and missed objects (PNG, matplotlib's object-oriented API)."""
 
@@ -15,10 +15,10 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from polydet.config import Config
-from polydet.debug_analysis import IOU_BINS, TERMS, _window, loss_terms, scaled_targets
-from polydet.metrics import FP, FP_KINDS, GT_KINDS, Detections, Evaluation, GroundTruth
-from polydet.polybox import hull_xyxy, scale, to_corners
+from polydet.core.config import Config
+from polydet.debug.analysis import IOU_BINS, TERMS, loss_terms, scaled_targets, smoothing_window
+from polydet.eval.metrics import FP, FP_KINDS, GT_KINDS, Detections, Evaluation, GroundTruth
+from polydet.geometry.polybox import hull_xyxy, scale, to_corners
 
 # Crops of worst false positives and of missed objects drawn.
 MAX_CROPS = 8
@@ -47,7 +47,7 @@ def plot_losses(history: pd.DataFrame, path: Path) -> Path:
     for k, c in enumerate(cols):
         color = f"C{k}"
         y = train[c].where(np.isfinite(train[c]))
-        smooth = y.rolling(_window(len(train)), min_periods=1).mean()
+        smooth = y.rolling(smoothing_window(len(train)), min_periods=1).mean()
         ax.plot(train["step"], y, color=color, alpha=0.25, lw=0.8)
         ax.plot(train["step"], smooth, color=color, lw=1.6, label=c)
         if len(val) and c in val.columns:

@@ -46,10 +46,10 @@ import pandas as pd
 import torch
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
-from polydet import polybox
-from polydet.config import Config, ConfigError, ModelConfig
+from polydet.core.config import Config, ConfigError, ModelConfig
+from polydet.core.errors import DataError
 from polydet.data.manifest import BOX_COLUMNS
-from polydet.errors import DataError
+from polydet.geometry import polybox
 
 THRESHOLDS = (0.5, 0.7)
 SIZE_BUCKETS = (("small", 0.0, 32.0**2), ("medium", 32.0**2, 96.0**2), ("large", 96.0**2, math.inf))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from polydet.config import Config, ConfigError, flatten, load_config
+from polydet.core.config import Config, ConfigError, flatten, load_config
 
 DVC_PARAMS = "params.yaml"  # the file dvc.yaml's ``params`` read
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from polydet.metrics import FP, SIZES, TP, Evaluation, threshold_key
+from polydet.eval.metrics import FP, SIZES, TP, Evaluation, threshold_key
 
 
 def plot_all(ev: Evaluation, out: Path) -> list[Path]:

@@ -42,8 +42,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from polydet.config import Config, to_dict
-from polydet.errors import ModelError
+from polydet.core.config import Config, to_dict
+from polydet.core.errors import ModelError
+from polydet.deploy.onnx_runtime import INPUT, MODEL_FILE, OUTPUTS, OnnxModel, read_config, session
 from polydet.model import PolyDetector, load_model
 from polydet.model.inference import (
     detect_batched,
@@ -51,7 +52,6 @@ from polydet.model.inference import (
     select_proposals,
     to_input_pixels,
 )
-from polydet.onnx_runtime import INPUT, MODEL_FILE, OUTPUTS, OnnxModel, read_config, session
 
 FORMATS = ("onnx", "torchscript")
 FILES = {"onnx": MODEL_FILE, "torchscript": "model.ts"}
@@ -131,7 +131,7 @@ class ExportableDetector(nn.Module):
 
 class OnnxDetector(OnnxModel):
     """An exported ``model.onnx`` with :meth:`PolyDetector.predict`'s interface (torch
-    tensors in and out) on ONNX Runtime: :class:`polydet.onnx_runtime.OnnxModel`, whose
+    tensors in and out) on ONNX Runtime: :class:`polydet.deploy.onnx_runtime.OnnxModel`, whose
     ``device`` picks the providers (CUDA first when present and allowed, else CPU)."""
 
     def predict(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
@@ -154,7 +154,7 @@ def compare_detections(
     with the same label, polygon IoU >= :data:`PARITY_IOU` and a score within
     :data:`PARITY_SCORE_TOL`; counts per image may differ by :data:`PARITY_COUNT`.
     Returns ``{"ok", "checked", "unmatched", "max_count_diff", "min_iou", "max_score_diff"}``."""
-    from polydet.ops import pairwise_iou
+    from polydet.geometry.ops import pairwise_iou
 
     checked = unmatched = 0
     max_count, min_iou, max_score = 0, 1.0, 0.0
@@ -312,7 +312,7 @@ def export_model(
 def export(cfg: Config, model: str | None, fmt: str, out_dir: str | Path) -> dict[str, Any]:
     """``polydet export``: load ``model`` (a file, a ``models:/`` / ``runs:/`` URI, or
     ``None`` for ``{train.out}/model.pt``) and :func:`export_model` it."""
-    from polydet.evaluate import resolve_model
+    from polydet.eval.evaluate import resolve_model
 
     path = resolve_model(cfg, model)
     net = load_model(path, device="cpu")

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from polydet.errors import PolydetError
+from polydet.core.errors import PolydetError
 
 
 class ConfigError(PolydetError, ValueError):

@@ -1,4 +1,4 @@
-"""Distributed data-parallel plumbing for ``polydet.engine`` (torchrun / DDP).
+"""Distributed data-parallel plumbing for ``polydet.train.engine`` (torchrun / DDP).
 
 One process per device. ``torchrun`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; when
 they are absent everything degrades to a single process with no process group, so the
