@@ -472,6 +472,7 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
     (PNG/JPEG) or a path readable by the server. Output: one row per image with
     ``polyboxes`` (K×10, image pixels), ``scores`` (K), ``labels`` (K, 1-based) and
     ``classes`` (K names). Parameter ``score_thresh`` (default 0.0) drops weaker detections.
+    Test-time augmentation follows ``evaluate.tta`` as it was when the model was logged.
     """
 
     def load_context(self, context: Any) -> None:
@@ -483,6 +484,7 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = load_model(path, device=self.device)
         self.classes = list(self.model.classes or [])
+        self.model = _with_logged_tta(self.model, getattr(context, "model_config", None))
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -518,6 +520,16 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
 
     def _name(self, label: int) -> str:
         return self.classes[label - 1] if 0 < label <= len(self.classes) else str(label)
+
+
+def _with_logged_tta(model: Any, model_config: Mapping[str, Any] | None) -> Any:
+    """The model with the test-time augmentation logged with it (``evaluate.tta`` when it was
+    registered; none for models logged before the setting existed)."""
+    from polydet.config import tta_config_from_dict
+    from polydet.tta import with_tta
+
+    raw = (model_config or {}).get("tta")
+    return with_tta(model, tta_config_from_dict(raw)) if raw else model
 
 
 def model_signature() -> Any:
@@ -765,6 +777,7 @@ def _log_and_register(
             code_paths=[str(bundle)],
             artifacts={"model": str(model_path)},
             signature=model_signature(),
+            model_config={"tta": to_dict(cfg.evaluate.tta)},  # read by load_context
             input_example=example,  # MLflow checks the model answers it when logging
             pip_requirements=_pip_requirements(),
             tags={TAG + "map50": str(ap50(metrics))},
