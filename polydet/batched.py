@@ -19,6 +19,7 @@ detections as soon as its last model input has run:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -43,10 +44,12 @@ def read_image(path: Any) -> Tensor:
             arr = rgb_float(im)
         else:
             rgb = im if im.mode == "RGB" else rgb_image(im)
-            arr = np.asarray(rgb)
+            arr = np.asarray(rgb)  # read-only (Pillow's bytes): never written, only cropped
             if rgb is not im:
                 rgb.close()
-    return torch.from_numpy(arr).permute(2, 0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "not writable": nothing writes to it
+        return torch.from_numpy(arr).permute(2, 0, 1)
 
 
 def to_float(image: Tensor) -> Tensor:

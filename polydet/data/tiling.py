@@ -86,10 +86,11 @@ def resize_tile(tile: Image.Image, scale: float) -> Image.Image:
 
 
 def tile_objects(
-    polyboxes: np.ndarray, tile: Box, min_visible: float
+    polyboxes: np.ndarray, tile: Box, min_visible: float, scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Objects of one tile from full-image polyboxes ``[N, 10]``: ``(polyboxes [M, 10] in tile
-    pixels, index [M] into the input, clipped [M] bool)``."""
+    pixels, index [M] into the input, clipped [M] bool)``; at ``scale`` != 1, in the pixels
+    of the tile resized to :func:`scaled_size`."""
     boxes = torch.as_tensor(np.asarray(polyboxes, dtype=np.float64)).reshape(-1, 10)
     x0, y0, x1, y1 = (float(t) for t in tile)
     hull = polybox.hull_xyxy(boxes).numpy()
@@ -122,6 +123,9 @@ def tile_objects(
     res = np.array(out, dtype=np.float64).reshape(-1, 10)
     res[:, 0] -= x0
     res[:, 1] -= y0
+    if scale != 1.0:  # exactly the resized tile's size over the box's, per axis
+        w, h = scaled_size(tile, scale)
+        res = polybox.scale(torch.from_numpy(res), w / (x1 - x0), h / (y1 - y0)).numpy()
     return res, np.array(index, dtype=np.int64), np.array(clipped, dtype=bool)
 
 
