@@ -6,9 +6,9 @@ detections as soon as its last model input has run:
 - An image larger than ``data.tile.size`` (tiling enabled) is cut into the tiles of
   :func:`polydet.data.tiling.tile_plan` (every scale of ``data.tile.scales``), each resized
   by its scale as ``polydet prepare`` resizes training tiles. Tiles are cut **lazily**, when
-  a batch needs them: only the image itself (8-bit, as decoded: 300 MB for 10,000 x 10,000
-  RGB, against 1.2 GB as a float tensor) and one batch of float tiles are held, never all
-  tiles.
+  a batch needs them: only the image itself (8-bit, as decoded: 400 MB in Pillow for
+  10,000 x 10,000 RGB, against 1.2 GB as a float tensor) and one batch of float tiles are
+  held, never all tiles.
 - Model inputs (whole images and tiles, across images) go to ``model.predict`` in batches of
   ``batch_size`` (``evaluate.batch_size``), under ``torch.autocast`` (float16) on CUDA when
   ``train.amp`` is on.
@@ -19,7 +19,6 @@ detections as soon as its last model input has run:
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -34,22 +33,28 @@ from polydet.data.images import open_image, rgb_float, rgb_image
 from polydet.data.tiling import Tile, merge_detections, resize_tile, tile_plan
 from polydet.errors import DataError
 
+Source = Image.Image | Tensor  # a decoded 8-bit RGB image, or [3, H, W] uint8 / float32
 
-def read_image(path: Any) -> Tensor:
-    """An image file as ``[3, H, W]``, as displayed: ``uint8`` for 8-bit images (4x less
-    memory than float; :func:`to_float` gives the values :mod:`polydet.data.images` gives),
-    float32 in [0, 1] for 16-bit and float images."""
+
+@contextlib.contextmanager
+def open_source(path: Any) -> Iterator[Source]:
+    """An image file as displayed, for :func:`detect_stream`, valid inside the block: the
+    decoded Pillow image itself for 8-bit RGB (no copy: 400 MB for 10,000 x 10,000), an RGB
+    conversion of other 8-bit modes, a float ``[3, H, W]`` tensor (the values of
+    :mod:`polydet.data.images`) for 16-bit and float images."""
     with open_image(path) as im:
         if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-            arr = rgb_float(im)
+            yield torch.from_numpy(rgb_float(im)).permute(2, 0, 1)
+        elif im.mode == "RGB":
+            yield im
         else:
-            rgb = im if im.mode == "RGB" else rgb_image(im)
-            arr = np.asarray(rgb)  # read-only (Pillow's bytes): never written, only cropped
-            if rgb is not im:
-                rgb.close()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "not writable": nothing writes to it
-        return torch.from_numpy(arr).permute(2, 0, 1)
+            with rgb_image(im) as rgb:
+                yield rgb
+
+
+def size_of(image: Source) -> tuple[int, int]:
+    """``(width, height)`` of a source image."""
+    return image.size if isinstance(image, Image.Image) else (image.shape[-1], image.shape[-2])
 
 
 def to_float(image: Tensor) -> Tensor:
@@ -57,16 +62,19 @@ def to_float(image: Tensor) -> Tensor:
     return image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
 
 
-def cut(image: Tensor, tile: Tile) -> Tensor:
-    """The float tile ``(box, scale)`` of ``image [3, H, W]`` (resized by the scale as
-    ``polydet prepare`` resizes training tiles)."""
+def cut(image: Source, tile: Tile) -> Tensor:
+    """The float tile ``(box, scale)`` of a source image (resized by the scale as ``polydet
+    prepare`` resizes training tiles: the same pixels)."""
     (x0, y0, x1, y1), r = tile
+    if isinstance(image, Image.Image):
+        crop = np.asarray(resize_tile(image.crop((x0, y0, x1, y1)), r))
+        return to_float(torch.from_numpy(crop.copy()).permute(2, 0, 1)).contiguous()
     crop = image[:, y0:y1, x0:x1]
     if r == 1.0:
         return to_float(crop).contiguous()
     if crop.dtype == torch.uint8:
         pil = Image.fromarray(crop.permute(1, 2, 0).contiguous().numpy(), "RGB")
-        return to_float(torch.from_numpy(np.asarray(resize_tile(pil, r))).permute(2, 0, 1))
+        return cut(pil, ((0, 0, x1 - x0, y1 - y0), r))
     raise DataError("multi-scale tiles need an 8-bit image")
 
 
@@ -94,7 +102,7 @@ def plan_of(width: int, height: int, tile: TileConfig) -> list[Tile]:
 
 def detect_stream(
     model: Any,
-    images: Iterable[tuple[Any, Tensor]],
+    images: Iterable[tuple[Any, Source]],
     tile: TileConfig,
     score_thresh: float,
     batch_size: int,
@@ -103,7 +111,8 @@ def detect_stream(
     amp: bool = True,
 ) -> Iterator[tuple[Any, dict[str, Tensor], int]]:
     """``(key, detections in the image's pixels, number of model inputs)`` per image of
-    ``images`` (``[3, H, W]`` uint8 or float tensors), in input order (module docstring).
+    ``images`` (:func:`open_source` images, or ``[3, H, W]`` uint8 / float tensors), in input
+    order (module docstring); an image is needed only until its last tile is cut.
     Detections scoring below ``score_thresh`` are dropped before the merge."""
     pending: dict[int, list] = {}  # image number -> [key, inputs left, parts, n]
     batch: list[tuple[int, Tile, Tensor]] = []
@@ -133,7 +142,7 @@ def detect_stream(
                 yield key, merge_detections(parts, iou_threshold, class_agnostic), count
 
     for n, (key, image) in enumerate(images):
-        h, w = int(image.shape[-2]), int(image.shape[-1])
+        w, h = size_of(image)
         plan = plan_of(w, h, tile)
         pending[n] = [key, len(plan), [], len(plan)]
         order.append(n)

@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from polydet import polybox
-from polydet.batched import detect_stream, read_image
+from polydet.batched import detect_stream, open_source, size_of
 from polydet.config import Config, TileConfig
 from polydet.data.formats import write_task1
 from polydet.data.images import open_image, rgb_image
@@ -87,7 +87,12 @@ def detect(
 def draw(image_path: Path, det: dict[str, Tensor], classes: list[str], out: Path) -> Path:
     """Save ``image_path`` with the detections' polyboxes, classes and scores drawn."""
     with open_image(image_path) as im:  # as displayed, as the detections are
-        canvas = rgb_image(im)
+        canvas = im if im.mode == "RGB" else rgb_image(im)  # drawn on: no copy of a big image
+        _draw(canvas, det, classes, out)
+    return out
+
+
+def _draw(canvas: Image.Image, det: dict[str, Tensor], classes: list[str], out: Path) -> None:
     pen = ImageDraw.Draw(canvas)
     width = max(1, round(max(canvas.size) / 256))
     corners = polybox.to_corners(det["polyboxes"].double()).tolist()
@@ -101,7 +106,6 @@ def draw(image_path: Path, det: dict[str, Tensor], classes: list[str], out: Path
         pen.text(pts[0], f"{name} {float(det['scores'][i]):.2f}", fill=colour)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
-    return out
 
 
 def predict_paths(
@@ -146,18 +150,17 @@ def predict_paths(
     skipped: list[dict[str, str]] = []
     where: dict[str, tuple[Path, int, int]] = {}
 
-    def images() -> Any:
+    def images() -> Any:  # each image open until its last tile is cut
         for path, image_id in zip(paths, _image_ids(paths)):
             try:
-                image = read_image(path)
+                with open_source(path) as image:
+                    where[image_id] = (path, *size_of(image))
+                    yield image_id, image
             except DataError as e:  # one bad file (a text file named .png) skips that file
                 if len(paths) == 1:
                     raise
                 print(f"polydet predict: warning: skipped {e}", file=sys.stderr)
                 skipped.append({"path": str(path), "reason": str(e)})
-                continue
-            where[image_id] = (path, int(image.shape[-1]), int(image.shape[-2]))
-            yield image_id, image
 
     ecfg = cfg.evaluate
     merge = ecfg.tile_merge == "class_agnostic"

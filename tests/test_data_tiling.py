@@ -169,7 +169,7 @@ def test_multiscale_plan_covers_the_image_at_every_scale() -> None:
 
 
 def test_prepare_and_predict_cut_the_same_multiscale_tiles(tmp_path: Path) -> None:
-    from polydet.batched import cut, read_image
+    from polydet.batched import cut, open_source
 
     root = tmp_path / "raw"
     (root / "images").mkdir(parents=True)
@@ -196,10 +196,9 @@ def test_prepare_and_predict_cut_the_same_multiscale_tiles(tmp_path: Path) -> No
         127.5, 127.5, -12.5, -12.5
     ]  # fmt: skip
     # predict cuts the very pixels prepare wrote (the model sees what it was trained on).
-    source = read_image(root / "images" / "big.png")
-    for box, r in plan:
-        name = tiling.tile_name("big", box, r)
-        written = np.asarray(Image.open(images.loc[name, "path"]))
-        assert np.array_equal(
-            np.round(cut(source, (box, r)).numpy() * 255).transpose(1, 2, 0), written
-        )
+    with open_source(root / "images" / "big.png") as source:
+        for box, r in plan:
+            name = tiling.tile_name("big", box, r)
+            written = np.asarray(Image.open(images.loc[name, "path"]))
+            got = np.round(cut(source, (box, r)).numpy() * 255).transpose(1, 2, 0)
+            assert np.array_equal(got, written)

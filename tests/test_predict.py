@@ -228,17 +228,22 @@ def test_multiscale_tiles_map_back_to_image_pixels(tmp_path: Path) -> None:
     assert torch.allclose(hull, torch.tensor([42.0, 40.0, 62.0, 60.0]), atol=2.0)
 
 
-def test_read_image_gives_the_reader_values_in_less_memory(tmp_path: Path) -> None:
-    from polydet.batched import autocast, read_image, to_float
+def test_images_are_read_as_decoded_and_cut_to_the_reader_values(tmp_path: Path) -> None:
+    from polydet.batched import autocast, cut, open_source
     from polydet.data.dataset import load_image
 
     path = write_image(tmp_path / "a.png", 40, 30, 3)
-    raw = read_image(path)
-    assert raw.dtype == torch.uint8 and raw.shape == (3, 30, 40)
-    assert torch.equal(to_float(raw), load_image(path))
+    with open_source(path) as image:
+        assert isinstance(image, Image.Image) and image.size == (40, 30)  # 8-bit, not float
+        assert torch.equal(cut(image, ((0, 0, 40, 30), 1.0)), load_image(path))
+        assert torch.equal(cut(image, ((5, 2, 25, 12), 1.0)), load_image(path)[:, 2:12, 5:25])
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.arange(1200, dtype=np.uint8).reshape(30, 40)).save(grey)
     deep = tmp_path / "deep.png"  # 16-bit: kept as float
     Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50).save(deep)
-    assert torch.equal(read_image(deep), load_image(deep))
+    for p in (grey, deep):
+        with open_source(p) as image:
+            assert torch.equal(cut(image, ((0, 0, 40, 30), 1.0)), load_image(p))
     # Autocast only on CUDA with train.amp (float16); CPU inference stays float32.
     import warnings
 
