@@ -128,7 +128,7 @@ _CORE = (  # used by every stage
     "polydet/files.py",
 )
 _MODEL = ("polydet/model", "polydet/coder.py")  # the detector
-_EVALUATE = ("polydet/evaluate.py", "polydet/metrics.py", "polydet/eval_plots.py")
+_EVALUATE = ("polydet/evaluate.py", "polydet/metrics.py", "polydet/eval_plots.py", "polydet/tta.py")
 
 STAGES: tuple[Stage, ...] = (
     Stage(

@@ -474,12 +474,17 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
     ``classes`` (K names). Parameter ``score_thresh`` (default 0.0) drops weaker detections;
     ``runtime`` (``onnx`` or ``torch``; default ``onnx`` when the model carries its ONNX
     export) picks ONNX Runtime or torch (:class:`polydet.onnx_runtime.Runtimes`).
+    Test-time augmentation follows ``evaluate.tta`` as it was when the model was logged
+    (torch runtime only; ONNX Runtime runs the exported graph as it is).
     """
 
     def load_context(self, context: Any) -> None:
         from polydet.onnx_runtime import Runtimes
 
-        self.runtimes = Runtimes(context.artifacts, getattr(context, "model_config", None))
+        config = getattr(context, "model_config", None)
+        self.runtimes = Runtimes(
+            context.artifacts, config, wrap=lambda model: _with_logged_tta(model, config)
+        )
         self.classes = self.runtimes.classes
 
     def predict(
@@ -516,6 +521,16 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
 
     def _name(self, label: int) -> str:
         return self.classes[label - 1] if 0 < label <= len(self.classes) else str(label)
+
+
+def _with_logged_tta(model: Any, model_config: Mapping[str, Any] | None) -> Any:
+    """The model with the test-time augmentation logged with it (``evaluate.tta`` when it was
+    registered; none for models logged before the setting existed)."""
+    from polydet.config import tta_config_from_dict
+    from polydet.tta import with_tta
+
+    raw = (model_config or {}).get("tta")
+    return with_tta(model, tta_config_from_dict(raw)) if raw else model
 
 
 def model_signature(runtime: str = "torch") -> Any:
@@ -782,7 +797,12 @@ def _log_and_register(
             code_paths=[str(bundle)],
             artifacts={"model": str(model_path), **onnx.artifacts},
             signature=model_signature(onnx.runtime),
-            model_config={"runtime": onnx.runtime, "device": "auto"},
+            # read by load_context
+            model_config={
+                "runtime": onnx.runtime,
+                "device": "auto",
+                "tta": to_dict(cfg.evaluate.tta),
+            },
             input_example=example,  # MLflow checks the model answers it when logging
             pip_requirements=_pip_requirements(),
             tags={TAG + "map50": str(ap50(metrics))},
