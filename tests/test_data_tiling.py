@@ -116,7 +116,7 @@ def test_prepare_tiles_large_images_once_and_reuses_them(tmp_path: Path) -> None
         [
             f"data.root={root}",
             f"data.out={out}",
-            "data.tile={enabled: true, size: 256, overlap: 96, min_visible: 0.6}",
+            "data.tile={enabled: true, size: 256, overlap: 96, min_visible: 0.6, scales: [1.0]}",
         ],
     )
     first = prepare(cfg)
@@ -139,3 +139,66 @@ def test_prepare_tiles_large_images_once_and_reuses_them(tmp_path: Path) -> None
     second = prepare(cfg)
     assert second["tiles"]["tiles_written"] == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "tiles").glob("*.png")} == mtimes
+
+
+def test_class_agnostic_merge_keeps_an_object_labelled_twice_once() -> None:
+    # One object cut by the seam of two tiles: the tile seeing it whole says class 1, the
+    # tile seeing 70% of it says class 2.
+    whole = {"polyboxes": torch.from_numpy(_square(14, 10, 20)).float()[None],
+             "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}  # fmt: skip
+    part = {"polyboxes": torch.from_numpy(_square(50, 10, 20)).float()[None],
+            "scores": torch.tensor([0.6]), "labels": torch.tensor([2])}  # fmt: skip
+    part["polyboxes"][0, 2::2] = torch.tensor([-7.0, 7.0, 7.0, -7.0])  # 14 of 20 px wide
+    part["polyboxes"][0, 0] = 57.0
+    tiles = [((36.0, 0.0), whole), ((0.0, 0.0), part)]  # both at x 50..64 / 50..70
+    per_class = tiling.merge_detections(tiles, iou_threshold=0.5)
+    assert per_class["labels"].tolist() == [1, 2]
+    merged = tiling.merge_detections(tiles, iou_threshold=0.5, class_agnostic=True)
+    assert merged["labels"].tolist() == [1]
+    assert polybox.hull_xyxy(merged["polyboxes"][0]).tolist() == [50.0, 10.0, 70.0, 30.0]
+
+
+def test_multiscale_plan_covers_the_image_at_every_scale() -> None:
+    plan = tiling.tile_plan(700, 500, 256, 96, (0.5, 1.0, 1.5))
+    by_scale = {r: [b for b, s in plan if s == r] for r in (0.5, 1.0, 1.5)}
+    assert by_scale[1.0] == tiling.tile_grid(700, 500, 256, 96)  # scale 1: the plain grid
+    assert by_scale[0.5] == tiling.tile_grid(700, 500, 512, 192)
+    assert by_scale[1.5] == tiling.tile_grid(700, 500, 171, 64)
+    for r, boxes in by_scale.items():  # resized tiles are about size pixels
+        assert all(max(tiling.scaled_size(b, r)) <= 257 for b in boxes)
+
+
+def test_prepare_and_predict_cut_the_same_multiscale_tiles(tmp_path: Path) -> None:
+    from polydet.deploy.batched import cut, open_source
+
+    root = tmp_path / "raw"
+    (root / "images").mkdir(parents=True)
+    (root / "labelTxt").mkdir()
+    rng = np.random.default_rng(2)
+    Image.fromarray((rng.random((500, 700, 3)) * 255).astype(np.uint8)).save(
+        root / "images" / "big.png"
+    )
+    write_dota(
+        root / "labelTxt" / "big.txt",
+        [Annotation((230, 230, 280, 230, 280, 280, 230, 280), "card")],
+    )
+    out = tmp_path / "prepared"
+    tile = "data.tile={enabled: true, size: 256, overlap: 96, min_visible: 0.6, scales: [0.5, 1.0]}"
+    cfg = load_config(PARAMS, [f"data.root={root}", f"data.out={out}", tile])
+    result = prepare(cfg)
+    plan = tiling.tile_plan(700, 500, 256, 96, (0.5, 1.0))
+    assert result["tiles"]["tiles"] == len(plan) == len(tiling.tile_grid(700, 500, 256, 96)) + 2
+    images = pd.read_csv(out / "images.csv").set_index("image_id")
+    assert images.loc["big__0_0_s0.5", ["width", "height"]].tolist() == [256, 250]
+    objects = pd.read_csv(out / "objects.csv").set_index("image_id")
+    # The object (230..280) in the half-scale tile (0, 0, 512, 500): halved.
+    assert objects.loc["big__0_0_s0.5", ["xc", "yc", "dx1", "dy1"]].tolist() == [
+        127.5, 127.5, -12.5, -12.5
+    ]  # fmt: skip
+    # predict cuts the very pixels prepare wrote (the model sees what it was trained on).
+    with open_source(root / "images" / "big.png") as source:
+        for box, r in plan:
+            name = tiling.tile_name("big", box, r)
+            written = np.asarray(Image.open(images.loc[name, "path"]))
+            got = np.round(cut(source, (box, r)).numpy() * 255).transpose(1, 2, 0)
+            assert np.array_equal(got, written)

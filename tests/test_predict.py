@@ -160,3 +160,97 @@ def test_predict_errors_name_the_path(model_file: Path, tmp_path: Path) -> None:
     image = write_image(tmp_path / "x.png", 32, 32, 0)
     with pytest.raises(ModelError, match="nope.pt"):
         predict_paths(cfg, image, model=str(tmp_path / "nope.pt"), out_dir=tmp_path / "o")
+
+
+class FindBrightBox(FindBrightSquare):
+    """As :class:`FindBrightSquare`, scoring by the box's area (a whole view of an object
+    beats a part of it, as a trained detector's would), and recording each call's batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[int] = []
+        self.found = 0
+
+    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        self.batches.append(len(images))
+        out = super().predict(images)
+        for d in out:
+            d["scores"] = polybox.area(d["polyboxes"]) / 1000
+            self.found += len(d["scores"])
+        return out
+
+
+def test_an_object_straddling_two_tiles_is_reported_once(tmp_path: Path) -> None:
+    image = torch.zeros(3, 100, 100)
+    image[:, 10:30, 50:70] = 1.0  # tile x 0..64 sees 14 of its 20 px, tile x 36..100 all
+    model = FindBrightBox()
+    det, n_tiles = detect(model, image, tiny_config(tmp_path).data.tile, score_thresh=0.1)  # type: ignore[arg-type]
+    assert n_tiles == 4 and model.found == 2  # seen by two tiles
+    assert len(det["scores"]) == 1
+    assert polybox.hull_xyxy(det["polyboxes"][0]).tolist() == [50.0, 10.0, 70.0, 30.0]
+
+
+def test_images_and_tiles_are_batched_across_images_and_cut_lazily(tmp_path: Path) -> None:
+    from polydet.deploy.batched import detect_stream
+
+    tile = tiny_config(tmp_path).data.tile
+    images = [torch.zeros(3, 64, 64), torch.zeros(3, 100, 100), torch.zeros(3, 40, 50)]
+    for im, x in zip(images, (5, 42, 20)):
+        im[:, 10:30, x : x + 20] = 1.0
+    model = FindBrightBox()
+    pulled: list[int] = []
+
+    def source():  # records how many model calls ran before each image was read
+        for i, im in enumerate(images):
+            pulled.append(len(model.batches))
+            yield i, (im * 255).to(torch.uint8)
+
+    out = list(detect_stream(model, source(), tile, 0.1, batch_size=4, iou_threshold=0.5))
+    assert model.batches == [4, 2]  # 1 + 4 tiles + 1 inputs in batches of evaluate.batch_size
+    assert pulled == [0, 0, 1]  # the third image is read after the first batch ran
+    assert [k for k, _, _ in out] == [0, 1, 2] and [n for _, _, n in out] == [1, 4, 1]
+    for (_, det, _), im in zip(out, images):  # uint8 input: the same as float, one at a time
+        alone, _ = detect(FindBrightBox(), im, tile, score_thresh=0.1)  # type: ignore[arg-type]
+        assert torch.equal(det["polyboxes"], alone["polyboxes"]) and len(alone["scores"]) == 1
+
+
+def test_multiscale_tiles_map_back_to_image_pixels(tmp_path: Path) -> None:
+    import dataclasses
+
+    image = torch.zeros(3, 100, 100)
+    image[:, 40:60, 42:62] = 1.0
+    tile = dataclasses.replace(tiny_config(tmp_path).data.tile, scales=(0.5, 1.0))
+    model = FindBrightBox()
+    det, n_tiles = detect(model, (image * 255).to(torch.uint8), tile, score_thresh=0.1)  # type: ignore[arg-type]
+    assert n_tiles == 5 and model.crops[0] == (50, 50)  # one 128 px tile at half scale
+    assert len(det["scores"]) == 1
+    hull = polybox.hull_xyxy(det["polyboxes"][0])
+    assert torch.allclose(hull, torch.tensor([42.0, 40.0, 62.0, 60.0]), atol=2.0)
+
+
+def test_images_are_read_as_decoded_and_cut_to_the_reader_values(tmp_path: Path) -> None:
+    from polydet.data.dataset import load_image
+    from polydet.deploy.batched import autocast, cut, open_source
+
+    path = write_image(tmp_path / "a.png", 40, 30, 3)
+    with open_source(path) as image:
+        assert isinstance(image, Image.Image) and image.size == (40, 30)  # 8-bit, not float
+        assert torch.equal(cut(image, ((0, 0, 40, 30), 1.0)), load_image(path))
+        assert torch.equal(cut(image, ((5, 2, 25, 12), 1.0)), load_image(path)[:, 2:12, 5:25])
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.arange(1200, dtype=np.uint8).reshape(30, 40)).save(grey)
+    deep = tmp_path / "deep.png"  # 16-bit: kept as float
+    Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50).save(deep)
+    for p in (grey, deep):
+        with open_source(p) as image:
+            assert torch.equal(cut(image, ((0, 0, 40, 30), 1.0)), load_image(p))
+    # Autocast only on CUDA with train.amp (float16); CPU inference stays float32.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available" on a CPU machine
+        cuda = autocast(torch.device("cuda"), True)
+    assert isinstance(cuda, torch.autocast) and cuda.device == "cuda"
+    assert cuda.fast_dtype == torch.float16
+    assert not isinstance(autocast(torch.device("cuda"), False), torch.autocast)
+    assert not isinstance(autocast(torch.device("cpu"), True), torch.autocast)

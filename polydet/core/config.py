@@ -56,6 +56,9 @@ class TileConfig:
     size: int  # tile side in pixels
     overlap: int  # pixels shared by neighbouring tiles
     min_visible: float  # keep an object cut by a tile edge if this share of its area is inside
+    # Image scales the tiles are cut at (DOTA's multi-scale split: 0.5, 1.0, 1.5): at scale r a
+    # tile covers size/r source pixels (overlap/r shared) and is resized by r (tiling.tile_plan).
+    scales: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,10 @@ class DataConfig:
         if t.size < 1 or not 0 <= t.overlap < t.size or not 0.0 < t.min_visible <= 1.0:
             raise ConfigError(
                 "data.tile: expected size >= 1, 0 <= overlap < size and min_visible in (0, 1]"
+            )
+        if not t.scales or len(set(t.scales)) != len(t.scales) or min(t.scales) <= 0:
+            raise ConfigError(
+                f"data.tile.scales: expected distinct scales > 0, got {list(t.scales)}"
             )
 
 
@@ -334,6 +341,32 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TTAConfig:
+    """Test-time augmentation (polydet.eval.tta): the identity view plus one view per entry."""
+
+    enabled: bool
+    flips: tuple[Literal["h", "v"], ...]  # h = left-right mirror, v = top-bottom
+    rot90: tuple[int, ...]  # quarter turns (1, 2, 3) of torch.rot90
+    scales: tuple[float, ...]  # model input size x s (min_size / max_size); torch runtime only
+    fusion: Literal["nms", "weighted"]  # polygon NMS, or corner-aligned score-weighted average
+    iou_threshold: float  # polygon IoU above which views' detections (same class) are one object
+
+    def __post_init__(self) -> None:
+        checks = {
+            "flips": len(set(self.flips)) == len(self.flips),
+            "rot90": len(set(self.rot90)) == len(self.rot90) and set(self.rot90) <= {1, 2, 3},
+            "scales": all(s > 0 and s != 1.0 for s in self.scales),
+            "iou_threshold": 0.0 < self.iou_threshold <= 1.0,
+        }
+        check_ranges("evaluate.tta", self, checks)
+
+
+def tta_config_from_dict(raw: dict) -> TTAConfig:
+    """A :class:`TTAConfig` from a plain mapping (e.g. logged with an MLflow model)."""
+    return _build(TTAConfig, raw, "evaluate.tta")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     split: Literal["train", "val", "test"]
     iou_threshold: float  # DOTA Task1 AP counts IoU > this (0.5)
@@ -341,6 +374,8 @@ class EvaluateConfig:
     score_thresh: float  # operating point of the confusion summary
     size_bounds: tuple[float, float]  # sides (px) of the areas parting small/medium/large
     precision_targets: tuple[float, ...]  # report the recall reached at these precisions
+    tile_merge: Literal["per_class", "class_agnostic"]  # polygon NMS of tile detections (predict)
+    tta: TTAConfig
     out: str
 
     def __post_init__(self) -> None:

@@ -85,14 +85,17 @@ def open_raw(source: str | Path | bytes | IO[bytes]) -> Iterator[Image.Image]:
         yield im
 
 
+def _orientation(im: Image.Image) -> int:
+    try:
+        return im.getexif().get(_ORIENTATION, 1)
+    except (OSError, ValueError, SyntaxError):
+        return 1
+
+
 def displayed_size(im: Image.Image) -> tuple[int, int]:
     """``(width, height)`` as displayed: swapped when EXIF says the image is turned 90 deg."""
     w, h = im.size
-    try:
-        orientation = im.getexif().get(_ORIENTATION, 1)
-    except (OSError, ValueError, SyntaxError):
-        orientation = 1
-    return (h, w) if orientation in _SWAPS_AXES else (w, h)
+    return (h, w) if _orientation(im) in _SWAPS_AXES else (w, h)
 
 
 @contextmanager
@@ -101,7 +104,9 @@ def open_image(source: str | Path | bytes | IO[bytes]) -> Iterator[Image.Image]:
     with open_raw(source) as im:
         try:
             im.load()
-            oriented = ImageOps.exif_transpose(im)
+            # Upright images are yielded as decoded: exif_transpose would copy them (a 10,000
+            # x 10,000 image is 400 MB in Pillow); callers use the image inside the block.
+            oriented = im if _orientation(im) == 1 else ImageOps.exif_transpose(im)
         except (OSError, SyntaxError, ValueError) as e:
             raise DataError(f"{_name(source)}: cannot read image: {e}") from e
         yield oriented

@@ -123,16 +123,16 @@ def _write_prepared(dc: DataConfig, imp: Imported, out: Path, stage: Path) -> di
         part = split[src.image_id]
         t = dc.tile
         if t.enabled and (src.width > t.size or src.height > t.size):
-            grid = tiling.tile_grid(src.width, src.height, t.size, t.overlap)
-            paths, n = tiling.write_tiles(src.path, src.image_id, grid, tiles_dir, index)
+            plan = tiling.tile_plan(src.width, src.height, t.size, t.overlap, t.scales)
+            paths, n = tiling.write_tiles(src.path, src.image_id, plan, tiles_dir, index)
             paths = [out / "tiles" / p.name for p in paths]
             tiled, written = tiled + 1, written + n
-            for box, path in zip(grid, paths):
-                name = tiling.tile_name(src.image_id, box)
+            for (box, r), path in zip(plan, paths):
+                name = tiling.tile_name(src.image_id, box, r)
                 current_tiles.add(name)
-                boxes, idx, clipped = tiling.tile_objects(objs.polyboxes, box, t.min_visible)
+                boxes, idx, clipped = tiling.tile_objects(objs.polyboxes, box, t.min_visible, r)
                 trunc = objs.truncated[idx] | clipped
-                size = (box[2] - box[0], box[3] - box[1])
+                size = tiling.scaled_size(box, r)
                 image_rows.append((name, str(path), *size, part, len(idx)))
                 object_frames.append(
                     manifest.object_rows(

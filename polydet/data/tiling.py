@@ -3,6 +3,10 @@
 - :func:`tile_grid`: tiles of ``size`` px (less at the image's own size) with at least
   ``overlap`` px shared by neighbours; the last row/column is flush with the image edge, so
   every pixel is covered and no tile is padded.
+- :func:`tile_plan`: the tiles of every scale of ``data.tile.scales`` (DOTA's multi-scale
+  split): at scale ``r`` a tile covers ``round(size / r)`` source pixels, neighbours share
+  ``round(overlap / r)``, and the tile is resized by ``r`` (:func:`resize_tile`) to about
+  ``size`` pixels, so ``polydet prepare`` and ``polydet predict`` cut the same tiles.
 - :func:`tile_objects`: an object fully inside a tile is kept as is (shifted to tile pixels);
   an object cut by the tile edge is kept when at least ``min_visible`` of its area is inside,
   **clipped** to the tile, reduced to a quad by :mod:`polydet.data.quads`' rule and marked
@@ -11,7 +15,8 @@
 - :func:`write_tiles`: tile images are written once as PNG under ``tiles/`` and reused as
   long as ``tiles/index.json`` records the same source (SHA-256 of its bytes) and box.
 - :func:`merge_detections`: tile detections are shifted to full-image pixels and
-  deduplicated by polygon NMS per class (``polydet.ops.batched_nms``); a partial detection of
+  deduplicated by polygon NMS per class (``polydet.ops.batched_nms``), or over all classes
+  (``class_agnostic``: one object labelled differently in two tiles is kept once); a partial detection of
   an object cut by a tile edge overlaps the whole one found in a neighbouring tile by
   ``min_visible`` or more and is suppressed by it.
 """
@@ -25,13 +30,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
-from polydet.geometry import polybox
 from polydet.data.images import open_image, rgb_image
 from polydet.data.quads import clip_quad, inside_share
+from polydet.geometry import polybox
 
 Box = tuple[int, int, int, int]
+Tile = tuple[Box, float]  # source pixels, and the scale the tile is resized by
 
 
 def tile_grid(width: int, height: int, size: int, overlap: int) -> list[Box]:
@@ -52,11 +59,38 @@ def tile_grid(width: int, height: int, size: int, overlap: int) -> list[Box]:
     ]
 
 
+def tile_plan(
+    width: int, height: int, size: int, overlap: int, scales: Sequence[float] = (1.0,)
+) -> list[Tile]:
+    """``(box, scale)`` of every tile of a ``width`` x ``height`` image, scale by scale
+    (module docstring); at scale 1 the boxes are :func:`tile_grid`'s."""
+    plan: list[Tile] = []
+    for r in scales:
+        side = max(1, round(size / r))
+        plan += [
+            (b, float(r)) for b in tile_grid(width, height, side, min(round(overlap / r), side - 1))
+        ]
+    return plan
+
+
+def scaled_size(box: Box, scale: float) -> tuple[int, int]:
+    """``(width, height)`` of a tile ``box`` resized by ``scale`` (at least 1 pixel)."""
+    return max(1, round((box[2] - box[0]) * scale)), max(1, round((box[3] - box[1]) * scale))
+
+
+def resize_tile(tile: Image.Image, scale: float) -> Image.Image:
+    """A tile cut at ``scale`` != 1 resized to :func:`scaled_size` (bilinear, antialiased)."""
+    if scale == 1.0:
+        return tile
+    return tile.resize(scaled_size((0, 0, *tile.size), scale), Image.BILINEAR)
+
+
 def tile_objects(
-    polyboxes: np.ndarray, tile: Box, min_visible: float
+    polyboxes: np.ndarray, tile: Box, min_visible: float, scale: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Objects of one tile from full-image polyboxes ``[N, 10]``: ``(polyboxes [M, 10] in tile
-    pixels, index [M] into the input, clipped [M] bool)``."""
+    pixels, index [M] into the input, clipped [M] bool)``; at ``scale`` != 1, in the pixels
+    of the tile resized to :func:`scaled_size`."""
     boxes = torch.as_tensor(np.asarray(polyboxes, dtype=np.float64)).reshape(-1, 10)
     x0, y0, x1, y1 = (float(t) for t in tile)
     hull = polybox.hull_xyxy(boxes).numpy()
@@ -89,12 +123,15 @@ def tile_objects(
     res = np.array(out, dtype=np.float64).reshape(-1, 10)
     res[:, 0] -= x0
     res[:, 1] -= y0
+    if scale != 1.0:  # exactly the resized tile's size over the box's, per axis
+        w, h = scaled_size(tile, scale)
+        res = polybox.scale(torch.from_numpy(res), w / (x1 - x0), h / (y1 - y0)).numpy()
     return res, np.array(index, dtype=np.int64), np.array(clipped, dtype=bool)
 
 
-def tile_name(image_id: str, tile: Box) -> str:
-    """Image id of a tile: ``<image_id>__<x0>_<y0>``."""
-    return f"{image_id}__{tile[0]}_{tile[1]}"
+def tile_name(image_id: str, tile: Box, scale: float = 1.0) -> str:
+    """Image id of a tile: ``<image_id>__<x0>_<y0>``, plus ``_s<scale>`` at scale != 1."""
+    return f"{image_id}__{tile[0]}_{tile[1]}" + (f"_s{scale:g}" if scale != 1.0 else "")
 
 
 def _sha256(path: Path) -> str:
@@ -106,24 +143,28 @@ def _sha256(path: Path) -> str:
 
 
 def write_tiles(
-    source: Path, image_id: str, tiles: Sequence[Box], tiles_dir: Path, index: dict
+    source: Path, image_id: str, tiles: Sequence[Box | Tile], tiles_dir: Path, index: dict
 ) -> tuple[list[Path], int]:
-    """Write the tiles of ``source`` as ``tiles_dir/<tile_name>.png`` unless ``index`` (the
-    loaded ``tiles/index.json`` mapping, updated in place) shows they are current; returns the
-    tile paths and how many were (re)written."""
+    """Write the tiles (boxes, or ``(box, scale)`` of :func:`tile_plan`) of ``source`` as
+    ``tiles_dir/<tile_name>.png`` unless ``index`` (the loaded ``tiles/index.json`` mapping,
+    updated in place) shows they are current; returns the tile paths and how many were
+    (re)written."""
     digest = _sha256(source)
     paths, written, image = [], 0, None
     try:
-        for t in tiles:
-            name = tile_name(image_id, t)
+        for item in tiles:
+            t, r = item if isinstance(item[1], float) else (item, 1.0)  # type: ignore[misc]
+            name = tile_name(image_id, t, r)
             path = tiles_dir / f"{name}.png"
             entry = {"source": str(source), "sha256": digest, "box": list(t)}
+            if r != 1.0:
+                entry["scale"] = r
             if not (path.is_file() and index.get(name) == entry):
                 if image is None:  # as displayed, 8-bit RGB (polydet.data.images)
                     with open_image(source) as im:
                         image = rgb_image(im)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                image.crop(t).save(path, format="PNG", compress_level=1)
+                resize_tile(image.crop(t), r).save(path, format="PNG", compress_level=1)
                 index[name] = entry
                 written += 1
             paths.append(path)
@@ -148,11 +189,14 @@ def save_index(tiles_dir: Path, index: dict) -> None:
 
 
 def merge_detections(
-    tiles: Sequence[tuple[tuple[float, float], Mapping[str, Tensor]]], iou_threshold: float
+    tiles: Sequence[tuple[tuple[float, float], Mapping[str, Tensor]]],
+    iou_threshold: float,
+    class_agnostic: bool = False,
 ) -> dict[str, Tensor]:
     """Full-image detections from per-tile ones: ``tiles`` holds ``((x0, y0), {"polyboxes"
-    [K, 10], "scores" [K], "labels" [K]})`` per tile, in that tile's pixels. Shifted by the
-    tile offset, then polygon NMS per label; result sorted by descending score."""
+    [K, 10], "scores" [K], "labels" [K]})`` per tile, in that tile's (unscaled) pixels.
+    Shifted by the tile offset, then polygon NMS per label (or over all labels with
+    ``class_agnostic``); result sorted by descending score."""
     from polydet.geometry.ops import batched_nms
 
     boxes, scores, labels = [], [], []
@@ -168,6 +212,6 @@ def merge_detections(
             "labels": torch.zeros(0, dtype=torch.int64),
         }
     b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-    keep = batched_nms(b, s, lab, iou_threshold)
+    keep = batched_nms(b, s, torch.zeros_like(lab) if class_agnostic else lab, iou_threshold)
     keep = keep[s[keep].argsort(descending=True, stable=True)]
     return {"polyboxes": b[keep], "scores": s[keep], "labels": lab[keep]}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,8 +172,15 @@ class Runtimes:
     runtime is loaded at once (a broken model fails when loaded), the other on first use.
     """
 
-    def __init__(self, artifacts: Mapping[str, str], config: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        artifacts: Mapping[str, str],
+        config: Mapping[str, Any] | None = None,
+        wrap: Callable[[Any], Any] | None = None,
+    ):
         self.artifacts = dict(artifacts)
+        # Applied to the torch model (e.g. test-time augmentation), not to ONNX Runtime's.
+        self.wrap = wrap or (lambda model: model)
         config = dict(config or {})
         self.default = str(config.get("runtime") or ("onnx" if "onnx" in artifacts else "torch"))
         self.device = str(config.get("device") or "auto")
@@ -194,9 +201,10 @@ class Runtimes:
             )
         if runtime not in self._models:
             if runtime == "onnx":
-                self._models[runtime] = OnnxModel(self.artifacts["onnx"], self.device)
+                model = OnnxModel(self.artifacts["onnx"], self.device)
             else:
-                self._models[runtime] = _load_torch(self.artifacts["model"], self.device)
+                model = self.wrap(_load_torch(self.artifacts["model"], self.device))
+            self._models[runtime] = model
         return self._models[runtime]
 
     def detect(

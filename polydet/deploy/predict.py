@@ -11,7 +11,10 @@ one image or every image of a directory and writes, under ``out_dir``:
 
 Images larger than ``data.tile.size`` (when ``data.tile.enabled``: the model was then trained
 on tiles of that size) are cut into the same overlapping tiles as ``polydet prepare`` cuts,
-each tile is detected on its own and the detections are merged back with polygon NMS.
+each tile is detected on its own and the detections are merged back with polygon NMS
+(``evaluate.tile_merge``); images and tiles run in batches of ``evaluate.batch_size`` with
+bounded memory (:mod:`polydet.deploy.batched`), through test-time augmentation when
+``evaluate.tta.enabled`` (:mod:`polydet.eval.tta`).
 """
 
 from __future__ import annotations
@@ -23,17 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from polydet.core.config import Config, TileConfig
 from polydet.core.errors import DataError, ModelError
 from polydet.core.files import write_text
-from polydet.data.dataset import load_image
 from polydet.data.formats import write_task1
 from polydet.data.images import open_image, rgb_image
-from polydet.data.tiling import merge_detections, tile_grid
+from polydet.deploy.batched import detect_stream, open_source, size_of
 from polydet.eval.evaluate import resolve_model
+from polydet.eval.tta import with_tta
 from polydet.geometry import polybox
 from polydet.model import PolyDetector, load_model
 from polydet.model.device import resolve_device
@@ -65,11 +68,6 @@ def _image_ids(paths: list[Path]) -> list[str]:
     return ["_".join(i.split()) for i in ids]
 
 
-def _filter(det: dict[str, Tensor], score_thresh: float) -> dict[str, Tensor]:
-    keep = det["scores"] >= score_thresh
-    return {k: v[keep].detach().cpu() for k, v in det.items()}
-
-
 def detect(
     model: PolyDetector,
     image: Tensor,
@@ -77,29 +75,23 @@ def detect(
     score_thresh: float,
     batch_size: int = 8,
 ) -> tuple[dict[str, Tensor], int]:
-    """Detections of one image ``[3, H, W]`` in its pixels, and the number of tiles used.
-
-    Tiling happens when it is enabled and the image is larger than ``tile.size``; tile
-    detections are merged with polygon NMS at the model's ``roi.nms_thresh``.
-    """
-    h, w = image.shape[-2:]
-    if not (tile.enabled and max(h, w) > tile.size):
-        return _filter(model.predict([image])[0], score_thresh), 1
-    boxes = tile_grid(int(w), int(h), tile.size, tile.overlap)
-    parts: list[tuple[tuple[float, float], dict[str, Tensor]]] = []
-    for start in range(0, len(boxes), batch_size):
-        chunk = boxes[start : start + batch_size]
-        crops = [image[:, y0:y1, x0:x1] for x0, y0, x1, y1 in chunk]
-        for (x0, y0, _, _), det in zip(chunk, model.predict(crops)):
-            # Thresholding before the merge keeps the polygon NMS small.
-            parts.append(((float(x0), float(y0)), _filter(det, score_thresh)))
-    return merge_detections(parts, model.cfg.roi.nms_thresh), len(boxes)
+    """Detections of one image ``[3, H, W]`` in its pixels, and the number of tiles used
+    (:func:`polydet.deploy.batched.detect_stream`, merged at the model's ``roi.nms_thresh``)."""
+    stream = detect_stream(model, [(0, image)], tile, score_thresh, batch_size,
+                           model.cfg.roi.nms_thresh)  # fmt: skip
+    _, det, n = next(iter(stream))
+    return det, n
 
 
 def draw(image_path: Path, det: dict[str, Tensor], classes: list[str], out: Path) -> Path:
     """Save ``image_path`` with the detections' polyboxes, classes and scores drawn."""
     with open_image(image_path) as im:  # as displayed, as the detections are
-        canvas = rgb_image(im)
+        canvas = im if im.mode == "RGB" else rgb_image(im)  # drawn on: no copy of a big image
+        _draw(canvas, det, classes, out)
+    return out
+
+
+def _draw(canvas: Image.Image, det: dict[str, Tensor], classes: list[str], out: Path) -> None:
     pen = ImageDraw.Draw(canvas)
     width = max(1, round(max(canvas.size) / 256))
     corners = polybox.to_corners(det["polyboxes"].double()).tolist()
@@ -113,7 +105,6 @@ def draw(image_path: Path, det: dict[str, Tensor], classes: list[str], out: Path
         pen.text(pts[0], f"{name} {float(det['scores'][i]):.2f}", fill=colour)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
-    return out
 
 
 def predict_paths(
@@ -151,27 +142,37 @@ def predict_paths(
     else:
         raise ModelError(f"unknown runtime {runtime!r} (expected torch or onnx)")
     classes = list(net.classes or cfg.data.classes)
+    net = with_tta(net, cfg.evaluate.tta)
     out_dir = Path(out_dir)
 
     detections: dict[str, dict[str, Tensor]] = {}
     records: list[dict[str, Any]] = []
     tiled = 0
     skipped: list[dict[str, str]] = []
-    with torch.inference_mode():
+    where: dict[str, tuple[Path, int, int]] = {}
+
+    def images() -> Any:  # each image open until its last tile is cut
         for path, image_id in zip(paths, _image_ids(paths)):
             try:
-                image = load_image(path).to(device)
+                with open_source(path) as image:
+                    where[image_id] = (path, *size_of(image))
+                    yield image_id, image
             except DataError as e:  # one bad file (a text file named .png) skips that file
                 if len(paths) == 1:
                     raise
                 print(f"polydet predict: warning: skipped {e}", file=sys.stderr)
                 skipped.append({"path": str(path), "reason": str(e)})
-                continue
-            det, n_tiles = detect(net, image, cfg.data.tile, score_thresh, cfg.evaluate.batch_size)
-            tiled += n_tiles > 1
-            detections[image_id] = det
-            draw(path, det, classes, out_dir / "images" / f"{image_id}.png")
-            records.append(_record(image_id, path, image, det, classes, n_tiles))
+
+    ecfg = cfg.evaluate
+    merge = ecfg.tile_merge == "class_agnostic"
+    stream = detect_stream(net, images(), cfg.data.tile, score_thresh, ecfg.batch_size,
+                           net.cfg.roi.nms_thresh, merge, cfg.train.amp)  # fmt: skip
+    for image_id, det, n_tiles in stream:
+        path, w, h = where.pop(image_id)
+        tiled += n_tiles > 1
+        detections[image_id] = det
+        draw(path, det, classes, out_dir / "images" / f"{image_id}.png")
+        records.append(_record(image_id, path, (w, h), det, classes, n_tiles))
 
     if not records:
         raise DataError(f"{input}: none of the {len(paths)} images could be read")
@@ -205,7 +206,7 @@ def predict_paths(
 def _record(
     image_id: str,
     path: Path,
-    image: Tensor,
+    size: tuple[int, int],
     det: dict[str, Tensor],
     classes: list[str],
     n_tiles: int,
@@ -214,8 +215,8 @@ def _record(
     return {
         "image_id": image_id,
         "path": str(path),
-        "width": int(image.shape[-1]),
-        "height": int(image.shape[-2]),
+        "width": size[0],
+        "height": size[1],
         "tiles": n_tiles,
         "detections": [
             {

@@ -309,7 +309,9 @@ def evaluate_model(cfg: Config, model: str | None = None) -> dict[str, Any]:
     path = resolve_model(cfg, model)
     ecfg = cfg.evaluate
     records = load_split(cfg, ecfg.split)
-    net = load_checked_model(cfg, path)
+    from polydet.eval.tta import with_tta
+
+    net = with_tta(load_checked_model(cfg, path), ecfg.tta)  # off unless evaluate.tta.enabled
     preds, nonfinite = predict_records(net, records, ecfg.batch_size)
     out = Path(ecfg.out)
     classes = list(cfg.data.classes)

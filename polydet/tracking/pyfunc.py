@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,10 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from polydet.deploy.onnx_runtime import Runtimes
 
-        self.runtimes = Runtimes(context.artifacts, getattr(context, "model_config", None))
+        config = getattr(context, "model_config", None)
+        self.runtimes = Runtimes(
+            context.artifacts, config, wrap=lambda model: _with_logged_tta(model, config)
+        )
         self.classes = self.runtimes.classes
 
     def predict(
@@ -74,6 +78,16 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
 
     def _name(self, label: int) -> str:
         return self.classes[label - 1] if 0 < label <= len(self.classes) else str(label)
+
+
+def _with_logged_tta(model: Any, model_config: Mapping[str, Any] | None) -> Any:
+    """The model with the test-time augmentation logged with it (``evaluate.tta`` when it was
+    registered; none for models logged before the setting existed)."""
+    from polydet.core.config import tta_config_from_dict
+    from polydet.eval.tta import with_tta
+
+    raw = (model_config or {}).get("tta")
+    return with_tta(model, tta_config_from_dict(raw)) if raw else model
 
 
 def model_signature(runtime: str = "torch") -> Any:

@@ -20,7 +20,7 @@ import pandas as pd
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from polydet.core.config import Config
+from polydet.core.config import Config, to_dict
 from polydet.core.errors import DataError, ModelError, TrackingError
 from polydet.core.files import write_text
 from polydet.core.store import connect, get_tracking_uri, store_message
@@ -164,7 +164,12 @@ def _log_and_register(
             code_paths=[str(bundle)],
             artifacts={"model": str(model_path), **onnx.artifacts},
             signature=model_signature(onnx.runtime),
-            model_config={"runtime": onnx.runtime, "device": "auto"},
+            # read by load_context
+            model_config={
+                "runtime": onnx.runtime,
+                "device": "auto",
+                "tta": to_dict(cfg.evaluate.tta),
+            },
             input_example=example,  # MLflow checks the model answers it when logging
             pip_requirements=_pip_requirements(),
             tags={TAG + "map50": str(ap50(metrics))},

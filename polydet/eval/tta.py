@@ -1,0 +1,211 @@
+"""Test-time augmentation: exact views of an image, their detections mapped back and fused.
+
+A view is one exact transform of the image: a left-right or top-bottom mirror, a rotation by
+``k`` quarter turns (the training augmentations of :mod:`polydet.data.augment`, which move
+every pixel centre onto another), or the model's input size times ``s``. The detector runs on
+every view; each view's polyboxes go back to the image by the inverse polybox transform
+(:func:`polydet.polybox.hflip`, ``vflip``, ``rot90`` with ``4 - k``; a scale view is mapped
+back by the model itself), then the views are fused per class:
+
+- ``nms``: polygon NMS (:func:`polydet.ops.batched_nms`) over all views' detections;
+- ``weighted``: each detection, by descending score, gathers the not yet gathered ones of
+  its class overlapping it by more than ``iou_threshold``; the group's corners are first
+  **aligned** to the leader's (the cyclic roll with the smallest summed squared corner
+  distance: the canonical first corner of two views of one object can differ by a whole
+  roll near 45 degrees, and averaging misaligned corners collapses a quad into a rhombus),
+  then averaged with the scores as weights; the score is the group's mean score times
+  ``min(n, V) / V`` (``V`` views, as weighted boxes fusion), so an object seen in one view
+  only is demoted.
+
+:func:`with_tta` wraps a model (``.predict(images)``) so that predict, evaluate and the
+MLflow model take TTA by one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from polydet.core.config import TTAConfig
+from polydet.core.errors import ModelError
+from polydet.data import augment
+from polydet.geometry import polybox
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """One exact transform: ``flip`` (``""``, ``"h"`` or ``"v"``), then ``k`` quarter turns
+    (``torch.rot90`` on H, W); ``scale`` multiplies the model's input size."""
+
+    flip: str = ""
+    k: int = 0
+    scale: float = 1.0
+
+    def apply(self, image: Tensor) -> Tensor:
+        """The view of ``image [3, H, W]`` (``[3, W, H]`` for odd ``k``)."""
+        target: augment.Target = {"polyboxes": image.new_zeros(0, 10)}
+        if self.flip == "h":
+            image, _ = augment.hflip(image, target)
+        elif self.flip == "v":
+            image, _ = augment.vflip(image, target)
+        if self.k % 4:
+            image, _ = augment.rot90(image, target, self.k)
+        return image
+
+    def invert(self, polyboxes: Tensor, width: int, height: int) -> Tensor:
+        """Polyboxes ``[N, 10]`` found in the view (``width`` x ``height`` pixels) mapped back
+        to the original image's pixels (canonical)."""
+        p = polyboxes.float()
+        if self.k % 4:
+            p = polybox.rot90(p, width, height, 4 - self.k % 4)
+            if self.k % 2:
+                width, height = height, width
+        if self.flip == "h":
+            p = polybox.hflip(p, width)
+        elif self.flip == "v":
+            p = polybox.vflip(p, height)
+        return p
+
+
+def views_of(cfg: TTAConfig) -> list[View]:
+    """The identity, then one view per flip, per quarter turn and per scale of ``cfg``."""
+    return [
+        View(),
+        *(View(flip=f) for f in cfg.flips),
+        *(View(k=k) for k in cfg.rot90),
+        *(View(scale=s) for s in cfg.scales),
+    ]
+
+
+def align_corners(ref: Tensor, corners: Tensor) -> Tensor:
+    """``corners [N, 4, 2]`` each cyclically rolled to the order closest to ``ref [N, 4, 2]``
+    (or ``[4, 2]``): the roll with the smallest summed squared corner distance."""
+    rolls = torch.stack([corners.roll(-r, dims=-2) for r in range(4)])  # [4, N, 4, 2]
+    cost = (rolls - ref).pow(2).sum((-1, -2))  # [4, N]
+    best = cost.argmin(0)  # ties: the lowest roll
+    return rolls[best, torch.arange(corners.shape[0], device=corners.device)]
+
+
+def _empty() -> dict[str, Tensor]:
+    return {
+        "polyboxes": torch.zeros(0, 10),
+        "scores": torch.zeros(0),
+        "labels": torch.zeros(0, dtype=torch.int64),
+    }
+
+
+def fuse(
+    dets: Sequence[dict[str, Tensor]], fusion: str, iou_threshold: float, num_views: int
+) -> dict[str, Tensor]:
+    """One image's detections from its views' (already in image pixels), per class; result
+    sorted by descending score (module docstring: ``nms`` and ``weighted``)."""
+    from polydet.geometry.ops import batched_nms, pairwise_iou
+
+    if not dets:
+        return _empty()
+    b = torch.cat([d["polyboxes"].float().reshape(-1, 10) for d in dets])
+    s = torch.cat([d["scores"].float().reshape(-1) for d in dets])
+    lab = torch.cat([d["labels"].long().reshape(-1) for d in dets])
+    if len(s) == 0:
+        return _empty()
+    if fusion == "nms":
+        keep = batched_nms(b, s, lab, iou_threshold)
+        keep = keep[s[keep].argsort(descending=True, stable=True)]
+        return {"polyboxes": b[keep], "scores": s[keep], "labels": lab[keep]}
+    if fusion != "weighted":
+        raise ValueError(f"unknown fusion {fusion!r} (expected nms or weighted)")
+    # [N, N]: overlap of same-class pairs only, so different classes never fuse.
+    same = (pairwise_iou(b, b) > iou_threshold) & (lab[:, None] == lab[None, :])
+    free = torch.ones(len(s), dtype=torch.bool)
+    boxes, scores, labels = [], [], []
+    corners = polybox.to_corners(b)  # [N, 4, 2]
+    for i in s.argsort(descending=True, stable=True).tolist():
+        if not free[i]:
+            continue
+        members = torch.nonzero(same[i] & free).flatten()
+        members = torch.cat([members.new_tensor([i]), members[members != i]])
+        free[members] = False
+        w = s[members]
+        aligned = align_corners(corners[i], corners[members])  # [n, 4, 2]
+        mean = (aligned * w[:, None, None]).sum(0) / w.sum()
+        boxes.append(polybox.from_corners(mean))
+        scores.append(w.mean() * min(len(members), num_views) / num_views)
+        labels.append(lab[i])
+    out = {"polyboxes": torch.stack(boxes), "scores": torch.stack(scores)}
+    out["labels"] = torch.stack(labels)
+    order = out["scores"].argsort(descending=True, stable=True)
+    return {k: v[order] for k, v in out.items()}
+
+
+@contextmanager
+def input_scale(net: Any, scale: float) -> Iterator[None]:
+    """Within the block, ``net`` (a :class:`~polydet.model.PolyDetector`) resizes its inputs
+    to ``scale`` times ``model.min_size`` / ``max_size``; its own exact rescaling maps the
+    detections back to the input's pixels."""
+    if scale == 1.0:
+        yield
+        return
+    old = net.cfg
+    net.cfg = dataclasses.replace(
+        old, min_size=round(old.min_size * scale), max_size=round(old.max_size * scale)
+    )
+    try:
+        yield
+    finally:
+        net.cfg = old
+
+
+class TTAModel:
+    """``net`` with :meth:`predict` over every view of ``cfg``, fused; other attributes
+    (``cfg``, ``classes``, ``eval``) are ``net``'s."""
+
+    def __init__(self, net: Any, cfg: TTAConfig) -> None:
+        if cfg.scales and not (hasattr(net, "_resize") and dataclasses.is_dataclass(net.cfg)):
+            raise ModelError(
+                "evaluate.tta.scales needs the torch runtime (an exported model has its input "
+                "size fixed); set evaluate.tta.scales=[]"
+            )
+        self.net, self.tta, self.views = net, cfg, views_of(cfg)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.net, name)
+
+    def view_detections(self, images: Sequence[Tensor]) -> list[list[dict[str, Tensor]]]:
+        """Per view, per image: the view's detections mapped back to the image's pixels
+        (CPU tensors)."""
+        out = []
+        for view in self.views:
+            shown = [view.apply(im) for im in images]
+            with input_scale(self.net, view.scale):
+                found = self.net.predict(shown)
+            out.append(
+                [
+                    {
+                        "polyboxes": view.invert(
+                            d["polyboxes"].detach().cpu(), v.shape[-1], v.shape[-2]
+                        ),
+                        "scores": d["scores"].detach().float().cpu(),
+                        "labels": d["labels"].detach().cpu(),
+                    }
+                    for d, v in zip(found, shown)
+                ]
+            )
+        return out
+
+    def predict(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
+        """Per image ``{"polyboxes", "scores", "labels"}`` fused over the views."""
+        per_view = self.view_detections(images)
+        return [
+            fuse([v[i] for v in per_view], self.tta.fusion, self.tta.iou_threshold, len(per_view))
+            for i in range(len(images))
+        ]
+
+
+def with_tta(net: Any, cfg: TTAConfig) -> Any:
+    """``net`` itself when ``cfg.enabled`` is false, else :class:`TTAModel` over it."""
+    return TTAModel(net, cfg) if cfg.enabled else net
