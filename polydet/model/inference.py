@@ -291,6 +291,23 @@ def pool_rois(
     return result
 
 
+def box_head_on(
+    roi_heads: nn.Module, features: dict[str, Tensor], boxes: Tensor, valid: Tensor, batch_hw: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    """RoIAlign + box head on padded boxes ``[B, N, 4]`` (``valid [B, N]``): the boxes used
+    (padding rows replaced by a harmless unit box, whose results the callers mask), class
+    logits ``[B*N, C]`` and deltas ``[B*N, C*10]``."""
+    num_b, num_n = boxes.shape[0], boxes.shape[1]
+    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=boxes.dtype, device=boxes.device)
+    boxes = torch.where(valid[..., None], boxes, unit.expand_as(boxes))
+    image = torch.arange(num_b, device=boxes.device, dtype=boxes.dtype)
+    image = image[:, None, None].expand(-1, num_n, 1)
+    rois = torch.cat([image, boxes], -1).reshape(-1, 5)
+    x = pool_rois(roi_heads.box_roi_pool, features, rois, batch_hw)
+    logits, deltas = roi_heads.box_predictor(roi_heads.box_head(x))
+    return boxes, logits, deltas
+
+
 def detect_batched(
     roi_heads: nn.Module,
     features: dict[str, Tensor],
@@ -305,14 +322,7 @@ def detect_batched(
     ``K = detections_per_img``; rows past an image's detections are zeros."""
     cfg, num_c = roi_heads.cfg, roi_heads.num_classes
     num_b, num_p = boxes.shape[0], boxes.shape[1]
-    # Padding rows get a harmless unit box (their results are masked).
-    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=boxes.dtype, device=boxes.device)
-    boxes = torch.where(valid[..., None], boxes, unit.expand_as(boxes))
-    image = torch.arange(num_b, device=boxes.device, dtype=boxes.dtype)
-    image = image[:, None, None].expand(-1, num_p, 1)
-    rois = torch.cat([image, boxes], -1).reshape(-1, 5)
-    x = pool_rois(roi_heads.box_roi_pool, features, rois, batch_hw)
-    logits, deltas = roi_heads.box_predictor(roi_heads.box_head(x))
+    boxes, logits, deltas = box_head_on(roi_heads, features, boxes, valid, batch_hw)
     probs = F.softmax(logits.float(), dim=-1).view(num_b, num_p, num_c)
     decoded = roi_heads.coder.decode(deltas.float(), boxes.reshape(-1, 4), check=False)
     decoded = decoded.view(num_b, num_p, num_c, 10)[:, :, 1:]  # [B, P, G, 10], G = C - 1
@@ -375,13 +385,7 @@ def refine_detections(
     # As floats: ``found`` comes out of the scripted greedy loop, where the ONNX exporter
     # cannot tell it is boolean.
     ok = (found.to(hull.dtype) * (wh >= MIN_PROPOSAL_SIZE).all(-1).to(hull.dtype)) > 0.5
-    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=hull.dtype, device=hull.device)
-    boxes = torch.where(ok[..., None], hull, unit.expand_as(hull))
-    image = torch.arange(num_b, device=boxes.device, dtype=boxes.dtype)
-    image = image[:, None, None].expand(-1, num_k, 1)
-    rois = torch.cat([image, boxes], -1).reshape(-1, 5)
-    x = pool_rois(roi_heads.box_roi_pool, features, rois, batch_hw)
-    logits, deltas = roi_heads.box_predictor(roi_heads.box_head(x))
+    boxes, logits, deltas = box_head_on(roi_heads, features, hull, ok, batch_hw)
     cls = labels.clamp(1, num_c - 1).reshape(-1, 1)  # padding rows: any class, masked below
     probs = F.softmax(logits.float(), dim=-1).gather(1, cls).view(num_b, num_k)
     own = deltas.float().view(-1, num_c, 10).gather(1, cls[..., None].expand(-1, 1, 10))
