@@ -24,6 +24,7 @@ KEYS = {
     "loss_classifier",
     "loss_polybox",
     "loss_polybox_iou",
+    "loss_refine",
 }
 
 

@@ -95,3 +95,62 @@ def test_second_nms_drops_refined_duplicates_per_class_and_sorts() -> None:
     assert out_scores[0, :3].tolist() == pytest.approx([0.7, 0.6, 0.4])
     assert out_labels[0, :3].tolist() == [1, 2, 1]
     assert torch.equal(out[0, 0], b) and torch.equal(out[0, 2], c)
+
+
+def test_refine_loss_runs_the_head_on_the_hulls_of_its_own_decoded_positives() -> None:
+    """Training of the second pass (``model.roi.refine_loss_weight``): the stub head shifts a
+    class-c RoI by c widths / W0, so the first pass's quad of a positive is its RoI shifted,
+    clipped to the image; the second pass is scored on that hull against the same truth."""
+    from polydet.geometry.coder import polybox_loss
+    from polydet.model.roi_heads import RoISamples, polybox_iou_loss
+
+    h = heads()
+    h.cfg = dataclasses.replace(h.cfg, refine_loss_weight=1.0, iou_loss_weight=3.0)
+    w0 = float(PolyBoxCoder(h.cfg.coder_weights).weights[0])
+    boxes = [torch.tensor([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 5.0, 5.0]]),
+             torch.tensor([[100.0, 60.0, 126.0, 90.0]])]  # fmt: skip
+    labels = [torch.tensor([2, 0]), torch.tensor([3])]
+    gt = from_corners(torch.tensor([[[12.0, 18.0], [52.0, 22.0], [49.0, 43.0], [9.0, 39.0]],
+                                    [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]],
+                                    [[101.0, 58.0], [127.0, 61.0], [125.0, 92.0], [99.0, 88.0]]]))  # fmt: skip
+    samples = RoISamples(boxes, labels, [gt[:2], gt[2:]])
+    pos = torch.tensor([0, 2])
+    first = h.box_predictor(torch.zeros(3, 1))[1].view(3, NUM_C, 10)[pos, torch.tensor([2, 3])]
+    first.requires_grad_(True)
+    features = {"0": torch.rand(2, 2, 16, 16, requires_grad=True)}
+    loss = h.refine_loss(features, samples, pos, first, [(128, 128), (128, 128)])
+
+    # expected hulls, by hand: box 0 shifted right by 2 widths / W0; box 2 by 3, then clipped
+    hull0 = torch.tensor([10.0 + 2 * 40 / w0, 20.0, 50.0 + 2 * 40 / w0, 40.0])
+    hull2 = torch.tensor([100.0 + 3 * 26 / w0, 60.0, 128.0, 90.0])
+    hulls = torch.stack([hull0, hull2])
+    second = first.detach()
+    expected = polybox_loss(second, gt[[0, 2]], hulls, h.coder, h.cfg.order_free)[0]
+    expected = expected * h.cfg.loss_weight + 3.0 * polybox_iou_loss(
+        second, gt[[0, 2]], hulls, h.coder
+    )
+    assert abs(float(loss) - float(expected)) < 1e-4 * max(1.0, float(expected))
+    # The first pass's quads are passed on without gradient, as between cascade stages: the
+    # stub head has no parameters, so the loss would need a gradient only through them.
+    assert not loss.requires_grad
+
+
+def test_refine_loss_off_is_zero_and_on_trains_the_head() -> None:
+    from polydet.model import build_model
+
+    cfg = load_config("params.yaml").model
+    quad = from_corners(torch.tensor([[[30.0, 40.0], [90.0, 30.0], [100.0, 80.0], [35.0, 90.0]]]))
+    targets = [{"polyboxes": quad, "labels": torch.tensor([1])}]
+    images = [torch.rand(3, 128, 128)]
+    for weight in (0.0, 1.0):
+        roi = dataclasses.replace(cfg.roi, refine_loss_weight=weight)
+        torch.manual_seed(0)
+        model = build_model(dataclasses.replace(cfg, roi=roi)).train()
+        losses = model.loss(images, targets)
+        if weight == 0:
+            assert losses["loss_refine"].item() == 0.0
+            continue
+        assert losses["loss_refine"].item() > 0
+        head = model.roi_heads.box_predictor.polybox_pred.weight
+        (grad,) = torch.autograd.grad(losses["loss_refine"], head)
+        assert grad.abs().sum() > 0

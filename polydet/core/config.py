@@ -184,6 +184,7 @@ class RoIConfig:
     loss_weight: float  # multiplies loss_polybox
     iou_loss_weight: float  # multiplies loss_polybox_iou, 1 - polygon IoU of the decoded positives
     refine_steps: int  # inference: passes of the box head over its own detections' hulls
+    refine_loss_weight: float  # training: the box losses again on the positives' refined hulls
 
     def __post_init__(self) -> None:
         checks = {
@@ -191,6 +192,7 @@ class RoIConfig:
             "representation_size": self.representation_size >= 1,
             "detections_per_img": self.detections_per_img >= 1,
             "refine_steps": self.refine_steps >= 0,
+            "refine_loss_weight": self.refine_loss_weight >= 0,
             **_head_checks(self),
         }
         check_ranges("model.roi", self, checks)
@@ -270,7 +272,13 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
         if isinstance(raw.get(stage), dict):
             raw[stage] = {"order_free": False, "loss_weight": 1.0, **raw[stage]}
     if isinstance(raw.get("roi"), dict):
-        raw["roi"] = {"sampling_ratio": 2, "iou_loss_weight": 0.0, "refine_steps": 0, **raw["roi"]}
+        raw["roi"] = {
+            "sampling_ratio": 2,
+            "iou_loss_weight": 0.0,
+            "refine_steps": 0,
+            "refine_loss_weight": 0.0,
+            **raw["roi"],
+        }
     model = _build(ModelConfig, raw, "model")
     check_model_config(model)
     return model

@@ -41,6 +41,7 @@ from torchvision.ops.poolers import MultiScaleRoIAlign, _setup_scales
 from polydet.geometry.coder import PolyBoxCoder
 from polydet.geometry.ops import intersection_area, intersection_area_autograd
 from polydet.geometry.polybox import area, canonicalize, from_corners, hull_xyxy, to_corners
+from polydet.model.roi_align import roi_align_separable, use_separable
 
 # Proposals whose clipped hull is narrower than this (pixels) are dropped, as in torchvision.
 MIN_PROPOSAL_SIZE = 1e-3
@@ -280,13 +281,19 @@ def pool_rois(
             pooler.canonical_level,
         )  # fmt: skip
     size, ratio = pooler.output_size, pooler.sampling_ratio
+
+    def align(feature: Tensor, level_rois: Tensor, scale: float) -> Tensor:
+        if use_separable(feature, ratio):  # training on CPU: ~3x cheaper backward
+            return roi_align_separable(feature, level_rois, size, scale, ratio)
+        return roi_align(feature, level_rois, size, spatial_scale=scale, sampling_ratio=ratio)
+
     if len(x) == 1:
-        return roi_align(x[0], rois, size, spatial_scale=pooler.scales[0], sampling_ratio=ratio)
+        return align(x[0], rois, pooler.scales[0])
     levels = pooler.map_levels([rois[:, 1:]])
     result = rois.new_zeros((rois.shape[0], x[0].shape[1], *size), dtype=x[0].dtype)
     for level, (feature, scale) in enumerate(zip(x, pooler.scales)):
         idx = torch.where(levels == level)[0]
-        pooled = roi_align(feature, rois[idx], size, spatial_scale=scale, sampling_ratio=ratio)
+        pooled = align(feature, rois[idx], scale)
         result = result.index_put((idx,), pooled.to(result.dtype))
     return result
 

@@ -23,7 +23,13 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 from polydet.core.config import RoIConfig
 from polydet.geometry.coder import PolyBoxCoder, polybox_loss
 from polydet.geometry.polybox import hull_xyxy
-from polydet.model.inference import MIN_PROPOSAL_SIZE, detect_batched, quad_iou
+from polydet.model.inference import (
+    MIN_PROPOSAL_SIZE,
+    clip_polyboxes,
+    detect_batched,
+    pool_rois,
+    quad_iou,
+)
 
 
 def polybox_iou_loss(deltas: Tensor, gt: Tensor, refs: Tensor, coder: PolyBoxCoder) -> Tensor:
@@ -100,7 +106,10 @@ class PolyRoIHeads(nn.Module):
         self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> tuple[Tensor, Tensor]:
         """Class logits ``[R, C]`` and deltas ``[R, C*10]`` of the boxes of all images."""
-        x = self.box_roi_pool(features, boxes, image_sizes)
+        image = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
+        rois = torch.cat([image, torch.cat(boxes)], dim=1)
+        batch_hw = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
+        x = pool_rois(self.box_roi_pool, features, rois, batch_hw)
         return self.box_predictor(self.box_head(x))
 
     # --- training ----------------------------------------------------------------------
@@ -161,7 +170,12 @@ class PolyRoIHeads(nn.Module):
         )
         if labels.numel() == 0:  # no proposal and no ground truth in the whole batch
             zero = logits.sum() * 0.0 + deltas.sum() * 0.0
-            losses = {"loss_classifier": zero, "loss_polybox": zero, "loss_polybox_iou": zero}
+            losses = {
+                "loss_classifier": zero,
+                "loss_polybox": zero,
+                "loss_polybox_iou": zero,
+                "loss_refine": zero,
+            }
         else:
             losses = {
                 "loss_classifier": F.cross_entropy(logits, labels),
@@ -173,7 +187,56 @@ class PolyRoIHeads(nn.Module):
                 refs = torch.cat(samples.boxes)[pos]
                 loss_iou = polybox_iou_loss(pos_deltas, gt, refs, self.coder)
             losses["loss_polybox_iou"] = loss_iou * self.cfg.iou_loss_weight / labels.numel()
+            loss_refine = pos_deltas.sum() * 0.0  # off: no work, the same keys
+            if self.cfg.refine_loss_weight > 0:
+                loss_refine = self.refine_loss(features, samples, pos, pos_deltas, image_sizes)
+            losses["loss_refine"] = loss_refine * self.cfg.refine_loss_weight / labels.numel()
         return losses, samples, RoIOutput(logits, deltas, targets_enc, pos_deltas)
+
+    def refine_loss(
+        self,
+        features: dict[str, Tensor],
+        samples: RoISamples,
+        pos: Tensor,
+        pos_deltas: Tensor,
+        image_sizes: list[tuple[int, int]],
+    ) -> Tensor:
+        """The box losses (smooth-L1 at ``loss_weight`` + IoU at ``iou_loss_weight``, summed
+        over RoIs) of the box head run again on the hulls of its own decoded positives, each
+        against the same ground truth: the second pass of ``refine_steps`` sees such hulls at
+        inference, far tighter than the proposals the first pass learns from, and this trains
+        it on them (Cascade R-CNN's point, with one shared head). The first pass's quads are
+        detached, as a cascade's stages pass boxes forward without gradient."""
+        if pos.numel() == 0:
+            return pos_deltas.sum() * 0.0
+        labels = torch.cat(samples.labels)[pos]
+        gt = torch.cat(samples.gt_polyboxes)[pos].float()
+        with torch.no_grad():
+            image = torch.cat([torch.full_like(b[:, 0], i) for i, b in enumerate(samples.boxes)])[
+                pos
+            ]
+            quads = self.coder.decode(
+                pos_deltas.detach(), torch.cat(samples.boxes)[pos], check=False
+            )
+            sizes = torch.tensor(image_sizes, dtype=quads.dtype, device=quads.device)[image.long()]
+            hull = hull_xyxy(clip_polyboxes(quads, sizes))
+            wh = hull[:, 2:] - hull[:, :2]
+            ok = torch.where((wh >= MIN_PROPOSAL_SIZE).all(1) & torch.isfinite(hull).all(1))[0]
+        if ok.numel() == 0:
+            return pos_deltas.sum() * 0.0
+        rois = torch.cat([image[ok, None], hull[ok]], dim=1)
+        batch_hw = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
+        x = pool_rois(self.box_roi_pool, features, rois, batch_hw)
+        _, deltas = self.box_predictor(self.box_head(x))
+        own = deltas.view(deltas.shape[0], -1, 10)[torch.arange(ok.numel()), labels[ok]].float()
+        loss, _ = polybox_loss(own, gt[ok], hull[ok], self.coder, self.cfg.order_free)
+        loss = loss * self.cfg.loss_weight
+        if self.cfg.iou_loss_weight > 0:
+            loss = (
+                loss
+                + polybox_iou_loss(own, gt[ok], hull[ok], self.coder) * self.cfg.iou_loss_weight
+            )
+        return loss
 
     # --- inference ---------------------------------------------------------------------
 
