@@ -21,12 +21,16 @@ from polydet.core.errors import DataError
 from polydet.data.manifest import BOX_COLUMNS
 from polydet.geometry import polybox
 from polydet.train.anchors import (
+    AUTO_FACTORS,
+    SCALED,
     GroundTruths,
     best_anchor_iou,
     configure_anchors,
     fit_anchors,
     input_scale,
     level_strides,
+    load_train_objects,
+    scale_sizes,
 )
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -166,7 +170,7 @@ def config(root: Path, *overrides: str):
 
 
 def test_stage_writes_its_files(dataset: Path) -> None:
-    cfg = config(dataset)
+    cfg = config(dataset, "anchors.size_factor=1")
     summary = configure_anchors(cfg)
     out = dataset / "anchors"
     for name in ("anchors.json", "coverage.json", "report.md", "coverage.png"):
@@ -205,6 +209,57 @@ def test_stage_is_deterministic(dataset: Path) -> None:
     assert first == [
         (dataset / "anchors" / f).read_text() for f in ("anchors.json", "coverage.json")
     ]
+
+
+def test_size_factor_scales_the_chosen_fit(dataset: Path) -> None:
+    configure_anchors(config(dataset, "anchors.size_factor=1"))
+    plain = json.loads((dataset / "anchors" / "anchors.json").read_text())
+    summary = configure_anchors(config(dataset, "anchors.size_factor=1.5"))
+    scaled = json.loads((dataset / "anchors" / "anchors.json").read_text())
+    assert scaled["aspect_ratios"] == plain["aspect_ratios"]
+    flat = [s for level in plain["sizes"] for s in level]
+    expected, last = [], 0
+    for s in flat:  # rounded, kept distinct and increasing
+        last = max(round(s * 1.5), last + 1)
+        expected.append(last)
+    assert [s for level in scaled["sizes"] for s in level] == expected
+    assert summary["source"] == "fitted, sizes x 1.5 (anchors.size_factor)"
+    assert summary["anchors"] == scaled
+    cov = json.loads((dataset / "anchors" / "coverage.json").read_text())
+    assert set(cov["sets"]) == {"configured", "fitted", SCALED}
+    assert cov["chosen"] == SCALED and cov["sets"]["fitted"]["anchors"] == plain
+    # its own coverage: the anchors it reports are the ones it measured
+    assert cov["sets"][SCALED]["anchors"] == scaled
+    assert SCALED in (dataset / "anchors" / "report.md").read_text()
+    # the configured anchors are never scaled
+    configure_anchors(config(dataset, "anchors.fit=false", "anchors.size_factor=1.5"))
+    configured = json.loads((dataset / "anchors" / "anchors.json").read_text())
+    assert configured["sizes"] == [[16], [32], [64], [128]]
+
+
+def test_auto_size_factor_gives_the_most_objects_a_positive_anchor(dataset: Path) -> None:
+    cfg = config(dataset, "anchors.size_factor=auto")
+    summary = configure_anchors(cfg)
+    cov = json.loads((dataset / "anchors" / "coverage.json").read_text())
+    chosen = cov["size_factor"]
+    assert chosen in AUTO_FACTORS and "auto" in summary["source"]
+    fitted = cov["sets"]["fitted"]["anchors"]
+    gt = load_train_objects(cfg.data.out, cfg.model.min_size, cfg.model.max_size)
+    strides = level_strides(cfg.model)
+    thr = cfg.model.rpn.fg_iou_thresh
+
+    def count(f: float) -> int:
+        sizes = scale_sizes(fitted["sizes"], f)
+        return int((best_anchor_iou(gt, sizes, fitted["aspect_ratios"], strides) >= thr).sum())
+
+    assert all(count(f) <= count(chosen) for f in AUTO_FACTORS)
+    assert summary["anchors"]["sizes"] == scale_sizes(fitted["sizes"], chosen)
+
+
+def test_size_factor_must_be_positive_or_auto(dataset: Path) -> None:
+    for bad in ("0", "big"):
+        with pytest.raises(ConfigError, match="size_factor"):
+            config(dataset, f"anchors.size_factor={bad}")
 
 
 def test_fit_false_writes_the_configured_anchors(dataset: Path) -> None:

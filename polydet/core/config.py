@@ -133,6 +133,9 @@ class AnchorsConfig:
     sizes: tuple[tuple[int, ...], ...]  # per FPN level
     aspect_ratios: tuple[float, ...]  # h / w, shared by all levels
     num_ratios: int  # how many ratios the fit chooses
+    # A chosen fit's sizes are multiplied by this; auto: the factor (1-2) that gives the most
+    # objects an anchor above model.rpn.fg_iou_thresh on the real anchor grid.
+    size_factor: float | Literal["auto"]
     out: str
 
     def __post_init__(self) -> None:
@@ -140,6 +143,7 @@ class AnchorsConfig:
             "sizes": bool(self.sizes) and all(s > 0 for lv in self.sizes for s in lv),
             "aspect_ratios": bool(self.aspect_ratios) and all(r > 0 for r in self.aspect_ratios),
             "num_ratios": self.num_ratios >= 1,
+            "size_factor": self.size_factor == "auto" or self.size_factor > 0,
         }
         check_ranges("anchors", self, checks)
 
