@@ -21,8 +21,8 @@ TINY_MODEL = (
     "model.fpn_channels=32",
     "model.min_size=128",
     "model.max_size=128",
-    "model.anchor_sizes=[[16], [32], [64], [128]]",
-    "model.aspect_ratios=[0.5, 1.0, 2.0]",
+    "anchors.sizes=[[16], [32], [64], [128]]",
+    "anchors.aspect_ratios=[0.5, 1.0, 2.0]",
     "model.rpn.pre_nms_top_n_train=200",
     "model.rpn.post_nms_top_n_train=100",
     "model.rpn.pre_nms_top_n_test=100",
@@ -30,7 +30,6 @@ TINY_MODEL = (
     "model.roi.representation_size=64",
     "model.roi.batch_size_per_image=32",
     "data.classes=[a, b]",
-    "model.num_classes=3",
 )
 
 

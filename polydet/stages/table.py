@@ -142,7 +142,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train",
-        ("model", "train"),
+        # The model section's derived keys: its classes and (without anchors.json) anchors.
+        ("model", "train", "data.classes", "anchors.sizes", "anchors.aspect_ratios"),
         lambda c: [
             *_prepared(c, "images.csv", "objects.csv", "tiles"),
             c.data.root,

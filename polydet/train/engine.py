@@ -118,7 +118,8 @@ def seed_everything(seed: int) -> None:
 
 
 def load_anchors(cfg: Config) -> dict[str, list]:
-    """Anchors from ``{anchors.out}/anchors.json`` if it exists, else the model section's."""
+    """Anchors from ``{anchors.out}/anchors.json`` if it exists, else the configured ones
+    (``anchors.sizes`` / ``aspect_ratios``)."""
     path = Path(cfg.anchors.out) / "anchors.json"
     if path.is_file():
         try:
@@ -130,8 +131,8 @@ def load_anchors(cfg: Config) -> dict[str, list]:
         except (ValueError, KeyError, TypeError) as e:
             raise DataError(f"{path}: not an anchors file ({e})") from e
     return {
-        "sizes": [list(level) for level in cfg.model.anchor_sizes],
-        "aspect_ratios": list(cfg.model.aspect_ratios),
+        "sizes": [list(level) for level in cfg.anchors.sizes],
+        "aspect_ratios": list(cfg.anchors.aspect_ratios),
     }
 
 

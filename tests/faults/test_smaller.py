@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params.yaml"
 TINY = [
     "model.fpn_channels=32", "model.min_size=128", "model.max_size=128",
-    "model.roi.representation_size=64", "data.classes=[a, b]", "model.num_classes=3",
+    "model.roi.representation_size=64", "data.classes=[a, b]",
 ]  # fmt: skip
 
 
