@@ -664,14 +664,16 @@ def _line_of(text: str, dotted: str) -> int | None:
 
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict (lists for tuples) of a config or section, e.g. for checkpoints."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+    return yaml.safe_load(yaml.safe_dump(plain(dataclasses.asdict(cfg))))
 
 
-def _plain(x: Any) -> Any:
+def plain(x: Any) -> Any:
+    """``x`` with every tuple turned into a list, nested mappings and lists included (the
+    form YAML, JSON and ``torch.load(weights_only=True)`` give back)."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     return x
 
 

@@ -152,6 +152,7 @@ STAGES: tuple[Stage, ...] = (
         lambda c: [str(Path(c.train.out) / n) for n in ("model.pt", "history.csv")],
         (
             "polydet/train/engine.py",
+            "polydet/train/anchors.py",  # anchors.json is read there
             "polydet/train/checkpoint.py",
             "polydet/train/distributed.py",
             *_MODEL,
