@@ -196,7 +196,7 @@ def test_stage_writes_its_files(dataset: Path) -> None:
     assert summary["num_unreachable"] == len(cov["unreachable"])
     assert "Unreachable ground truths" in (out / "report.md").read_text()
     # The engine reads what the stage wrote.
-    from polydet.train.engine import load_anchors
+    from polydet.train.anchors import load_anchors
 
     assert load_anchors(cfg) == anchors
 
@@ -296,5 +296,6 @@ def test_bad_inputs_name_the_file_and_line(dataset: Path) -> None:
 
 
 def test_level_count_must_match_the_backbone(dataset: Path) -> None:
-    with pytest.raises(ConfigError, match="anchors.sizes has 2 levels"):
+    # Refused when params.yaml is loaded, before the stage runs.
+    with pytest.raises(ConfigError, match=r"anchors\.sizes: 2 levels, but model\.returned_layers"):
         configure_anchors(config(dataset, "anchors.sizes=[[16],[32]]"))

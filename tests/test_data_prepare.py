@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from polydet import cli
 from polydet.core.config import SplitConfig, load_config
@@ -77,14 +78,18 @@ def test_reports_are_written(prepared: tuple) -> None:
     assert sum(c["count"] for c in stats["classes"].values()) == result["objects"]
     for c in stats["classes"].values():
         assert sum(c["size_histogram"]) == c["count"]
-    for name in (
-        "stats.md",
-        "objects_per_image.png",
-        "size_by_class.png",
-        "aspect_by_class.png",
-        "import_summary.json",
-    ):
-        assert (out / name).stat().st_size > 0
+    for name in ("objects_per_image.png", "size_by_class.png", "aspect_by_class.png"):
+        with Image.open(out / name) as im:  # a whole, decodable PNG
+            im.load()
+            assert im.format == "PNG" and min(im.size) > 100, name
+    md = (out / "stats.md").read_text().splitlines()
+    for split, n in stats["num_images"].items():  # the split table, from stats.json's numbers
+        assert f"| {split} | {n} | {stats['num_objects'][split]} |" in md
+    assert sum(line.startswith(f"| {c} |") for line in md for c in stats["classes"]) == len(
+        stats["classes"]
+    )  # one row per class
+    imported = json.loads((out / "import_summary.json").read_text())
+    assert imported["objects"]["dropped"] == 0 and imported == result["import"]
     assert result["import"]["objects"]["dropped"] == 0
     # tiles/ always exists (later stages depend on it), here with an empty index: tiling is off.
     assert json.loads((out / "tiles" / "index.json").read_text()) == {}

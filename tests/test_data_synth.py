@@ -126,7 +126,8 @@ def test_truncated_objects_are_labelled_by_their_visible_part(cfg) -> None:
 def test_bad_synth_settings_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"synth\.scale_range"):
         load_config(PARAMS, ["synth.scale_range=[0.5, 0.1]"])
-    with pytest.raises(ConfigError, match=r"synth\.classes: \['boat'\]"):
+    # synth draws data.classes: a class it has no shape for is named with that key.
+    with pytest.raises(ConfigError, match=r"data\.classes: \['boat'\]"):
         synth.generate(
-            dataclasses.replace(load_config(PARAMS).synth, classes=("boat",)), Path("/nonexistent")
+            load_config(PARAMS, ["data.classes=[card, boat]"]).synth, Path("/nonexistent")
         )

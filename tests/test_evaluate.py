@@ -15,6 +15,7 @@ from shapely.geometry import Polygon
 
 from polydet.core.errors import DataError
 from polydet.eval import evaluate as ev
+from polydet.eval import metrics
 from polydet.eval.metrics import orientation_offset
 from polydet.geometry.polybox import from_corners
 
@@ -234,20 +235,20 @@ def rect(x0: float, y0: float, x1: float, y1: float) -> list[float]:
 def make(
     gts: list[tuple[int, int, list[float], bool]],
     dets: list[tuple[int, int, float, list[float]]],
-) -> tuple[ev.GroundTruth, ev.Detections]:
+) -> tuple[metrics.GroundTruth, metrics.Detections]:
     """Arrays from ``(image, label, corners, difficult)`` and ``(image, label, score, corners)``."""
 
     def pb(rows: list[list[float]]) -> np.ndarray:
         c = torch.tensor(rows, dtype=torch.float64).reshape(-1, 4, 2)
         return from_corners(c).numpy()
 
-    gt = ev.GroundTruth(
+    gt = metrics.GroundTruth(
         image=np.array([g[0] for g in gts], np.int64),
         label=np.array([g[1] for g in gts], np.int64),
         polyboxes=pb([g[2] for g in gts]),
         difficult=np.array([g[3] for g in gts], bool),
     )
-    dt = ev.Detections(
+    dt = metrics.Detections(
         image=np.array([d[0] for d in dets], np.int64),
         label=np.array([d[1] for d in dets], np.int64),
         score=np.array([d[2] for d in dets], np.float64),
@@ -270,14 +271,14 @@ def test_hand_computed_ap_with_duplicate_and_background() -> None:
             (0, 0, 0.6, rect(50, 50, 60, 60)),
         ],
     )
-    r = ev.evaluate_detections(["a"], ["car"], gt, dt)
+    r = metrics.evaluate_detections(["a"], ["car"], gt, dt)
     # tp = [1,0,1,0]: recall [.5,.5,1,1], precision [1,.5,2/3,.5].
     # VOC07: recall >= t for t <= .5 reaches precision 1 (6 points), then 2/3 (5 points).
     assert r.metrics["map50"] == pytest.approx((6 * 1 + 5 * (2 / 3)) / 11, abs=1e-12)
     # All-point: 0.5 * 1 + 0.5 * 2/3.
     assert r.metrics["map_voc_all"] == pytest.approx(0.5 + 0.5 * 2 / 3, abs=1e-12)
-    assert r.det_outcome.tolist() == [ev.TP, ev.FP, ev.TP, ev.FP]
-    kinds = [ev.FP_KINDS[k] if k >= 0 else None for k in r.det_fp_kind]
+    assert r.det_outcome.tolist() == [metrics.TP, metrics.FP, metrics.TP, metrics.FP]
+    kinds = [metrics.FP_KINDS[k] if k >= 0 else None for k in r.det_fp_kind]
     assert kinds == [None, "duplicate", None, "background"]
     assert r.metrics["recall_at_p90/car"] == 0.5
     assert r.metrics["score_at_p90/car"] == 0.9
@@ -293,12 +294,12 @@ def test_difficult_objects_are_neither_true_nor_false_positives() -> None:
             (0, 0, 0.5, rect(0, 0, 10, 9)),
         ],
     )
-    r = ev.evaluate_detections(["a"], ["car"], gt, dt)
-    assert r.det_outcome.tolist() == [ev.IGNORED, ev.IGNORED, ev.TP]
+    r = metrics.evaluate_detections(["a"], ["car"], gt, dt)
+    assert r.det_outcome.tolist() == [metrics.IGNORED, metrics.IGNORED, metrics.TP]
     assert r.metrics["npos/car"] == 1  # difficult objects do not count in recall
     assert r.metrics["map50"] == pytest.approx(1.0)
     assert r.metrics["map_voc_all"] == pytest.approx(1.0)
-    assert r.gt_kind.tolist() == [ev.GT_KINDS.index("detected"), -1]
+    assert r.gt_kind.tolist() == [metrics.GT_KINDS.index("detected"), -1]
 
 
 def test_empty_class_image_without_ground_truth_and_class_without_detections() -> None:
@@ -310,7 +311,7 @@ def test_empty_class_image_without_ground_truth_and_class_without_detections() -
             (1, 1, 0.8, rect(0, 0, 10, 10)),  # class 1 has no ground truth anywhere
         ],
     )
-    r = ev.evaluate_detections(["a", "b"], ["car", "ship", "kite"], gt, dt)
+    r = metrics.evaluate_detections(["a", "b"], ["car", "ship", "kite"], gt, dt)
     # car: fp then tp -> recall [0, 1], precision [0, .5].
     assert r.metrics["ap50/car"] == pytest.approx(0.5)
     assert r.metrics["ap50/ship"] is None  # no ground truth: undefined, not 0
@@ -325,11 +326,11 @@ def test_no_overlap_at_all_and_degenerate_boxes() -> None:
         [(0, 0, rect(0, 0, 10, 10), False), (1, 0, rect(5, 5, 5, 5), False)],  # a point
         [(0, 0, 0.9, rect(50, 50, 60, 60)), (1, 0, 0.8, rect(0, 0, 10, 10))],
     )
-    r = ev.evaluate_detections(["a", "b"], ["car"], gt, dt)
-    assert r.det_outcome.tolist() == [ev.FP, ev.FP]
+    r = metrics.evaluate_detections(["a", "b"], ["car"], gt, dt)
+    assert r.det_outcome.tolist() == [metrics.FP, metrics.FP]
     assert (r.metrics["map50"], r.metrics["map50_95"]) == (0.0, 0.0)
     gt, dt = make([], [(0, 0, 0.9, rect(50, 50, 60, 60))])
-    r = ev.evaluate_detections(["a"], ["car"], gt, dt)
+    r = metrics.evaluate_detections(["a"], ["car"], gt, dt)
     assert r.metrics["map50"] is None and r.metrics["map50_95"] is None
 
 
@@ -338,25 +339,25 @@ def test_voc07_recall_of_three_tenths_misses_the_point_at_0_3() -> None:
     # 0.30000000000000004 > 3/10: a curve that ends at recall 0.3 earns 3 points, not 4.
     rec = np.array([0.1, 0.2, 3 / 10])
     prec = np.ones(3)
-    assert ev.voc07_ap(rec, prec) == pytest.approx(3 / 11, abs=1e-15)
-    assert ev.voc07_ap(rec, prec) == kit_voc_ap(rec, prec, True)
+    assert metrics.voc07_ap(rec, prec) == pytest.approx(3 / 11, abs=1e-15)
+    assert metrics.voc07_ap(rec, prec) == kit_voc_ap(rec, prec, True)
 
 
 def test_iou_must_exceed_the_threshold_strictly() -> None:
-    out = ev.voc_outcome(
+    out = metrics.voc_outcome(
         best_iou=np.array([0.5, 0.5000001]),
         best_gt=np.array([0, 1]),
         rank=np.array([0, 1]),
         difficult=np.zeros(2, bool),
         iou_threshold=0.5,
     )
-    assert out.tolist() == [ev.FP, ev.TP]
+    assert out.tolist() == [metrics.FP, metrics.TP]
 
 
 def test_coco_style_ap_hand_computed() -> None:
     # IoU 0.72 matches at 0.50 ... 0.70 (5 of the 10 thresholds).
     gt, dt = make([(0, 0, rect(0, 0, 10, 10), False)], [(0, 0, 0.9, rect(0, 0, 10, 7.2))])
-    r = ev.evaluate_detections(["a"], ["car"], gt, dt)
+    r = metrics.evaluate_detections(["a"], ["car"], gt, dt)
     assert r.metrics["map50_95"] == pytest.approx(0.5)
     assert r.metrics["map50_coco"] == pytest.approx(1.0)
     assert r.metrics["map75"] == pytest.approx(0.0)
@@ -365,7 +366,7 @@ def test_coco_style_ap_hand_computed() -> None:
         [(0, 0, rect(0, 0, 10, 10), False)],
         [(0, 0, 0.9, rect(0, 0, 10, 7.2)), (0, 0, 0.95, rect(50, 50, 60, 60))],
     )
-    r = ev.evaluate_detections(["a"], ["car"], gt, dt)
+    r = metrics.evaluate_detections(["a"], ["car"], gt, dt)
     assert r.metrics["map50_95"] == pytest.approx(0.25, abs=1e-9)
 
 
@@ -375,8 +376,8 @@ def test_equal_ious_go_to_the_first_ground_truth_as_in_the_kit() -> None:
         [(0, 0, rect(0, 0, 10, 10), True), (0, 0, rect(0, 0, 10, 10), False)],
         [(0, 0, 0.9, rect(0, 0, 10, 9))],
     )
-    r = ev.evaluate_detections(["a"], ["car"], gt, dt)
-    assert r.det_outcome.tolist() == [ev.IGNORED]
+    r = metrics.evaluate_detections(["a"], ["car"], gt, dt)
+    assert r.det_outcome.tolist() == [metrics.IGNORED]
 
 
 def test_coco_prefers_a_non_ignored_ground_truth_over_a_better_ignored_one() -> None:
@@ -385,7 +386,7 @@ def test_coco_prefers_a_non_ignored_ground_truth_over_a_better_ignored_one() -> 
         [(0, 0, rect(0, 0, 10, 10), True), (0, 0, rect(0, 0, 10, 6), False)],
         [(0, 0, 0.9, rect(0, 0, 10, 9))],
     )
-    r = ev.evaluate_detections(["a"], ["car"], gt, dt)
+    r = metrics.evaluate_detections(["a"], ["car"], gt, dt)
     # COCO: a true positive at 0.50 ... 0.65 (4 thresholds), ignored from 0.70 to 0.90.
     assert r.metrics["map50_95"] == pytest.approx(0.4)
     # DOTA: the best IoU is with the difficult object, so the detection is ignored.
@@ -398,7 +399,7 @@ def test_ap_by_size_ignores_objects_of_other_sizes() -> None:
         [(0, 0, rect(0, 0, 10, 10), False), (0, 0, rect(100, 100, 250, 250), False)],
         [(0, 0, 0.9, rect(0, 0, 10, 10))],
     )
-    r = ev.evaluate_detections(["a"], ["car"], gt, dt, size_bounds=(32.0, 96.0))
+    r = metrics.evaluate_detections(["a"], ["car"], gt, dt, size_bounds=(32.0, 96.0))
     assert r.metrics["map50_95/small"] == pytest.approx(1.0)
     assert r.metrics["map50_95/large"] == pytest.approx(0.0)
     assert r.metrics["map50_95/medium"] is None
@@ -434,7 +435,7 @@ def test_ap_by_orientation_ignores_objects_of_other_orientations() -> None:
         ],
         [(0, 0, 0.9, rotated_rect(50, 50, 40, 20, 45.0)), (0, 0, 0.8, rect(100, 0, 140, 24))],
     )
-    m = ev.evaluate_detections(["a"], ["car"], gt, dt).metrics
+    m = metrics.evaluate_detections(["a"], ["car"], gt, dt).metrics
     assert m["map50_coco/orient_diagonal"] == pytest.approx(1.0)
     assert m["map75/orient_diagonal"] == pytest.approx(1.0)
     assert m["map50_coco/orient_axis"] == pytest.approx(1.0)
@@ -460,10 +461,10 @@ def test_confusion_summary() -> None:
             (0, 0, 0.1, rect(50, 50, 60, 60)),  # below the operating point: not counted
         ],
     )
-    r = ev.evaluate_detections(["a"], ["car", "ship"], gt, dt, score_thresh=0.3)
-    kinds = [ev.FP_KINDS[k] if k >= 0 else None for k in r.det_fp_kind]
+    r = metrics.evaluate_detections(["a"], ["car", "ship"], gt, dt, score_thresh=0.3)
+    kinds = [metrics.FP_KINDS[k] if k >= 0 else None for k in r.det_fp_kind]
     assert kinds == ["mislabelled", "mislocalised", None, "background", None]
-    assert [ev.GT_KINDS[k] for k in r.gt_kind] == [
+    assert [metrics.GT_KINDS[k] for k in r.gt_kind] == [
         "mislabelled",
         "mislocalised",
         "missed",
@@ -580,7 +581,7 @@ def test_coco_style_agrees_with_pycocotools_loop(tmp_path: Path, seed: int) -> N
     gts, dets = write_random_dota(tmp_path, rng, classes, num_images=12)
     image_ids, cls, gt, dt = ev.load_dota_dirs(tmp_path / "det", tmp_path / "ann", classes)
     # Small bounds so that every size range holds objects.
-    r = ev.evaluate_detections(image_ids, cls, gt, dt, size_bounds=(20.0, 40.0)).metrics
+    r = metrics.evaluate_detections(image_ids, cls, gt, dt, size_bounds=(20.0, 40.0)).metrics
     ranges = {"all": (0, 1e10), "small": (0, 400), "medium": (400, 1600), "large": (1600, 1e10)}
     for rname, rng_ in ranges.items():
         per_class = [coco_reference(gts, dets, 12, c, rng_) for c in range(len(classes))]
@@ -651,10 +652,10 @@ def test_write_outputs_and_task1_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     gts, dets = write_random_dota(tmp_path, rng, ["plane", "ship"], num_images=5)
     image_ids, classes, gt, dt = ev.load_dota_dirs(tmp_path / "det", tmp_path / "ann")
-    r = ev.evaluate_detections(image_ids, classes, gt, dt)
+    r = metrics.evaluate_detections(image_ids, classes, gt, dt)
     ev.write_outputs(r, tmp_path / "out")
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    assert metrics["map50"] == pytest.approx(r.metrics["map50"])
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written["map50"] == pytest.approx(r.metrics["map50"])
     from PIL import Image
 
     for name in ("pr_curves.png", "score_hist.png", "ap_by_size.png", "confusion.png"):
@@ -682,7 +683,7 @@ def test_pairs_are_pairwise_iou_of_same_image_boxes() -> None:
     dense[img_d[:, None] != img_g[None, :]] = 0  # other images' boxes never pair
     for min_iou in (1e-6, 0.3):
         # A small block forces several image blocks.
-        pd, pg, piou = ev.overlapping_pairs(gt, dt, 4, min_iou, block=150)
+        pd, pg, piou = metrics.overlapping_pairs(gt, dt, 4, min_iou, block=150)
         rr, cc = np.nonzero(dense >= min_iou)
         assert list(zip(pd, pg)) == list(zip(rr, cc))
         assert np.abs(piou - dense[rr, cc]).max() < 1e-9

@@ -210,7 +210,7 @@ def test_inspect_reports_consistent_matching(model: PolyDetector) -> None:
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
-    cfg = tiny_cfg("model.returned_layers=[3, 4]", "model.anchor_sizes=[[32], [64], [128]]")
+    cfg = tiny_cfg("model.returned_layers=[3, 4]", "anchors.sizes=[[32], [64], [128]]")
     anchors = {"sizes": [[24, 48], [96, 128], [160, 200]], "aspect_ratios": [0.5, 1.0, 2.0]}
     torch.manual_seed(1)
     model = build_model(cfg, anchors=anchors)
@@ -233,6 +233,39 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     assert a["scores"].numel() > 0
     for key in a:
         assert torch.equal(a[key], b[key])
+
+
+def test_model_files_carry_their_own_classes_and_anchors_and_old_ones_load(
+    tmp_path: Path,
+) -> None:
+    """params.yaml derives model.num_classes / anchor_sizes / aspect_ratios; a model file still
+    states them (it rebuilds without params.yaml), so files of older versions, whose model
+    section lacks the keys added since, load with the behaviour they were trained with."""
+    cfg = tiny_cfg("anchors.sizes=[[20], [40], [80], [160]]", "anchors.aspect_ratios=[1.0]")
+    torch.manual_seed(3)
+    path = save_model(build_model(cfg), tmp_path / "model.pt", cfg, ["a", "b"], None)
+    payload = torch.load(path, weights_only=True)
+    section = payload["model"]
+    assert section["num_classes"] == 3  # a, b + background
+    assert section["anchor_sizes"] == [[20], [40], [80], [160]]
+    assert section["aspect_ratios"] == [1.0]
+    # As written before fine_roi_level, order-free losses, the IoU loss and refinement existed.
+    del section["fine_roi_level"]
+    for head in ("rpn", "roi"):
+        del section[head]["order_free"], section[head]["loss_weight"]
+    for key in ("sampling_ratio", "iou_loss_weight", "refine_steps"):
+        del section["roi"][key]
+    torch.save(payload, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")
+    assert old.cfg.num_classes == 3 and old.cfg.anchor_sizes == ((20,), (40,), (80,), (160,))
+    assert (old.cfg.fine_roi_level, old.cfg.rpn.order_free, old.cfg.roi.loss_weight) == (
+        False,
+        False,
+        1.0,
+    )
+    assert (old.cfg.roi.sampling_ratio, old.cfg.roi.refine_steps) == (2, 0)
+    assert old.rpn.head.cls_logits.out_channels == 1  # one size x one ratio per location
+    assert old.roi_heads.box_predictor.cls_score.out_features == 3
 
 
 def test_model_file_bytes_depend_only_on_its_content(tmp_path: Path) -> None:

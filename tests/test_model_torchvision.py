@@ -33,8 +33,8 @@ RATIOS = [0.25, 1.0, 4.0]
 
 def _models() -> tuple[PolyDetector, FasterRCNN]:
     cfg = tiny_cfg(  # the tiny model, with anchors and sampling as described above
-        f"model.anchor_sizes={SIZES}",
-        f"model.aspect_ratios={RATIOS}",
+        f"anchors.sizes={SIZES}",
+        f"anchors.aspect_ratios={RATIOS}",
         "model.rpn.pre_nms_top_n_train=300",
         "model.rpn.post_nms_top_n_train=150",
         "model.rpn.pre_nms_top_n_test=200",
@@ -54,7 +54,6 @@ def _models() -> tuple[PolyDetector, FasterRCNN]:
         "model.roi.batch_size_per_image=48",
         "model.roi.coder_weights=[10, 10, 10, 10, 10, 10, 10, 10, 10, 10]",
         "model.roi.score_thresh=0.05",
-        f"model.num_classes={NUM_CLASSES}",
     )
     torch.manual_seed(0)
     ours = build_model(cfg)

@@ -18,6 +18,7 @@ from test_evaluate import kit_voc_eval
 from test_ops import random_quads
 
 from polydet.eval import evaluate as ev
+from polydet.eval import metrics
 from polydet.geometry import ops, polybox
 from polydet.geometry.ops import iou_areas, paired_iou, pairwise_iou
 
@@ -222,11 +223,11 @@ def test_evaluation_pairs_are_polygon_iou_with_bow_ties() -> None:
     d = np.concatenate([g + rng.normal(0, 1.5, g.shape), dart_quads(rng, 20, img=80)])
     d[:5] = g[:5, [0, 2, 1, 3]]  # bow-tie detections of convex ground truths
     img_g, img_d = np.arange(len(g)) % 2, np.arange(len(d)) % 2
-    gt = ev.GroundTruth(
+    gt = metrics.GroundTruth(
         image=img_g, label=np.zeros(len(g), np.int64), difficult=np.zeros(len(g), bool),
         polyboxes=as_given(g).numpy(),
     )  # fmt: skip
-    dt = ev.Detections(
+    dt = metrics.Detections(
         image=img_d, label=np.zeros(len(d), np.int64), score=np.ones(len(d)),
         polyboxes=as_given(d).numpy(),
     )  # fmt: skip
@@ -234,7 +235,7 @@ def test_evaluation_pairs_are_polygon_iou_with_bow_ties() -> None:
     dense[img_d[:, None] != img_g[None, :]] = 0
     assert (dense > 1).any() or (dense < 0).any()  # bow-tie pairs beyond [0, 1] exist
     for min_iou in (1e-6, 0.3):
-        pd, pg, piou = ev.overlapping_pairs(gt, dt, 2, min_iou)
+        pd, pg, piou = metrics.overlapping_pairs(gt, dt, 2, min_iou)
         rr, cc = np.nonzero(dense >= min_iou)
         assert list(zip(pd, pg)) == list(zip(rr, cc))
         assert np.abs(piou - dense[rr, cc]).max() < 1e-12

@@ -7,11 +7,13 @@ better and after a worse model without training again.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -36,12 +38,12 @@ def _run(*overrides: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def project(
+def _first_run(
     tmp_path_factory: pytest.TempPathFactory, prefect_harness: str, mlflow_db: Path
 ) -> tuple[Path, dict[str, Any]]:
-    """A project directory after one real pipeline run (the other tests build on it)."""
-    path = tmp_path_factory.mktemp("project")
-    (path / "mlruns").mkdir()
+    """A project directory after one real pipeline run; tests get copies (``project``)."""
+    path = tmp_path_factory.mktemp("first-run") / "project"
+    (path / "mlruns").mkdir(parents=True)
     shutil.copy(mlflow_db, path / "mlruns" / "mlflow.db")
     old = os.getcwd()
     os.chdir(path)
@@ -53,6 +55,32 @@ def project(
         if saved is not None:
             os.environ["MLFLOW_TRACKING_URI"] = saved
     return path, record
+
+
+def _copy_project(src: Path, dst: Path) -> None:
+    """Copy a project; the MLflow store's absolute artifact locations are moved along (a
+    copy that still wrote its runs' artifacts under ``src`` would change the original)."""
+    shutil.copytree(src, dst, symlinks=True)
+    old, new = src.resolve().as_uri(), dst.resolve().as_uri()
+    with sqlite3.connect(dst / "mlruns" / "mlflow.db") as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            for col in db.execute(f'PRAGMA table_info("{table}")').fetchall():
+                if "CHAR" in col[2].upper() or "TEXT" in col[2].upper():
+                    db.execute(
+                        f'UPDATE "{table}" SET "{col[1]}" = replace("{col[1]}", ?, ?)',
+                        (old, new),
+                    )
+    db.close()
+
+
+@pytest.fixture
+def project(_first_run: tuple[Path, dict[str, Any]], tmp_path: Path) -> tuple[Path, dict]:
+    """This test's own copy of the project after the first run (tests rerun the flow,
+    register models and delete outputs: no test sees what another did)."""
+    src, record = _first_run
+    _copy_project(src, tmp_path / "project")
+    return tmp_path / "project", copy.deepcopy(record)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from helpers import one_thread  # noqa: F401  (a fixture, used below)
+from helpers import FAST, one_thread  # noqa: F401  (one_thread: a fixture, used below)
 from PIL import Image
 
 from polydet.cli import main
@@ -25,18 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["card", "plate", "kite"]
 TINY = [
-    "model.backbone=mobilenet_v3_fpn",
-    "model.fpn_channels=16",
-    "model.min_size=64",
-    "model.max_size=64",
-    "model.returned_layers=[4, 5]",
-    "model.anchor_sizes=[[12], [24], [48]]",
-    "model.roi.representation_size=32",
-    "model.rpn.pre_nms_top_n_test=64",
-    "model.rpn.post_nms_top_n_test=32",
+    *FAST,
     "model.roi.score_thresh=0.0",
     "model.roi.detections_per_img=5",
-    "train.device=cpu",
     "data.tile.enabled=true",
     "data.tile.size=64",
     "data.tile.overlap=16",

@@ -5,6 +5,14 @@ One frozen dataclass per pipeline stage (``cfg.data``, ``cfg.synth``, ``cfg.anch
 is required and no unknown key is accepted: an error names the dotted key and the file.
 Lists become tuples (frozen all the way down). ``overrides`` (``"train.lr=0.01"``, the value
 parsed as YAML) serve the command line and the tests; nothing happens at import time.
+
+Each fact is set in one place of ``params.yaml``; the sections that also need it get a copy at
+load time (:data:`DERIVED`): ``cfg.model.num_classes`` is ``1 + len(data.classes)``,
+``cfg.model.anchor_sizes`` / ``aspect_ratios`` are ``anchors.sizes`` / ``aspect_ratios``, and
+``cfg.synth.classes`` is ``data.classes``. The model section keeps those fields because a model
+file carries its model section alone (:func:`model_config_from_dict`). A params file that
+still sets a copied key is an error saying what to change (``model.num_classes`` is accepted
+when it agrees).
 """
 
 from __future__ import annotations
@@ -23,7 +31,14 @@ from polydet.core.errors import PolydetError
 
 
 class ConfigError(PolydetError, ValueError):
-    """A configuration file or override that does not fit the schema."""
+    """A configuration file or override that does not fit the schema.
+
+    ``key``: the dotted key at fault when the file has it (:func:`load_config` adds its line).
+    """
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def check_ranges(section: str, obj: Any, checks: dict[str, bool], meaning: str = "") -> None:
@@ -103,7 +118,7 @@ class SynthConfig:
     occlusion: float  # probability that a clutter patch is drawn over an object
     truncation: float  # probability that an object is allowed to cross the border
     clutter: float  # density of distractors (lines, blobs, stains); 0 = textured background only
-    classes: tuple[str, ...]  # each one of polydet.data.synth.SHAPES (card, plate, kite)
+    classes: tuple[str, ...]  # = data.classes (DERIVED); each one of polydet.data.synth.SHAPES
     seed: int
 
     def __post_init__(self) -> None:
@@ -130,7 +145,9 @@ class SynthConfig:
 @dataclass(frozen=True)
 class AnchorsConfig:
     fit: bool  # fit sizes/ratios to the data (else use the values below as they are)
-    sizes: tuple[tuple[int, ...], ...]  # per FPN level
+    # The one place for the configured anchors: the fit's starting point and the set it must
+    # beat, and the model's anchors when there is no anchors.json (model.anchor_sizes / ratios).
+    sizes: tuple[tuple[int, ...], ...]  # per FPN level, model input pixels
     aspect_ratios: tuple[float, ...]  # h / w, shared by all levels
     num_ratios: int  # how many ratios the fit chooses
     # A chosen fit's sizes are multiplied by this; auto: the factor (1-2) that gives the most
@@ -233,6 +250,8 @@ class ModelConfig:
     fpn_channels: int
     # Also pool RoIs from ResNet layer 1 (stride 4) through the FPN; the RPN does not see it.
     fine_roi_level: bool
+    # From params.yaml these three are DERIVED (1 + len(data.classes); anchors.sizes and
+    # anchors.aspect_ratios); a model file states them, so that it rebuilds on its own.
     num_classes: int  # including background
     min_size: int
     max_size: int
@@ -512,10 +531,71 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# Keys a section gets from another one at load time (module docstring): key -> its source.
+DERIVED = {
+    "synth.classes": "data.classes",
+    "model.num_classes": "data.classes",  # 1 + len(data.classes): background is label 0
+    "model.anchor_sizes": "anchors.sizes",
+    "model.aspect_ratios": "anchors.aspect_ratios",
+}
+# Why each one is not a setting of its own (said in the error for a file that still sets it).
+_WHY = {
+    "synth.classes": "the synthetic dataset draws the classes the model learns",
+    "model.anchor_sizes": "the anchors section owns the configured anchors; training uses "
+    "the fitted anchors.json, else these",
+    "model.aspect_ratios": "the anchors section owns the configured anchors; training uses "
+    "the fitted anchors.json, else these",
+}
+
+
+_ABSENT = object()
+
+
+def _get(raw: dict, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    node = raw.get(section)
+    return node.get(key, _ABSENT) if isinstance(node, dict) else _ABSENT
+
+
+def _derive(raw: dict) -> None:
+    """Reject copies of :data:`DERIVED` keys in ``raw`` (a parsed params file), then fill them
+    in from their sources. A source that is missing or malformed is left to :func:`_build`."""
+    classes = _get(raw, "data.classes")
+    for dotted, source in DERIVED.items():
+        given, value = _get(raw, dotted), _get(raw, source)
+        if dotted == "model.num_classes":
+            value = len(classes) + 1 if isinstance(classes, list) else _ABSENT
+            if given is not _ABSENT and value is not _ABSENT and given != value:
+                raise ConfigError(
+                    f"model.num_classes is {given!r}, but data.classes has {len(classes)} "
+                    f"classes (+ background = {value}): delete model.num_classes (it is "
+                    f"derived from data.classes) or set it to {value}",
+                    key=dotted,
+                )
+        elif given is not _ABSENT:
+            if given == value:
+                hint = f"{source} has the same value"
+            elif value is _ABSENT:
+                hint = f"and set {source} to {given!r}"
+            else:
+                hint = f"to keep {given!r}, set {source} to it: it is {value!r}"
+            raise ConfigError(
+                f"{dotted} is no longer a setting ({_WHY[dotted]}): {source} is the one "
+                f"place for it; delete {dotted} ({hint})",
+                key=dotted,
+            )
+        section, key = dotted.split(".")
+        if value is not _ABSENT and isinstance(raw.get(section), dict):
+            raw[section][key] = value
+
+
 def _apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form section.key=value")
     dotted, text = item.split("=", 1)
+    if dotted.strip() in DERIVED:
+        source = DERIVED[dotted.strip()]
+        raise ConfigError(f"--set {item}: {dotted.strip()} is derived from {source}; set {source}")
     parts = dotted.strip().split(".")
     node = raw
     for p in parts[:-1]:
@@ -536,16 +616,18 @@ def config_from_dict(raw: dict, overrides: typing.Iterable[str] = ()) -> Config:
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types only
     for item in overrides:
         _apply_override(raw, item)
+    _derive(raw)
     cfg = _build(Config, raw, "")
     _cross_check(cfg)
     return cfg
 
 
 def _cross_check(cfg: Config) -> None:
-    if cfg.model.num_classes != len(cfg.data.classes) + 1:
+    levels = len(cfg.model.returned_layers) + 1
+    if len(cfg.anchors.sizes) != levels:
         raise ConfigError(
-            f"model.num_classes is {cfg.model.num_classes} but data.classes has "
-            f"{len(cfg.data.classes)} classes (+1 for background = {len(cfg.data.classes) + 1})"
+            f"anchors.sizes: {len(cfg.anchors.sizes)} levels, but model.returned_layers "
+            f"{list(cfg.model.returned_layers)} + the pooled level give {levels} FPN levels"
         )
     check_model_config(cfg.model)
     s = cfg.data.split
@@ -574,19 +656,36 @@ def load_config(path: str | Path = "params.yaml", overrides: typing.Iterable[str
     try:
         return config_from_dict(raw, overrides)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from e
+        line = _line_of(data.decode("utf-8"), e.key) if e.key else None
+        raise ConfigError(f"{path}{f':{line}' if line else ''}: {e}") from e
+
+
+def _line_of(text: str, dotted: str) -> int | None:
+    """1-based line of the dotted key in the YAML ``text`` (``None`` if it is not there)."""
+    node: Any = yaml.compose(text)
+    line = None
+    for part in dotted.split("."):
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        match = [(k, v) for k, v in node.value if getattr(k, "value", None) == part]
+        if not match:
+            return None
+        line, node = match[0][0].start_mark.line + 1, match[0][1]
+    return line
 
 
 def to_dict(cfg: Any) -> dict:
     """Plain nested dict (lists for tuples) of a config or section, e.g. for checkpoints."""
-    return yaml.safe_load(yaml.safe_dump(_plain(dataclasses.asdict(cfg))))
+    return yaml.safe_load(yaml.safe_dump(plain(dataclasses.asdict(cfg))))
 
 
-def _plain(x: Any) -> Any:
+def plain(x: Any) -> Any:
+    """``x`` with every tuple turned into a list, nested mappings and lists included (the
+    form YAML, JSON and ``torch.load(weights_only=True)`` give back)."""
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: plain(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_plain(v) for v in x]
+        return [plain(v) for v in x]
     return x
 
 

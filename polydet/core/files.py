@@ -10,6 +10,7 @@ its process is no longer alive.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import re
@@ -92,6 +93,15 @@ def torch_save(obj: Any, path: str | Path) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return atomic_write(path, lambda f: f.write(buffer.getbuffer()))
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def process_alive(pid: int) -> bool:

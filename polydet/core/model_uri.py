@@ -43,7 +43,7 @@ def resolve_model_path(
         raise ModelError(f"{uri}: no MLflow store at {store}")
     check_reachable(store)
     client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
-    key, download = _resolve_uri(client, uri, store)
+    key, download = resolve_uri(client, uri, store)
     dst = Path("outputs/models") / f"{key}-{hashlib.sha256(store.encode()).hexdigest()[:8]}"
     if not dst.exists():
         tmp = dst.with_name(dst.name + ".part")  # renamed when complete: never half a model
@@ -61,7 +61,7 @@ def resolve_model_path(
     return found[0]
 
 
-def _resolve_uri(client: mlflow.MlflowClient, uri: str, store: str) -> tuple[str, Any]:
+def resolve_uri(client: mlflow.MlflowClient, uri: str, store: str) -> tuple[str, Any]:
     """A cache name for ``uri`` (it names the resolved version, so it changes when an alias
     moves) and a function that downloads its artifacts into a directory."""
     m = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", uri)

@@ -412,7 +412,8 @@ def _check(cfg: SynthConfig) -> None:
     unknown = [c for c in cfg.classes if c not in SHAPES]
     if unknown:
         raise ConfigError(
-            f"synth.classes: {unknown} not among the shapes synth can draw {list(SHAPES)}"
+            f"data.classes: {unknown} not among the shapes synth can draw {list(SHAPES)} "
+            "(synth draws data.classes: list only those shapes there to generate data)"
         )
 
 

@@ -23,7 +23,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from polydet.core.files import file_sha256
 from polydet.data.images import open_image, rgb_image
 from polydet.data.quads import clip_quad, inside_share
 from polydet.geometry import polybox
@@ -134,14 +134,6 @@ def tile_name(image_id: str, tile: Box, scale: float = 1.0) -> str:
     return f"{image_id}__{tile[0]}_{tile[1]}" + (f"_s{scale:g}" if scale != 1.0 else "")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_tiles(
     source: Path, image_id: str, tiles: Sequence[Box | Tile], tiles_dir: Path, index: dict
 ) -> tuple[list[Path], int]:
@@ -149,7 +141,7 @@ def write_tiles(
     ``tiles_dir/<tile_name>.png`` unless ``index`` (the loaded ``tiles/index.json`` mapping,
     updated in place) shows they are current; returns the tile paths and how many were
     (re)written."""
-    digest = _sha256(source)
+    digest = file_sha256(source)
     paths, written, image = [], 0, None
     try:
         for item in tiles:

@@ -20,7 +20,7 @@ numbers as ``debug.json``) under ``cfg.debug.out``. It covers:
 The analysis (``analyze_*``: tensors, inspect-dicts and tables in, numbers and findings out)
 lives in :mod:`polydet.debug.analysis`, the drawing (``plot_*``, ``draw_*``) in
 :mod:`polydet.debug.plots`, and the report writing here, so that the findings can be tested
-without a trained model; their public names are importable from here too.
+without a trained model; import them from there.
 """
 
 from __future__ import annotations
@@ -41,27 +41,19 @@ from polydet.core.config import Config
 from polydet.core.errors import DataError
 from polydet.debug.analysis import (
     ENCODING_GROUPS,
-    IOU_BINS,
     MAX_LISTED,
     TERMS,
     Finding,
-    Severity,
     Thresholds,
     analyze_encoding,
     analyze_losses,
     analyze_matching,
     dataset_findings,
-    loss_terms,
     read_history,
-    scaled_targets,
 )
 from polydet.debug.plots import (
-    DRAWN_DETECTIONS,
     DRAWN_IMAGES,
     DRAWN_PROPOSALS,
-    MAX_CROPS,
-    draw_crops,
-    draw_example,
     draw_examples,
     draw_worst,
     plot_encoding,
@@ -70,34 +62,12 @@ from polydet.debug.plots import (
     plot_objectness,
 )
 from polydet.eval import evaluate as ev
+from polydet.eval.metrics import evaluate_detections
 
 __all__ = [
-    "DRAWN_DETECTIONS",
-    "DRAWN_IMAGES",
-    "DRAWN_PROPOSALS",
-    "ENCODING_GROUPS",
-    "IOU_BINS",
-    "MAX_CROPS",
-    "MAX_LISTED",
-    "TERMS",
-    "Finding",
-    "Severity",
-    "Thresholds",
-    "analyze_encoding",
-    "analyze_losses",
-    "analyze_matching",
     "debug_report",
-    "draw_crops",
-    "draw_example",
-    "loss_terms",
-    "plot_encoding",
-    "plot_losses",
-    "plot_matching",
-    "plot_objectness",
-    "read_history",
     "render_html",
     "render_markdown",
-    "scaled_targets",
 ]
 
 # --- the report --------------------------------------------------------------------------------
@@ -396,7 +366,7 @@ def debug_report(cfg: Config, model: str | None = None) -> dict[str, Any]:
     # Detections on these images, judged by the evaluator: worst false positives, misses.
     gt = ev.ground_truth_of(records)
     dets = ev.detections_of(result["detections"])
-    evaluation = ev.evaluate_detections(
+    evaluation = evaluate_detections(
         ids,
         classes,
         gt,

@@ -4,8 +4,8 @@
 DOTA Task1 files and evaluates them *from those files*; ``evaluate_dota_dirs`` evaluates any
 detector's Task1 files against DOTA ``labelTxt`` annotations. The metrics (DOTA Task1 AP,
 VOC all-point, COCO-style AP by size, recall at precision, confusion) are defined and
-computed in :mod:`polydet.eval.metrics`, the plots drawn by :mod:`polydet.eval.plots`; their
-public names are importable from here too. Files are parsed by :mod:`polydet.data.formats`.
+computed in :mod:`polydet.eval.metrics`, the plots drawn by :mod:`polydet.eval.plots`; import
+them from there. Files are parsed by :mod:`polydet.data.formats`.
 """
 
 from __future__ import annotations
@@ -25,63 +25,26 @@ from polydet.core.errors import DataError, ModelError
 from polydet.core.files import write_text
 from polydet.data import formats
 from polydet.eval.metrics import (
-    COCO_IOUS,
-    COCO_MAX_DETS,
-    COCO_RECALLS,
-    FP,
-    FP_KINDS,
-    GT_KINDS,
-    IGNORED,
-    MISLOCALISED_IOU,
-    SIZES,
-    TP,
     Detections,
     Evaluation,
     GroundTruth,
-    coco_ap,
     evaluate_detections,
-    kit_rank,
-    overlapping_pairs,
-    voc07_ap,
-    voc_all_point_ap,
-    voc_outcome,
 )
 from polydet.eval.plots import plot_all
 from polydet.geometry import polybox
 from polydet.model.device import resolve_device
 
 __all__ = [
-    "COCO_IOUS",
-    "COCO_MAX_DETS",
-    "COCO_RECALLS",
-    "FP",
-    "FP_KINDS",
-    "GT_KINDS",
-    "IGNORED",
-    "MISLOCALISED_IOU",
-    "SIZES",
-    "TP",
-    "Detections",
-    "Evaluation",
-    "GroundTruth",
-    "coco_ap",
     "detections_of",
-    "evaluate_detections",
     "evaluate_dota_dirs",
     "evaluate_model",
     "ground_truth_of",
-    "kit_rank",
     "load_checked_model",
     "load_dota_dirs",
     "load_split",
-    "overlapping_pairs",
-    "plot_all",
     "predict_records",
     "task1_detections",
     "resolve_model",
-    "voc07_ap",
-    "voc_all_point_ap",
-    "voc_outcome",
     "write_outputs",
 ]
 

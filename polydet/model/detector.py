@@ -30,7 +30,7 @@ from torchvision.models.detection.transform import (
     _resize_image_and_masks,
 )
 
-from polydet.core.config import ConfigError, ModelConfig, check_model_config
+from polydet.core.config import ConfigError, ModelConfig, check_model_config, plain
 from polydet.core.errors import ModelError
 from polydet.geometry.coder import polybox_loss
 from polydet.geometry.polybox import canonicalize, scale
@@ -320,22 +320,25 @@ def _build(cfg: ModelConfig, anchors: Mapping[str, Any] | None, load_weights: bo
     featmap_names = [str(i) for i in range(len(cfg.returned_layers) + cfg.fine_roi_level)]
     roi_heads = PolyRoIHeads(featmap_names, backbone.out_channels, cfg.num_classes, cfg.roi)
     transform = GeneralizedRCNNTransform(cfg.min_size, cfg.max_size, IMAGE_MEAN, IMAGE_STD)
-    given = {
-        "sizes": [list(level) for level in (anchors["sizes"] if anchors else cfg.anchor_sizes)],
-        "aspect_ratios": _plain(anchors["aspect_ratios"] if anchors else cfg.aspect_ratios),
-    }
+    given = plain_anchors(
+        anchors or {"sizes": cfg.anchor_sizes, "aspect_ratios": cfg.aspect_ratios}
+    )
     return PolyDetector(backbone, rpn, roi_heads, transform, cfg, given)
 
 
-def _plain(x: Any) -> Any:
-    return [_plain(v) for v in x] if isinstance(x, list | tuple) else x
+def plain_anchors(anchors: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"sizes", "aspect_ratios"}`` of ``anchors`` as plain lists (model files, exports)."""
+    return {"sizes": plain(anchors["sizes"]), "aspect_ratios": plain(anchors["aspect_ratios"])}
 
 
-def build_model(cfg: ModelConfig, anchors: Mapping[str, Any] | None = None) -> PolyDetector:
+def build_model(
+    cfg: ModelConfig, anchors: Mapping[str, Any] | None = None, *, load_weights: bool = True
+) -> PolyDetector:
     """The detector for ``cfg`` (``cfg.model`` of :func:`polydet.config.load_config`).
 
     ``anchors``: ``{"sizes": [[int, ...] per level], "aspect_ratios": [float, ...]}`` from the
     anchors stage (model input pixels, ratios h / w), else the config's anchors. Pretrained
-    weights named by ``cfg.weights`` are loaded (a :class:`ModelError` if missing).
+    weights named by ``cfg.weights`` are loaded (a :class:`ModelError` if missing) unless
+    ``load_weights`` is false (a model file's state dict holds every weight).
     """
-    return _build(cfg, anchors, load_weights=True)
+    return _build(cfg, anchors, load_weights=load_weights)

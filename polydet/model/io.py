@@ -18,7 +18,7 @@ import torch
 from polydet.core.config import ConfigError, ModelConfig, model_config_from_dict, to_dict
 from polydet.core.errors import ModelError
 from polydet.core.files import torch_load_problem, torch_save
-from polydet.model.detector import PolyDetector, _build
+from polydet.model.detector import PolyDetector, build_model, plain_anchors
 
 FORMAT = "polydet-model/1"
 
@@ -44,7 +44,7 @@ def save_model(
         "format": FORMAT,
         "model": to_dict(model_cfg),
         "classes": [str(c) for c in classes],
-        "anchors": model.anchors if anchors is None else _plain(anchors),
+        "anchors": model.anchors if anchors is None else plain_anchors(anchors),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     # Atomic and serialised in memory first: the zip entries are named "archive/..." whatever
@@ -52,13 +52,6 @@ def save_model(
     # registry); a failure (a full disk, a read-only directory) removes its temp file and
     # names the path and the cause.
     return torch_save(payload, path)
-
-
-def _plain(anchors: Mapping[str, Any]) -> dict[str, Any]:
-    def plain(x: Any) -> Any:
-        return [plain(v) for v in x] if isinstance(x, list | tuple) else x
-
-    return {"sizes": plain(anchors["sizes"]), "aspect_ratios": plain(anchors["aspect_ratios"])}
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> PolyDetector:
@@ -88,7 +81,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> PolyDete
     except (KeyError, TypeError, ConfigError) as e:
         raise ModelError(f"{path}: invalid polydet model file: {e}") from e
     try:
-        model = _build(cfg, anchors, load_weights=False)
+        model = build_model(cfg, anchors, load_weights=False)
         model.load_state_dict(state)
     except (ModelError, RuntimeError) as e:
         raise ModelError(f"{path}: weights do not fit the saved configuration: {e}") from e

@@ -33,6 +33,7 @@ from prefect.context import TaskRunContext
 import polydet
 from polydet.core.config import Config, ConfigError, load_config, to_dict
 from polydet.core.errors import DataError, ModelError, PolydetError
+from polydet.core.files import file_sha256
 from polydet.core.locks import project_lock
 from polydet.pipeline.dvc_record import record_in_dvc
 from polydet.stages.table import STAGE_BY_NAME, STAGES, Stage
@@ -82,7 +83,7 @@ def file_digest(path: Path) -> str:
     st = path.stat()
     memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if memo not in _DIGESTS:
-        _DIGESTS[memo] = registry.file_sha256(path)
+        _DIGESTS[memo] = file_sha256(path)
     return _DIGESTS[memo]
 
 

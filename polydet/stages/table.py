@@ -142,7 +142,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(
         "train",
-        ("model", "train"),
+        # The model section's derived keys: its classes and (without anchors.json) anchors.
+        ("model", "train", "data.classes", "anchors.sizes", "anchors.aspect_ratios"),
         lambda c: [
             *_prepared(c, "images.csv", "objects.csv", "tiles"),
             c.data.root,
@@ -151,6 +152,7 @@ STAGES: tuple[Stage, ...] = (
         lambda c: [str(Path(c.train.out) / n) for n in ("model.pt", "history.csv")],
         (
             "polydet/train/engine.py",
+            "polydet/train/anchors.py",  # anchors.json is read there
             "polydet/train/checkpoint.py",
             "polydet/train/distributed.py",
             *_MODEL,

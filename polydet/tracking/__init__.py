@@ -24,6 +24,7 @@ baked into every version's code), and scripts use ``polydet.tracking.<name>``. C
 package imports from the defining module.
 """
 
+from polydet.core.files import file_sha256
 from polydet.core.model_uri import (
     resolve_model_path,
 )
@@ -50,7 +51,6 @@ from polydet.tracking.registry import (
     CHAMPION,
     ap50,
     decide_promotion,
-    file_sha256,
     promote,
     promote_if_better,
     promotion_lock,

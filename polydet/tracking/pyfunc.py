@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 
 from polydet.core.config import Config
 from polydet.core.errors import DataError, ModelError
-from polydet.core.model_uri import _resolve_uri
+from polydet.core.model_uri import resolve_uri
 from polydet.core.store import _MLFLOW_ENV_DEFAULTS, check_reachable, get_tracking_uri
 
 # --- the model -----------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def serve_command(
         if store.startswith("sqlite:///") and not Path(store[len("sqlite:///") :]).exists():
             raise ModelError(f"{model_uri}: no MLflow store at {store}")
         check_reachable(store)
-        _resolve_uri(mlflow.MlflowClient(tracking_uri=store, registry_uri=store), model_uri, store)
+        resolve_uri(mlflow.MlflowClient(tracking_uri=store, registry_uri=store), model_uri, store)
     env = {**_MLFLOW_ENV_DEFAULTS, **os.environ, "MLFLOW_TRACKING_URI": store}
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
     return [*cmd, "--env-manager", "local", "-h", host, "-p", str(port)], env

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from polydet.core.config import Config, to_dict
 from polydet.core.errors import DataError, ModelError, TrackingError
-from polydet.core.files import write_text
+from polydet.core.files import file_sha256, write_text
 from polydet.core.store import connect, get_tracking_uri, store_message
 from polydet.tracking.pyfunc import _MODEL_CODE, _example_image, _pip_requirements, model_signature
 from polydet.tracking.runs import (
@@ -36,15 +36,6 @@ from polydet.tracking.runs import (
 )
 
 CHAMPION, CHALLENGER = "champion", "challenger"
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def ap50(metrics: Mapping[str, Any]) -> float:

@@ -384,10 +384,32 @@ def _report(summary: dict, cov: dict, unreachable: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def configured_anchors(cfg: Config) -> dict[str, list]:
+    """The configured anchors (``anchors.sizes`` / ``aspect_ratios``) as in ``anchors.json``."""
+    ac = cfg.anchors
+    return {"sizes": [list(s) for s in ac.sizes], "aspect_ratios": list(ac.aspect_ratios)}
+
+
+def load_anchors(cfg: Config) -> dict[str, list]:
+    """The model's anchors: ``{anchors.out}/anchors.json`` (the anchors stage's choice) if it
+    exists, else :func:`configured_anchors`. A malformed file is a :class:`DataError`."""
+    path = Path(cfg.anchors.out) / "anchors.json"
+    if not path.is_file():
+        return configured_anchors(cfg)
+    try:
+        raw = json.loads(path.read_text())
+        return {
+            "sizes": [[int(s) for s in level] for level in raw["sizes"]],
+            "aspect_ratios": [float(r) for r in raw["aspect_ratios"]],
+        }
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{path}: not an anchors file ({e})") from e
+
+
 def configure_anchors(cfg: Config) -> dict:
     """Run the anchors stage (module docstring); returns a JSON-able summary."""
     ac = cfg.anchors
-    configured = {"sizes": [list(s) for s in ac.sizes], "aspect_ratios": list(ac.aspect_ratios)}
+    configured = configured_anchors(cfg)
     strides = level_strides(cfg.model)
     if len(ac.sizes) != len(strides):
         raise ConfigError(

@@ -45,6 +45,7 @@ from polydet.core.files import remove_stale_temps, write_text
 from polydet.data.dataset import PolyDataset, collate
 from polydet.model import build_model, save_model
 from polydet.model.device import resolve_device
+from polydet.train.anchors import load_anchors
 from polydet.train.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -116,24 +117,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - the legacy global generator is what we seed
     torch.manual_seed(seed)
-
-
-def load_anchors(cfg: Config) -> dict[str, list]:
-    """Anchors from ``{anchors.out}/anchors.json`` if it exists, else the model section's."""
-    path = Path(cfg.anchors.out) / "anchors.json"
-    if path.is_file():
-        try:
-            raw = json.loads(path.read_text())
-            return {
-                "sizes": [[int(s) for s in level] for level in raw["sizes"]],
-                "aspect_ratios": [float(r) for r in raw["aspect_ratios"]],
-            }
-        except (ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{path}: not an anchors file ({e})") from e
-    return {
-        "sizes": [list(level) for level in cfg.model.anchor_sizes],
-        "aspect_ratios": list(cfg.model.aspect_ratios),
-    }
 
 
 def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict[str, Any]]:

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from polydet import cli
 from polydet.core.config import ConfigError, load_config
@@ -71,3 +72,75 @@ def test_meaningless_values_are_refused_at_load_time_naming_the_key(
         ConfigError, match=rf"params\.yaml: {re.escape(key)}: value .* out of range"
     ):
         load_config(PARAMS, [override])
+
+
+def test_each_fact_is_set_once_and_copied_where_it_is_needed() -> None:
+    """model.num_classes, model.anchor_sizes / aspect_ratios and synth.classes come from
+    data.classes and the anchors section (not params.yaml keys of their own)."""
+    raw = yaml.safe_load(PARAMS.read_text())
+    assert "num_classes" not in raw["model"] and "anchor_sizes" not in raw["model"]
+    assert "aspect_ratios" not in raw["model"] and "classes" not in raw["synth"]
+    cfg = load_config(
+        PARAMS,
+        [
+            "data.classes=[a, b, c, d, e]",
+            "anchors.sizes=[[8, 12], [24, 32], [48, 64], [96, 128]]",
+            "anchors.aspect_ratios=[0.25, 4.0]",
+        ],
+    )
+    assert cfg.model.num_classes == 6  # 5 classes + background
+    assert cfg.model.anchor_sizes == ((8, 12), (24, 32), (48, 64), (96, 128))
+    assert cfg.model.aspect_ratios == (0.25, 4.0)
+    assert cfg.synth.classes == ("a", "b", "c", "d", "e")
+
+
+@pytest.mark.parametrize(
+    ("section", "line", "key", "source"),
+    [
+        (
+            "model",
+            "  anchor_sizes: [[16], [32], [64], [128]]",
+            "model.anchor_sizes",
+            "anchors.sizes",
+        ),
+        ("model", "  aspect_ratios: [0.5, 2.0]", "model.aspect_ratios", "anchors.aspect_ratios"),
+        ("synth", "  classes: [card, plate, kite]", "synth.classes", "data.classes"),
+    ],
+)
+def test_old_params_files_with_a_removed_key_say_what_to_change(
+    tmp_path: Path, section: str, line: str, key: str, source: str
+) -> None:
+    lines = PARAMS.read_text().splitlines()
+    at = lines.index(next(t for t in lines if t.startswith(f"{section}:"))) + 1
+    lines.insert(at, line)  # the old file: the key first in its section, on line at + 1
+    old = tmp_path / "params.yaml"
+    old.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(old)
+    msg = str(e.value)
+    assert msg.startswith(f"{old}:{at + 1}: {key} is no longer a setting")
+    assert f"{source} is the one place for it; delete {key}" in msg
+    if key == "model.aspect_ratios":  # a value that differs from the anchors section's
+        assert "to keep [0.5, 2.0], set anchors.aspect_ratios to it: it is [0.5, 1.0, 2.0]" in msg
+    else:
+        assert f"{source} has the same value" in msg
+
+
+def test_model_num_classes_is_derived_and_checked_when_still_given(tmp_path: Path) -> None:
+    text = PARAMS.read_text()
+    model_line = next(t for t in text.splitlines() if t.startswith("model:"))
+    agreeing, wrong = tmp_path / "agree.yaml", tmp_path / "wrong.yaml"
+    agreeing.write_text(text.replace(model_line, f"{model_line}\n  num_classes: 4"))
+    assert load_config(agreeing).model.num_classes == 4  # card, plate, kite + background
+    wrong.write_text(text.replace(model_line, f"{model_line}\n  num_classes: 7"))
+    line = text.splitlines().index(model_line) + 2
+    with pytest.raises(
+        ConfigError,
+        match=rf"wrong\.yaml:{line}: model\.num_classes is 7, but data\.classes has 3 classes "
+        r"\(\+ background = 4\): delete model\.num_classes .* or set it to 4",
+    ):
+        load_config(wrong)
+    with pytest.raises(ConfigError, match=r"model\.num_classes is derived from data\.classes"):
+        load_config(PARAMS, ["model.num_classes=4"])
+    with pytest.raises(ConfigError, match=r"anchors\.sizes: 3 levels, but model\.returned_layers"):
+        load_config(PARAMS, ["anchors.sizes=[[16], [32], [64]]"])

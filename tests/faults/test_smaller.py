@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import helpers
 import mlflow
 import pytest
 from helpers import one_thread, tiny_cfg  # noqa: F401  (one_thread: a fixture, used below)
@@ -22,10 +23,7 @@ from polydet.train.checkpoint import load_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params.yaml"
-TINY = [
-    "model.fpn_channels=32", "model.min_size=128", "model.max_size=128",
-    "model.roi.representation_size=64", "data.classes=[a, b]", "model.num_classes=3",
-]  # fmt: skip
+TINY = [*helpers.TINY, "data.classes=[a, b]"]
 
 
 @pytest.mark.parametrize(
