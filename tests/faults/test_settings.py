@@ -42,7 +42,9 @@ def test_exponent_numbers_are_floats(text: str, value: float) -> None:
 
 def test_exponent_numbers_in_params_yaml(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
-    path.write_text(PARAMS.read_text().replace("  lr: 0.02", "  lr: 3e-4"))
+    text, n = re.subn(r"(?m)^  lr: \S+", "  lr: 3e-4", PARAMS.read_text())
+    assert n == 1  # the train section's lr line
+    path.write_text(text)
     assert load_config(path).train.lr == 3e-4
 
 
