@@ -11,7 +11,7 @@ positives' true class, divided by the number of sampled RoIs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 from polydet.core.config import RoIConfig
 from polydet.geometry.coder import PolyBoxCoder, polybox_loss
 from polydet.geometry.polybox import hull_xyxy
+from polydet.model.heading import HeadingPredictor, heading_loss, predict_first_corner
 from polydet.model.inference import MIN_PROPOSAL_SIZE, detect_batched, quad_iou
 
 
@@ -59,6 +60,7 @@ class RoISamples:
     boxes: list[Tensor]
     labels: list[Tensor]
     gt_polyboxes: list[Tensor]
+    gt_first_corner: list[Tensor] = field(default_factory=list)  # [R] heading, -1 unknown
 
 
 @dataclass
@@ -95,6 +97,10 @@ class PolyRoIHeads(nn.Module):
         self.sampler = det_utils.BalancedPositiveNegativeSampler(
             cfg.batch_size_per_image, cfg.positive_fraction
         )
+        # Heading hook (issue 15, polydet/model/heading.py): the first-corner classifier.
+        self.heading = (
+            HeadingPredictor(cfg.representation_size) if cfg.heading_loss_weight > 0 else None
+        )
 
     def head(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
@@ -107,8 +113,12 @@ class PolyRoIHeads(nn.Module):
 
     def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> RoISamples:
         """Add the ground truths' hulls to the proposals, match (hull IoU) and sample."""
-        boxes_all, labels_all, gt_all = [], [], []
+        boxes_all, labels_all, gt_all, first_all = [], [], [], []
         for boxes, target in zip(proposals, targets):
+            first = target.get("first_corner")  # heading hook: -1 (unknown) when not given
+            if first is None:
+                first = torch.full((target["polyboxes"].shape[0],), -1, dtype=torch.long)
+            first = first.to(boxes.device)
             gt = target["polyboxes"].float()
             hulls = hull_xyxy(gt)  # [G, 4]
             # A degenerate hull would be a zero-area RoI with NaN IoU and infinite targets.
@@ -119,6 +129,7 @@ class PolyRoIHeads(nn.Module):
                 labels = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
                 matched = torch.zeros_like(labels)
                 gt = gt.new_zeros((1, 10))
+                first = torch.full((1,), -1, dtype=torch.long, device=boxes.device)
             else:
                 idx = self.matcher(box_iou(hulls, boxes))
                 matched = idx.clamp(min=0)
@@ -128,13 +139,17 @@ class PolyRoIHeads(nn.Module):
             boxes_all.append(boxes)
             labels_all.append(labels)
             gt_all.append(gt[matched])
+            first_all.append(first[matched])
         pos_masks, neg_masks = self.sampler(labels_all)
         out = RoISamples([], [], [])
-        for boxes, labels, gt, pos, neg in zip(boxes_all, labels_all, gt_all, pos_masks, neg_masks):
+        for boxes, labels, gt, pos, neg, first in zip(
+            boxes_all, labels_all, gt_all, pos_masks, neg_masks, first_all
+        ):
             keep = torch.where(pos | neg)[0]
             out.boxes.append(boxes[keep])
             out.labels.append(labels[keep])
             out.gt_polyboxes.append(gt[keep])
+            out.gt_first_corner.append(first[keep])
         return out
 
     def loss(
@@ -147,7 +162,9 @@ class PolyRoIHeads(nn.Module):
         """``loss_classifier`` and ``loss_polybox`` of the sampled proposals (torchvision's
         ``fastrcnn_loss`` with 10 terms per box), with the samples and raw outputs."""
         samples = self.sample(proposals, targets)
-        logits, deltas = self.head(features, samples.boxes, image_sizes)
+        # As self.head, keeping the box head's features for the heading hook below.
+        feats = self.box_head(self.box_roi_pool(features, samples.boxes, image_sizes))
+        logits, deltas = self.box_predictor(feats)
         logits = logits.float()
         labels = torch.cat(samples.labels)
         pos = torch.where(labels > 0)[0]
@@ -173,6 +190,10 @@ class PolyRoIHeads(nn.Module):
                 refs = torch.cat(samples.boxes)[pos]
                 loss_iou = polybox_iou_loss(pos_deltas, gt, refs, self.coder)
             losses["loss_polybox_iou"] = loss_iou * self.cfg.iou_loss_weight / labels.numel()
+        if self.heading is not None:  # heading hook (issue 15): cross-entropy of the positives
+            first = torch.cat(samples.gt_first_corner)[pos]
+            loss_h = heading_loss(self.heading(feats[pos]), first, labels.numel())
+            losses["loss_heading"] = loss_h * self.cfg.heading_loss_weight
         return losses, samples, RoIOutput(logits, deltas, targets_enc, pos_deltas)
 
     # --- inference ---------------------------------------------------------------------
@@ -198,7 +219,12 @@ class PolyRoIHeads(nn.Module):
         # RoIAlign's level scales are inferred from the largest image, as torchvision does.
         batch_hw = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
         poly, scores, labels, found = detect_batched(self, features, boxes, valid, sizes, batch_hw)
-        return [
+        out = [
             {"polyboxes": p[f], "scores": s[f], "labels": lab[f]}
             for p, s, lab, f in zip(poly, scores, labels, found)
         ]
+        if self.heading is not None:  # heading hook (issue 15): first corner of each detection
+            first, _ = predict_first_corner(self, features, hull_xyxy(poly), batch_hw)
+            for det, fc, f in zip(out, first, found):
+                det["first_corner"] = fc[f]
+        return out
