@@ -51,6 +51,12 @@ def first_edge_midpoint(ring: Tensor, first: Tensor) -> Tensor:
     return _gather_corner(edge_midpoints(ring), first)
 
 
+def nearest_edge(ring: Tensor, point: Tensor) -> Tensor:
+    """Index ``[...]`` (int64) of the edge ``ring[k] -> ring[k + 1]`` of ``ring [..., 4, 2]``
+    whose midpoint is nearest ``point [..., 2]``."""
+    return ((edge_midpoints(ring) - point[..., None, :]) ** 2).sum(-1).argmin(-1)
+
+
 def map_first_corner(old_ring: Tensor, new_ring: Tensor, first: Tensor) -> Tensor:
     """``first_corner [...]`` after a transform (module docstring): ``old_ring [..., 4, 2]``
     is the old canonical ring *with the transform applied to its points* (old order kept),
@@ -58,8 +64,7 @@ def map_first_corner(old_ring: Tensor, new_ring: Tensor, first: Tensor) -> Tenso
     :data:`UNKNOWN` stays unknown."""
     if first.numel() == 0:
         return first.clone()
-    target = first_edge_midpoint(old_ring, first)  # [..., 2]
-    k = ((edge_midpoints(new_ring) - target[..., None, :]) ** 2).sum(-1).argmin(-1)
+    k = nearest_edge(new_ring, first_edge_midpoint(old_ring, first))
     return torch.where(first >= 0, k, torch.full_like(k, UNKNOWN)).to(first.dtype)
 
 
