@@ -32,7 +32,10 @@ class HeadingPredictor(nn.Module):
 
     def __init__(self, in_channels: int) -> None:
         super().__init__()
-        self.first_corner = nn.Linear(in_channels, NUM_CORNERS)
+        # Initialised on a fork of the global RNG: adding the head leaves the random stream
+        # of everything built and sampled after it (and so every seeded run) as it was.
+        with torch.random.fork_rng(devices=[]):
+            self.first_corner = nn.Linear(in_channels, NUM_CORNERS)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.first_corner(x.flatten(start_dim=1))
@@ -44,7 +47,7 @@ def heading_loss(logits: Tensor, first_corner: Tensor, num_sampled: int) -> Tens
     as the box losses are); 0 (with a gradient path) when nothing is known."""
     known = first_corner >= 0
     if num_sampled == 0 or not bool(known.any()):
-        return logits.sum() * 0.0
+        return logits.float().sum() * 0.0  # float32 under autocast too
     ce = F.cross_entropy(logits[known].float(), first_corner[known].long(), reduction="sum")
     return ce / num_sampled
 
