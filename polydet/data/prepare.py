@@ -139,9 +139,15 @@ def _write_prepared(dc: DataConfig, imp: Imported, out: Path, stage: Path) -> di
                 first = tiling.tile_first_corner(objs.polyboxes, first_all, box, r, boxes, idx)
                 object_frames.append(
                     manifest.object_rows(
-                        name, part, boxes, objs.labels[idx], objs.difficult[idx], trunc, dc.classes,
+                        name,
+                        part,
+                        boxes,
+                        objs.labels[idx],
+                        objs.difficult[idx],
+                        trunc,
+                        dc.classes,
                         first,
-                    )  # fmt: skip
+                    )
                 )
         else:
             image_rows.append(

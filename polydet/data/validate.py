@@ -242,7 +242,12 @@ class ValidObjects:
         """No objects."""
         no = np.zeros(0, bool)
         return ValidObjects(
-            np.zeros((0, 10)), np.zeros(0, np.int64), no, no, no, np.zeros(0, np.int64),
+            np.zeros((0, 10)),
+            np.zeros(0, np.int64),
+            no,
+            no,
+            no,
+            np.zeros(0, np.int64),
             np.zeros(0, np.int64),
         )
 
