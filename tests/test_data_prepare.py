@@ -42,7 +42,7 @@ def test_tables_follow_the_contract(prepared: tuple) -> None:
     assert list(objects.columns) == [
         "image_id", "split", "label", "class", "difficult", "truncated",
         "xc", "yc", "dx1", "dy1", "dx2", "dy2", "dx3", "dy3", "dx4", "dy4",
-        "area", "hull_w", "hull_h", "aspect", "angle",
+        "area", "hull_w", "hull_h", "aspect", "angle", "first_corner",
     ]  # fmt: skip
     assert len(images) == 20 == result["images"] and len(objects) == result["objects"]
     assert (images.groupby("split").size().to_dict()) == {"train": 16, "val": 2, "test": 2}

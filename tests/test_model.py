@@ -25,6 +25,7 @@ KEYS = {
     "loss_polybox",
     "loss_polybox_iou",
     "loss_refine",
+    "loss_heading",  # the heading head (model.roi.heading_loss_weight > 0 by default)
 }
 
 
@@ -202,7 +203,9 @@ def test_inspect_reports_consistent_matching(model: PolyDetector) -> None:
         assert report["proposal_scores"][i].shape == (k,)
         assert report["proposal_polyboxes"][i].shape == (k, 10)
         assert report["encoded_roi_targets"][i].shape == report["roi_deltas"][i].shape
-        assert set(report["detections"][i]) == {"polyboxes", "scores", "labels"}
+        assert set(report["detections"][i]) == {
+            "polyboxes", "scores", "labels", "first_corner", "heading",
+        }  # fmt: skip
     assert report["encoded_rpn_targets"][0].shape[0] >= 2  # each object has its best anchor
     assert report["encoded_roi_targets"][0].shape[0] >= 2  # ground-truth hulls are RoIs
     assert report["encoded_rpn_targets"][1].shape[0] == 0

@@ -166,3 +166,43 @@ def test_tta_settings_are_checked_and_reach_the_mlflow_model() -> None:
     assert isinstance(wrapped, TTAModel) and wrapped.tta == tta_config_from_dict(logged["tta"])
     plain = MarkerDetector()
     assert _with_logged_tta(plain, None) is plain  # a model logged before the setting
+
+
+class HeadingMarkerDetector(MarkerDetector):
+    """:class:`MarkerDetector` that also predicts a heading: the first corner of each quad is
+    the one whose edge's midpoint is nearest the lit pixel of channel 2 (a content function,
+    so each view's answer is the same physical edge)."""
+
+    def predict(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        from polydet.geometry import heading
+
+        out = super().predict(images)
+        for im, det in zip(images, out):
+            ys, xs = torch.where(im[2] > 0.5)
+            mark = torch.stack([xs, ys], -1).float()[0] + 0.5
+            det["first_corner"] = heading.nearest_edge(polybox.to_corners(det["polyboxes"]), mark)
+        return out
+
+
+def test_tta_maps_the_heading_back_and_keeps_it_through_fusion() -> None:
+    from polydet.geometry import heading
+
+    image = marked_image()
+    image[2, 4, 12] = 1.0  # next to the middle of quad 0's top edge (5, 3) -> (20, 6)
+    expected = HeadingMarkerDetector().predict([image])[0]
+    ring = polybox.to_corners(expected["polyboxes"][0])
+    # Independent of the code under test: the top edge starts at the marked (5, 3) corner.
+    assert torch.allclose(ring[int(expected["first_corner"][0])], torch.tensor([5.5, 3.5]))
+    net = TTAModel(HeadingMarkerDetector(), tta_cfg())
+    changed = 0
+    for view, (det,) in zip(net.views, net.view_detections([image])):
+        raw = HeadingMarkerDetector().predict([view.apply(image)])[0]["first_corner"]
+        assert torch.equal(det["first_corner"], expected["first_corner"]), (view, raw)
+        changed += not torch.equal(raw, expected["first_corner"])
+    assert changed >= 2  # the views' own first corners differ: the mapping back matters
+    for fusion in ("nms", "weighted"):
+        (fused,) = TTAModel(HeadingMarkerDetector(), tta_cfg(fusion=fusion)).predict([image])
+        assert torch.equal(fused["first_corner"], expected["first_corner"]), fusion
+        h = heading.heading_degrees(fused["polyboxes"], fused["first_corner"])
+        h0 = heading.heading_degrees(expected["polyboxes"], expected["first_corner"])
+        assert torch.allclose(h, h0, atol=1e-3), fusion

@@ -86,10 +86,15 @@ class DataConfig:
     split: SplitConfig
     tile: TileConfig
     out: str  # prepared dataset directory
+    # Classes whose first corner means nothing (no heading loss, no heading metric).
+    symmetric_classes: tuple[str, ...]
 
     def __post_init__(self) -> None:
         if not self.classes or len(set(self.classes)) != len(self.classes):
             raise ConfigError(f"data.classes: expected distinct names, got {list(self.classes)}")
+        if not set(self.symmetric_classes) <= set(self.classes):
+            extra = sorted(set(self.symmetric_classes) - set(self.classes))
+            raise ConfigError(f"data.symmetric_classes: {extra} not in data.classes")
         if not 0.0 < self.min_inside <= 1.0:
             raise ConfigError(f"data.min_inside: expected a share in (0, 1], got {self.min_inside}")
         t = self.tile
@@ -206,6 +211,7 @@ class RoIConfig:
     iou_loss_weight: float  # multiplies loss_polybox_iou, 1 - polygon IoU of the decoded positives
     refine_steps: int  # inference: passes of the box head over its own detections' hulls
     refine_loss_weight: float  # training: the box losses again on the positives' refined hulls
+    heading_loss_weight: float  # first-corner (heading) cross-entropy; 0 = no heading head
 
     def __post_init__(self) -> None:
         checks = {
@@ -214,6 +220,7 @@ class RoIConfig:
             "detections_per_img": self.detections_per_img >= 1,
             "refine_steps": self.refine_steps >= 0,
             "refine_loss_weight": self.refine_loss_weight >= 0,
+            "heading_loss_weight": self.heading_loss_weight >= 0,
             **_head_checks(self),
         }
         check_ranges("model.roi", self, checks)
@@ -302,6 +309,8 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
             "refine_loss_weight": 0.0,
             **raw["roi"],
         }
+        # Model files from before the heading head have no heading weights: heading off.
+        raw["roi"] = {"heading_loss_weight": 0.0, **raw["roi"]}
     model = _build(ModelConfig, raw, "model")
     check_model_config(model)
     return model

@@ -33,6 +33,7 @@ class Record:
     polyboxes: Tensor  # [N, 10] float32, canonical, image pixels
     labels: Tensor  # [N] int64, 1-based (0 is background)
     difficult: Tensor  # [N] bool
+    first_corner: Tensor  # [N] int64, 0..3 or -1 unknown (polydet.geometry.heading)
 
 
 def load_records(prepared_dir: str | Path, split: str | None) -> list[Record]:
@@ -54,11 +55,13 @@ def load_records(prepared_dir: str | Path, split: str | None) -> list[Record]:
         g = groups.get(row.image_id)
         if g is None:
             boxes, labels, difficult = np.zeros((0, 10)), np.zeros(0, np.int64), np.zeros(0, bool)
+            first = np.zeros(0, np.int64)
         else:
             # Copies: pandas' copy-on-write hands out read-only views torch would warn about.
             boxes = g[BOX_COLUMNS].to_numpy(np.float64, copy=True)
             labels = g["label"].to_numpy(np.int64, copy=True)
             difficult = g["difficult"].to_numpy(bool, copy=True)
+            first = g["first_corner"].to_numpy(np.int64, copy=True)
         records.append(
             Record(
                 image_id=row.image_id,
@@ -68,6 +71,7 @@ def load_records(prepared_dir: str | Path, split: str | None) -> list[Record]:
                 polyboxes=torch.from_numpy(boxes).float().reshape(-1, 10),
                 labels=torch.from_numpy(labels),
                 difficult=torch.from_numpy(difficult),
+                first_corner=torch.from_numpy(first),
             )
         )
     return records
@@ -88,7 +92,7 @@ def load_image(path: str | Path, size: tuple[int, int] | None = None) -> Tensor:
 
 class PolyDataset(Dataset):
     """Item ``i``: ``(image [3, H, W] float32 in [0, 1], {"polyboxes": [N, 10] float32,
-    "labels": [N] int64, "difficult": [N] bool, "image_id": str})``, augmented by
+    "labels": [N] int64, "difficult": [N] bool, "first_corner": [N] int64, "image_id": str})``, augmented by
     :class:`~polydet.data.augment.Augment` when ``augment`` is given."""
 
     def __init__(
@@ -107,6 +111,7 @@ class PolyDataset(Dataset):
             "polyboxes": r.polyboxes.clone(),
             "labels": r.labels.clone(),
             "difficult": r.difficult.clone(),
+            "first_corner": r.first_corner.clone(),
             "image_id": r.image_id,
         }
         if self.augment is not None:

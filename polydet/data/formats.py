@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from polydet.geometry import polybox
+from polydet.geometry import heading, polybox
 from polydet.data import validate as v
 from polydet.data.quads import polygon_to_quad
 from polydet.data.validate import ImportLog, where
@@ -539,14 +539,19 @@ def _per_class(
     detections: Mapping[str, Mapping[str, object]], classes: Sequence[str]
 ) -> dict[str, list[Detection]]:
     """Model outputs ``{image_id: {"polyboxes" [K,10], "scores" [K], "labels" [K] 1-based}}``
-    -> ``{class: [Detection]}`` rounded as written (0.01 px, 6 significant digits of score)."""
+    -> ``{class: [Detection]}`` rounded as written (0.01 px, 6 significant digits of score);
+    with ``"first_corner" [K]`` (the heading), the corners start there, as DOTA lists them."""
     out: dict[str, list[Detection]] = {c: [] for c in classes}
     for image_id in sorted(detections):
         d = detections[image_id]
         boxes = torch.as_tensor(d["polyboxes"]).reshape(-1, 10).double()
         scores = torch.as_tensor(d["scores"]).reshape(-1).tolist()
         labels = torch.as_tensor(d["labels"]).reshape(-1).tolist()
-        corners = polybox.to_corners(boxes).reshape(-1, 8).tolist()
+        corners = polybox.to_corners(boxes)
+        if "first_corner" in d:
+            first = torch.as_tensor(d["first_corner"]).reshape(-1)
+            corners = heading.start_at_first(corners, first)
+        corners = corners.reshape(-1, 8).tolist()
         for pts, s, k in zip(corners, scores, labels):
             if not 1 <= int(k) <= len(classes):
                 raise ValueError(f"{image_id}: label {k} outside 1..{len(classes)}")

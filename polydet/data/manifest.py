@@ -4,7 +4,10 @@ Column meanings are the contract in ``docs/CONTRACTS.md``. Derived object column
 canonical polybox: ``area`` (shoelace, px^2), ``hull_w``/``hull_h`` (enclosing axis-aligned
 box, px), ``aspect = hull_h / hull_w`` (torchvision's anchor ratio convention), ``angle``
 (direction of the first edge, corner 1 -> 2, in degrees, folded into [-90, 90); y down, so a
-positive angle turns clockwise on screen). Statistics use ``size = sqrt(hull_w * hull_h)``,
+positive angle turns clockwise on screen). ``first_corner`` (0-3) is the canonical corner the
+annotation started at, the object's heading (:mod:`polydet.geometry.heading`); -1 = unknown
+(a symmetric class, or a manifest written before the column existed, which still loads).
+Statistics use ``size = sqrt(hull_w * hull_h)``,
 the quantity an anchor's size is compared with.
 """
 
@@ -25,7 +28,7 @@ IMAGE_COLUMNS = ["image_id", "path", "width", "height", "split", "num_objects"]
 BOX_COLUMNS = ["xc", "yc", "dx1", "dy1", "dx2", "dy2", "dx3", "dy3", "dx4", "dy4"]
 OBJECT_COLUMNS = [
     "image_id", "split", "label", "class", "difficult", "truncated", *BOX_COLUMNS,
-    "area", "hull_w", "hull_h", "aspect", "angle",
+    "area", "hull_w", "hull_h", "aspect", "angle", "first_corner",
 ]  # fmt: skip
 SPLITS = ("train", "val", "test")
 
@@ -59,8 +62,10 @@ def object_rows(
     difficult: np.ndarray,
     truncated: np.ndarray,
     classes: Sequence[str],
+    first_corner: np.ndarray | None = None,
 ) -> pd.DataFrame:
-    """Manifest rows for one image's objects (polyboxes ``[N, 10]`` canonical, pixels)."""
+    """Manifest rows for one image's objects (polyboxes ``[N, 10]`` canonical, pixels;
+    ``first_corner [N]``, default unknown)."""
     boxes = torch.as_tensor(np.asarray(polyboxes, dtype=np.float64)).reshape(-1, 10)
     hull = polybox.hull_xyxy(boxes).numpy()  # [N, 4]
     c = polybox.to_corners(boxes).numpy()  # [N, 4, 2]
@@ -80,6 +85,9 @@ def object_rows(
     df["hull_h"] = hull_h
     df["aspect"] = hull_h / np.maximum(hull_w, 1e-9)
     df["angle"] = angle
+    n = len(df)
+    first = np.full(n, -1) if first_corner is None else np.asarray(first_corner).reshape(n)
+    df["first_corner"] = first.astype(np.int64)
     return df
 
 
@@ -97,6 +105,8 @@ def read_tables(prepared_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     dtypes = {"image_id": str, "path": str, "split": str, "class": str}
     images = pd.read_csv(d / "images.csv", dtype=dtypes, keep_default_na=False)
     objects = pd.read_csv(d / "objects.csv", dtype=dtypes, keep_default_na=False)
+    if "first_corner" not in objects.columns:  # written before the heading existed: unknown
+        objects["first_corner"] = -1
     return images, objects
 
 

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from polydet.core.config import Config, DataConfig
@@ -121,6 +122,7 @@ def _write_prepared(dc: DataConfig, imp: Imported, out: Path, stage: Path) -> di
     current_tiles: set[str] = set()
     for src, objs in zip(sources, valid):
         part = split[src.image_id]
+        first_all = _first_corner(objs, dc)
         t = dc.tile
         if t.enabled and (src.width > t.size or src.height > t.size):
             plan = tiling.tile_plan(src.width, src.height, t.size, t.overlap, t.scales)
@@ -134,9 +136,17 @@ def _write_prepared(dc: DataConfig, imp: Imported, out: Path, stage: Path) -> di
                 trunc = objs.truncated[idx] | clipped
                 size = tiling.scaled_size(box, r)
                 image_rows.append((name, str(path), *size, part, len(idx)))
+                first = tiling.tile_first_corner(objs.polyboxes, first_all, box, r, boxes, idx)
                 object_frames.append(
                     manifest.object_rows(
-                        name, part, boxes, objs.labels[idx], objs.difficult[idx], trunc, dc.classes
+                        name,
+                        part,
+                        boxes,
+                        objs.labels[idx],
+                        objs.difficult[idx],
+                        trunc,
+                        dc.classes,
+                        first,
                     )
                 )
         else:
@@ -152,6 +162,7 @@ def _write_prepared(dc: DataConfig, imp: Imported, out: Path, stage: Path) -> di
                     objs.difficult,
                     objs.truncated,
                     dc.classes,
+                    first_all,
                 )
             )
     # Forget (and delete) tiles of images that are gone or no longer tiled. The index is
@@ -184,6 +195,13 @@ def _write_prepared(dc: DataConfig, imp: Imported, out: Path, stage: Path) -> di
         "issues": [str(i) for i in log.issues[:SHOWN_ISSUES]],
         "warnings": _object_warnings(stats),
     }
+
+
+def _first_corner(objs: ValidObjects, dc: DataConfig) -> np.ndarray:
+    """The objects' ``first_corner`` (heading), unknown (-1) for ``dc.symmetric_classes``
+    (their first corner is an arbitrary choice: no loss, no metric)."""
+    symmetric = [dc.classes.index(c) + 1 for c in dc.symmetric_classes]
+    return np.where(np.isin(objs.labels, symmetric), -1, objs.first_corner).astype(np.int64)
 
 
 def _object_warnings(stats: dict) -> list[str]:

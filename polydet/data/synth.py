@@ -4,12 +4,19 @@
 (DOTA v1.5, so it goes through the same reader as real data). Classes are shapes with
 their own look, so that a small detector trained from scratch on a CPU can tell them apart:
 
-- ``card``: a light rectangle (aspect 1.3-1.8) with a saturated border, a round "logo" and
-  grey "text" bars, perspective-warped;
+- ``card``: a light rectangle (aspect 1.3-1.8) with a saturated border, a dark band along its
+  top edge (its heading), a round "logo" and grey "text" bars, perspective-warped;
 - ``plate``: an elongated rectangle (aspect 2.2-``max_aspect``), yellow or white, black
   border and dark seven-segment "characters", mostly rotated, little perspective;
 - ``kite``: a kite quad (cross point in the upper third) with two saturated alternating
-  panels and dark spars along the diagonals.
+  panels, dark spars along the diagonals and a dark band along the edge from its tip
+  clockwise (its heading: the kite is mirror-symmetric, the band tells its sides apart).
+
+**Heading**: every label lists its corners clockwise from the sprite's top-left corner, so
+its first edge is the sprite's top edge (the card's band, the plate's top, the kite's tip
+and banded edge); a truncated object's label keeps that edge first
+(:mod:`polydet.geometry.heading`). The bands draw no random numbers: the random stream, the
+geometry and the labels' corner sets are what they were without them.
 
 Backgrounds are muted two-colour noise with texture; clutter (scaled by ``clutter``) is lines,
 small blobs, soft stains and irregular 5-7-gons: real distractors, none a bright quad.
@@ -33,13 +40,16 @@ from pathlib import Path
 
 import numpy as np
 import shapely
+import torch
 from PIL import Image, ImageDraw
 
 from polydet.core.config import ConfigError, SynthConfig
 from polydet.data.formats import Annotation, write_dota
 from polydet.data.quads import clip_quad, inside_share
+from polydet.geometry import heading, polybox
 
 SHAPES = ("card", "plate", "kite")
+HEADING_BAND = (25, 22, 20)  # the dark band that marks the first (top) edge of cards and kites
 # Sprite pixels per image pixel: a little supersampling keeps patterns crisp after warping.
 SPRITE_SCALE = 1.25
 MAX_OVERLAP = 0.15  # share of the smaller of two objects they may share
@@ -250,6 +260,8 @@ def _sprite(rng: np.random.Generator, cls: str, sw: int, sh: int) -> Image.Image
         d.ellipse(
             [cx - r, cy - r, cx + r, cy + r], fill=_hsv(hue + rng.uniform(0.3, 0.7), 0.9, 0.85)
         )
+        # The heading mark: a dark band along the top (first) edge, over the border.
+        d.rectangle([0, 0, sw, round(0.16 * sh)], fill=HEADING_BAND)
         x0, x1 = cx + r + b, sw - 2 * b
         for k in range(3):
             y = sh * (0.3 + 0.2 * k)
@@ -284,6 +296,8 @@ def _sprite(rng: np.random.Generator, cls: str, sw: int, sh: int) -> Image.Image
         d.line([tl, br], fill=(30, 25, 20), width=spar)
         d.line([tr, bl], fill=(30, 25, 20), width=spar)
         d.rectangle([0, 0, sw - 1, sh - 1], outline=(30, 25, 20), width=spar)
+        # The heading mark: a band along the edge from the tip (sprite top-left) clockwise.
+        d.line([tl, tr], fill=HEADING_BAND, width=max(2, round(0.2 * m)))
     return img
 
 
@@ -402,10 +416,22 @@ def render(cfg: SynthConfig, index: int) -> Rendered:
         label = quad if inside else clip_quad(quad, (0, 0, w, h))
         if label is None:  # pragma: no cover - _place guarantees a visible share >= 55%
             continue
+        if not inside:  # the clipped part in hull order: start it at the first edge again
+            label = _from_first_edge(quad, label)
         objects.append(SynthObject(cls, quad, label, not inside))
     arr = np.asarray(img.convert("RGB"), np.float32)
     arr += rng.standard_normal(arr.shape, dtype=np.float32) * rng.uniform(2, 6)  # sensor grain
     return Rendered(arr.clip(0, 255).astype(np.uint8), objects, mask)
+
+
+def _from_first_edge(quad: np.ndarray, clipped: np.ndarray) -> np.ndarray:
+    """``clipped [4, 2]`` (a part of ``quad [4, 2]``, listed clockwise from its first edge)
+    listed clockwise from the edge that continues ``quad``'s first edge."""
+    ring = polybox.canonicalize_corners(torch.from_numpy(np.asarray(clipped, np.float64)))
+    first = heading.map_first_corner(
+        torch.from_numpy(np.asarray(quad, np.float64)), ring, torch.tensor(0)
+    )
+    return heading.start_at_first(ring, first).numpy()
 
 
 def _check(cfg: SynthConfig) -> None:

@@ -35,7 +35,7 @@ from torch import Tensor
 from polydet.core.files import file_sha256
 from polydet.data.images import open_image, rgb_image
 from polydet.data.quads import clip_quad, inside_share
-from polydet.geometry import polybox
+from polydet.geometry import heading, polybox
 
 Box = tuple[int, int, int, int]
 Tile = tuple[Box, float]  # source pixels, and the scale the tile is resized by
@@ -129,6 +129,27 @@ def tile_objects(
     return res, np.array(index, dtype=np.int64), np.array(clipped, dtype=bool)
 
 
+def tile_first_corner(
+    polyboxes: np.ndarray,
+    first_corner: np.ndarray,
+    tile: Box,
+    scale: float,
+    tile_boxes: np.ndarray,
+    index: np.ndarray,
+) -> np.ndarray:
+    """``first_corner [M]`` of the objects :func:`tile_objects` returned (``tile_boxes [M, 10]``,
+    ``index [M]``) from the full-image ``polyboxes [N, 10]`` and ``first_corner [N]``: the first
+    edge is carried through the shift, scale and clipping (:mod:`polydet.geometry.heading`)."""
+    x0, y0, x1, y1 = (float(t) for t in tile)
+    w, h = scaled_size(tile, scale) if scale != 1.0 else (x1 - x0, y1 - y0)
+    old = torch.as_tensor(np.asarray(polyboxes, dtype=np.float64)).reshape(-1, 10)[index]
+    ring = polybox.to_corners(old) - old.new_tensor([x0, y0])
+    ring = ring * ring.new_tensor([w / (x1 - x0), h / (y1 - y0)])
+    new = polybox.to_corners(torch.as_tensor(np.asarray(tile_boxes, dtype=np.float64)))
+    first = torch.as_tensor(np.asarray(first_corner, dtype=np.int64))[index]
+    return heading.map_first_corner(ring, new.reshape(-1, 4, 2), first).numpy()
+
+
 def tile_name(image_id: str, tile: Box, scale: float = 1.0) -> str:
     """Image id of a tile: ``<image_id>__<x0>_<y0>``, plus ``_s<scale>`` at scale != 1."""
     return f"{image_id}__{tile[0]}_{tile[1]}" + (f"_s{scale:g}" if scale != 1.0 else "")
@@ -191,8 +212,10 @@ def merge_detections(
     ``class_agnostic``); result sorted by descending score."""
     from polydet.geometry.ops import batched_nms
 
-    boxes, scores, labels = [], [], []
+    boxes, scores, labels, firsts = [], [], [], []
     for (x0, y0), d in tiles:
+        if "first_corner" in d:  # the heading (issue 15): a shift keeps the canonical ring
+            firsts.append(torch.as_tensor(d["first_corner"], dtype=torch.int64).reshape(-1))
         b = torch.as_tensor(d["polyboxes"], dtype=torch.float32).reshape(-1, 10)
         boxes.append(polybox.translate(b, float(x0), float(y0)))
         scores.append(torch.as_tensor(d["scores"], dtype=torch.float32).reshape(-1))
@@ -206,4 +229,8 @@ def merge_detections(
     b, s, lab = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
     keep = batched_nms(b, s, torch.zeros_like(lab) if class_agnostic else lab, iou_threshold)
     keep = keep[s[keep].argsort(descending=True, stable=True)]
-    return {"polyboxes": b[keep], "scores": s[keep], "labels": lab[keep]}
+    out = {"polyboxes": b[keep], "scores": s[keep], "labels": lab[keep]}
+    if len(firsts) == len(boxes):
+        out["first_corner"] = torch.cat(firsts)[keep]
+        out["heading"] = heading.heading_degrees(out["polyboxes"], out["first_corner"])
+    return out

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import UnidentifiedImageError
 
-from polydet.geometry import polybox
+from polydet.geometry import heading, polybox
 from polydet.data.images import displayed_size, open_raw
 from polydet.data.quads import clip_quad, inside_share
 from polydet.core.errors import DataError
@@ -233,13 +233,22 @@ class ValidObjects:
     truncated: np.ndarray  # [N] bool (clipped to the image)
     repaired: np.ndarray  # [N] bool (geometry changed: hull order or clipped)
     index: np.ndarray  # [N] int64, position of each survivor in the input list
+    # [N] int64: the canonical corner the annotation's first vertex is (0..3; the heading,
+    # polydet.geometry.heading; a clipped object keeps its first edge's nearest edge)
+    first_corner: np.ndarray
 
     @staticmethod
     def empty() -> ValidObjects:
         """No objects."""
         no = np.zeros(0, bool)
         return ValidObjects(
-            np.zeros((0, 10)), np.zeros(0, np.int64), no, no, no, np.zeros(0, np.int64)
+            np.zeros((0, 10)),
+            np.zeros(0, np.int64),
+            no,
+            no,
+            no,
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int64),
         )
 
 
@@ -268,6 +277,8 @@ def validate_objects(
     corners = np.stack([np.asarray(objects[i].corners(), dtype=np.float64) for i in keep])
     flags = _problems(corners)
     boxes = polybox.from_corners(torch.from_numpy(corners)).numpy()  # [K, 10] float64
+    ring = polybox.to_corners(torch.from_numpy(boxes))  # [K, 4, 2]
+    first = heading.nearest_corner(ring, torch.from_numpy(corners[:, 0])).numpy()  # [K]
     ok = np.ones(len(keep), bool)
     truncated = np.zeros(len(keep), bool)
     repaired = np.zeros(len(keep), bool)
@@ -307,6 +318,13 @@ def validate_objects(
                     )
                     continue
                 boxes[n] = polybox.from_corners(torch.from_numpy(quad)).numpy()
+                first[n] = int(
+                    heading.map_first_corner(
+                        torch.from_numpy(c[n]),
+                        polybox.to_corners(torch.from_numpy(boxes[n])),
+                        torch.tensor(first[n]),
+                    )
+                )
                 truncated[n] = repaired[n] = True
                 log.repair_object(loc, CLIPPED, f"{s:.0%} inside; marked truncated")
     sel = [keep[n] for n in np.flatnonzero(ok)]
@@ -317,4 +335,5 @@ def validate_objects(
         truncated=truncated[ok],
         repaired=repaired[ok],
         index=np.array(sel, dtype=np.int64),
+        first_corner=first[ok].astype(np.int64),
     )

@@ -31,7 +31,7 @@ from polydet.core.config import TileConfig
 from polydet.core.errors import DataError
 from polydet.data.images import open_image, rgb_float, rgb_image
 from polydet.data.tiling import Tile, merge_detections, resize_tile, tile_plan
-from polydet.geometry import polybox
+from polydet.geometry import heading, polybox
 
 Source = Image.Image | Tensor  # a decoded 8-bit RGB image, or [3, H, W] uint8 / float32
 
@@ -88,7 +88,7 @@ def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManag
 
 def _filter(det: dict[str, Tensor], score_thresh: float) -> dict[str, Tensor]:
     keep = det["scores"] >= score_thresh
-    return {k: v[keep].detach().float().cpu() if k != "labels" else v[keep].cpu()
+    return {k: v[keep].detach().float().cpu() if v.is_floating_point() else v[keep].cpu()
             for k, v in det.items()}  # fmt: skip
 
 
@@ -127,7 +127,12 @@ def detect_stream(
             det = _filter(det, score_thresh)
             if r != 1.0:
                 sx, sy = (x1 - x0) / x.shape[-1], (y1 - y0) / x.shape[-2]
-                det["polyboxes"] = polybox.scale(det["polyboxes"], sx, sy)
+                old, det["polyboxes"] = det["polyboxes"], polybox.scale(det["polyboxes"], sx, sy)
+                if "first_corner" in det:  # the heading (issue 15) through the scale
+                    det["first_corner"] = heading.scale_first_corner(
+                        old, det["polyboxes"], det["first_corner"], sx, sy
+                    )
+                    det["heading"] = heading.heading_degrees(det["polyboxes"], det["first_corner"])
             pending[n][2].append(((float(x0), float(y0)), det))
             pending[n][1] -= 1
         batch.clear()

@@ -37,7 +37,7 @@ from polydet.data.images import open_image, rgb_image
 from polydet.deploy.batched import detect_stream, open_source, size_of
 from polydet.eval.evaluate import resolve_model
 from polydet.eval.tta import with_tta
-from polydet.geometry import polybox
+from polydet.geometry import heading, polybox
 from polydet.model import PolyDetector, load_model
 from polydet.model.device import resolve_device
 
@@ -94,7 +94,7 @@ def draw(image_path: Path, det: dict[str, Tensor], classes: list[str], out: Path
 def _draw(canvas: Image.Image, det: dict[str, Tensor], classes: list[str], out: Path) -> None:
     pen = ImageDraw.Draw(canvas)
     width = max(1, round(max(canvas.size) / 256))
-    corners = polybox.to_corners(det["polyboxes"].double()).tolist()
+    corners = _corners(det).tolist()
     # Lowest score first so the most confident outlines end up on top.
     for i in reversed(range(len(corners))):
         label = int(det["labels"][i])
@@ -103,6 +103,12 @@ def _draw(canvas: Image.Image, det: dict[str, Tensor], classes: list[str], out: 
         pen.line([*pts, pts[0]], fill=colour, width=width)
         name = classes[label - 1] if 1 <= label <= len(classes) else str(label)
         pen.text(pts[0], f"{name} {float(det['scores'][i]):.2f}", fill=colour)
+        if "first_corner" in det and int(det["first_corner"][i]) >= 0:
+            # The heading: the first edge drawn thicker, a line from the centre to its middle.
+            centre = tuple(det["polyboxes"][i, :2].tolist())
+            mid = ((pts[0][0] + pts[1][0]) / 2, (pts[0][1] + pts[1][1]) / 2)
+            pen.line([pts[0], pts[1]], fill=colour, width=3 * width)
+            pen.line([centre, mid], fill=colour, width=width)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out, format="PNG")
 
@@ -211,7 +217,13 @@ def _record(
     classes: list[str],
     n_tiles: int,
 ) -> dict[str, Any]:
-    corners = polybox.to_corners(det["polyboxes"].double()).tolist()
+    corners = _corners(det).tolist()
+    first = det.get("first_corner")
+    head = (
+        heading.heading_degrees(det["polyboxes"].double(), first).tolist()
+        if first is not None
+        else None
+    )
     return {
         "image_id": image_id,
         "path": str(path),
@@ -225,9 +237,28 @@ def _record(
                 "score": round(float(score), 6),
                 "polybox": [round(v, 3) for v in box],
                 "corners": [[round(x, 3), round(y, 3)] for x, y in c],
+                **(
+                    {"first_corner": int(first[i]), "heading": round(float(head[i]), 2)}
+                    if head is not None and int(first[i]) >= 0
+                    else {}
+                ),
             }
-            for label, score, box, c in zip(
-                det["labels"].tolist(), det["scores"].tolist(), det["polyboxes"].tolist(), corners
+            for i, (label, score, box, c) in enumerate(
+                zip(
+                    det["labels"].tolist(),
+                    det["scores"].tolist(),
+                    det["polyboxes"].tolist(),
+                    corners,
+                )
             )
         ],
     }
+
+
+def _corners(det: dict[str, Tensor]) -> Tensor:
+    """Corners ``[K, 4, 2]`` float64 of the detections: canonical, or from the predicted first
+    corner on (the heading) when the model predicts one, as DOTA lists them."""
+    corners = polybox.to_corners(det["polyboxes"].double())
+    if "first_corner" in det:
+        corners = heading.start_at_first(corners, det["first_corner"])
+    return corners

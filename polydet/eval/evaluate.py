@@ -10,6 +10,7 @@ them from there. Files are parsed by :mod:`polydet.data.formats`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -128,8 +129,12 @@ def load_dota_dirs(
         label=label[keep],
         polyboxes=_corners_to_polyboxes(corners[keep]),
         difficult=difficult[keep],
+        # DOTA lists each object from its head, and Task1 files each detection: the heading
+        # of both is their first listed corner (README "Heading").
+        first_corner=np.zeros(int(keep.sum()), np.int64),
     )
     dets = task1_detections(det_dir, classes, image_ids, ann_dir)
+    dets = dataclasses.replace(dets, first_corner=np.zeros(dets.score.size, np.int64))
     return image_ids, classes, gt, dets
 
 
@@ -193,6 +198,7 @@ def ground_truth_of(records: Sequence[Any]) -> GroundTruth:
         label=_cat([r.labels.numpy() - 1 for r in records], np.int64),
         polyboxes=_cat([r.polyboxes.double().numpy() for r in records], np.float64, 10),
         difficult=_cat([r.difficult.numpy() for r in records], bool),
+        first_corner=_cat([r.first_corner.numpy() for r in records], np.int64),
     )
 
 
@@ -282,6 +288,9 @@ def evaluate_model(cfg: Config, model: str | None = None) -> dict[str, Any]:
     formats.write_task1(det_dir, preds, classes)
     image_ids = [r.image_id for r in records]
     dets = task1_detections(det_dir, classes, image_ids)
+    if any("first_corner" in p for p in preds.values()):
+        # The model predicts headings: its Task1 lines start at the predicted first corner.
+        dets = dataclasses.replace(dets, first_corner=np.zeros(dets.score.size, np.int64))
     ev = evaluate_detections(
         image_ids,
         classes,

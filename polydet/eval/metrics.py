@@ -25,6 +25,12 @@ the mean; the official kit would count it as 0).
   of ``|angle mod 90 - 45|`` (:data:`ORIENTATIONS`: ``diagonal`` 0-15 degrees, i.e. objects
   near 45 degrees where the canonical first corner switches, ``oblique`` 15-30, ``axis``
   30-45), as :func:`orientation_offset` measures it.
+* ``heading_acc45``, ``heading_acc10`` (per class ``/<class>`` and the mean over the classes
+  with at least one): of the true positives at the operating point (IoU > t, ``score >=
+  score_thresh``) whose ground truth has a known heading (``first_corner >= 0``: not a
+  symmetric class), the share whose heading (:mod:`polydet.geometry.heading`: centre to the
+  middle of the first edge) is within 45 / 10 degrees of the ground truth's;
+  ``heading_count/<class>`` how many were measured. Only when both sides carry a first corner.
 * ``recall_at_p{P}`` (per class and mean): the highest recall reached at precision >= P on
   the VOC curve at IoU t, with ``score_at_p{P}/<class>`` the score threshold that reaches it.
 * ``confusion/*``: at the operating point ``score >= score_thresh``, each false positive is a
@@ -54,6 +60,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from polydet.geometry import heading
 from polydet.geometry.ops import iou_areas, paired_iou
 from polydet.geometry.polybox import area as polybox_area
 
@@ -87,9 +94,14 @@ class GroundTruth:
     label: np.ndarray  # [G] int64, class index 0..C-1
     polyboxes: np.ndarray  # [G, 10] float64, image pixels
     difficult: np.ndarray  # [G] bool
+    # [G] int64 index into the stored corner order of the first corner (the heading), -1
+    # unknown; None: no heading information (no heading metrics).
+    first_corner: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         _check_columns("ground truths", self.polyboxes, self.image, self.label, self.difficult)
+        if self.first_corner is not None:
+            _check_columns("ground truths", self.polyboxes, self.first_corner)
 
 
 @dataclass(frozen=True)
@@ -100,9 +112,12 @@ class Detections:
     label: np.ndarray  # [D] int64, class index 0..C-1
     score: np.ndarray  # [D] float64
     polyboxes: np.ndarray  # [D, 10] float64, image pixels
+    first_corner: np.ndarray | None = None  # [D] as GroundTruth's; None: no heading predicted
 
     def __post_init__(self) -> None:
         _check_columns("detections", self.polyboxes, self.image, self.label, self.score)
+        if self.first_corner is not None:
+            _check_columns("detections", self.polyboxes, self.first_corner)
 
 
 def _check_columns(what: str, polyboxes: np.ndarray, *cols: np.ndarray) -> None:
@@ -517,6 +532,9 @@ def evaluate_detections(
     fp_kind, gt_kind, confusion = _confusion(
         classes, gt, dets, pairs, outcome, best_iou, best_gt, iou_threshold, score_thresh
     )
+    if gt.first_corner is not None and dets.first_corner is not None:
+        live_tp = (outcome == TP) & (dets.score >= score_thresh)
+        metrics.update(heading_metrics(classes, gt, dets, live_tp, best_gt))
     metrics["confusion/score_thresh"] = score_thresh
     metrics["confusion/tp"] = int(((outcome == TP) & (dets.score >= score_thresh)).sum())
     for k, name in enumerate(FP_KINDS):
@@ -535,6 +553,43 @@ def evaluate_detections(
         gt_kind=gt_kind,
         confusion=confusion,
     )
+
+
+HEADING_TOLERANCES = (45.0, 10.0)  # degrees
+
+
+def heading_metrics(
+    classes: Sequence[str],
+    gt: GroundTruth,
+    dets: Detections,
+    matched: np.ndarray,
+    best_gt: np.ndarray,
+) -> dict[str, Any]:
+    """``heading_acc{45,10}`` (mean and per class) and ``heading_count/<class>`` of the
+    detections ``matched [D]`` (bool) to the ground truths ``best_gt [D]`` (module docstring)."""
+    assert gt.first_corner is not None and dets.first_corner is not None
+    sel = np.flatnonzero(matched & (dets.first_corner >= 0))
+    sel = sel[gt.first_corner[best_gt[sel]] >= 0]
+    g = best_gt[sel]
+    d_head = heading.heading_degrees(
+        torch.from_numpy(dets.polyboxes[sel]), torch.from_numpy(dets.first_corner[sel])
+    )
+    g_head = heading.heading_degrees(
+        torch.from_numpy(gt.polyboxes[g]), torch.from_numpy(gt.first_corner[g])
+    )
+    err = heading.angle_error(d_head, g_head).numpy()
+    out: dict[str, Any] = {}
+    per: dict[float, dict[str, float | None]] = {t: {} for t in HEADING_TOLERANCES}
+    for c, name in enumerate(classes):
+        e = err[dets.label[sel] == c]
+        out[f"heading_count/{name}"] = int(e.size)
+        for t in HEADING_TOLERANCES:
+            per[t][name] = float((e <= t).mean()) if e.size else None
+    for t in HEADING_TOLERANCES:
+        out[f"heading_acc{t:.0f}"] = _mean(per[t].values())
+        for name in classes:
+            out[f"heading_acc{t:.0f}/{name}"] = per[t][name]
+    return out
 
 
 def _mean(values: Any) -> float | None:

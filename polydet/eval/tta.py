@@ -17,6 +17,11 @@ back by the model itself), then the views are fused per class:
   ``min(n, V) / V`` (``V`` views, as weighted boxes fusion), so an object seen in one view
   only is demoted.
 
+A model that predicts headings (``first_corner``, :mod:`polydet.geometry.heading`) keeps
+them: each view's first edge is mapped back with its polybox (its midpoint through the same
+inverse transform), ``nms`` keeps the survivor's, ``weighted`` takes the leader's first edge
+onto the fused quad.
+
 :func:`with_tta` wraps a model (``.predict(images)``) so that predict, evaluate and the
 MLflow model take TTA by one call.
 """
@@ -34,7 +39,7 @@ from torch import Tensor
 from polydet.core.config import TTAConfig
 from polydet.core.errors import ModelError
 from polydet.data import augment
-from polydet.geometry import polybox
+from polydet.geometry import heading, polybox
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,21 @@ class View:
         elif self.flip == "v":
             p = polybox.vflip(p, height)
         return p
+
+
+def _first_corner_back(view: View, det: dict[str, Tensor], shown: Tensor) -> dict[str, Tensor]:
+    """``{"first_corner": [K]}`` of a view's detections mapped back (empty without one): the
+    first edge's midpoint goes through :meth:`View.invert` as a point (a polybox whose four
+    corners coincide) and picks the nearest edge of the mapped-back quad."""
+    if "first_corner" not in det:
+        return {}
+    boxes, first = det["polyboxes"].detach().cpu().float(), det["first_corner"].detach().cpu()
+    mid = heading.first_edge_midpoint(polybox.to_corners(boxes), first)  # [K, 2]
+    points = torch.cat([mid, mid.new_zeros(mid.shape[0], 8)], -1)
+    back = view.invert(points, shown.shape[-1], shown.shape[-2])[:, :2]
+    ring = polybox.to_corners(view.invert(boxes, shown.shape[-1], shown.shape[-2]))
+    k = heading.nearest_edge(ring, back)
+    return {"first_corner": torch.where(first >= 0, k, torch.full_like(k, heading.UNKNOWN))}
 
 
 def views_of(cfg: TTAConfig) -> list[View]:
@@ -113,16 +133,22 @@ def fuse(
     lab = torch.cat([d["labels"].long().reshape(-1) for d in dets])
     if len(s) == 0:
         return _empty()
+    with_first = all("first_corner" in d for d in dets)
+    if with_first:
+        first = torch.cat([d["first_corner"].long().reshape(-1) for d in dets])
     if fusion == "nms":
         keep = batched_nms(b, s, lab, iou_threshold)
         keep = keep[s[keep].argsort(descending=True, stable=True)]
-        return {"polyboxes": b[keep], "scores": s[keep], "labels": lab[keep]}
+        out = {"polyboxes": b[keep], "scores": s[keep], "labels": lab[keep]}
+        if with_first:
+            out["first_corner"] = first[keep]
+        return out
     if fusion != "weighted":
         raise ValueError(f"unknown fusion {fusion!r} (expected nms or weighted)")
     # [N, N]: overlap of same-class pairs only, so different classes never fuse.
     same = (pairwise_iou(b, b) > iou_threshold) & (lab[:, None] == lab[None, :])
     free = torch.ones(len(s), dtype=torch.bool)
-    boxes, scores, labels = [], [], []
+    boxes, scores, labels, firsts = [], [], [], []
     corners = polybox.to_corners(b)  # [N, 4, 2]
     for i in s.argsort(descending=True, stable=True).tolist():
         if not free[i]:
@@ -136,8 +162,14 @@ def fuse(
         boxes.append(polybox.from_corners(mean))
         scores.append(w.mean() * min(len(members), num_views) / num_views)
         labels.append(lab[i])
+        if with_first:  # the leader's first edge onto the fused quad
+            mid = heading.first_edge_midpoint(corners[i], first[i])
+            k = heading.nearest_edge(polybox.to_corners(boxes[-1]), mid)
+            firsts.append(torch.where(first[i] >= 0, k, first[i]))
     out = {"polyboxes": torch.stack(boxes), "scores": torch.stack(scores)}
     out["labels"] = torch.stack(labels)
+    if with_first:
+        out["first_corner"] = torch.stack(firsts)
     order = out["scores"].argsort(descending=True, stable=True)
     return {k: v[order] for k, v in out.items()}
 
@@ -191,6 +223,7 @@ class TTAModel:
                         ),
                         "scores": d["scores"].detach().float().cpu(),
                         "labels": d["labels"].detach().cpu(),
+                        **_first_corner_back(view, d, v),
                     }
                     for d, v in zip(found, shown)
                 ]

@@ -32,6 +32,7 @@ from torchvision.models.detection.transform import (
 
 from polydet.core.config import ConfigError, ModelConfig, check_model_config, plain
 from polydet.core.errors import ModelError
+from polydet.geometry import heading
 from polydet.geometry.coder import polybox_loss
 from polydet.geometry.polybox import canonicalize, scale
 from polydet.model.backbone import build_backbone
@@ -154,9 +155,17 @@ class PolyDetector(nn.Module):
                 raise ValueError(f"target {i}: labels must be int64 [N] matching the polyboxes")
             polyboxes = polyboxes.to(device=device, dtype=torch.float32)
             new_h, new_w = image.shape[-2:]
+            first = targets[i].get("first_corner")  # heading hook (issue 15)
             if (new_h, new_w) != (h, w):
-                polyboxes = scale(polyboxes, new_w / w, new_h / h)
-            out_targets.append({"polyboxes": polyboxes, "labels": labels.to(device)})
+                old, polyboxes = polyboxes, scale(polyboxes, new_w / w, new_h / h)
+                if first is not None:
+                    first = heading.scale_first_corner(
+                        old, polyboxes, first.to(device), new_w / w, new_h / h
+                    )
+            out = {"polyboxes": polyboxes, "labels": labels.to(device)}
+            if first is not None:
+                out["first_corner"] = first.to(device)
+            out_targets.append(out)
         batch = self.transform.batch_images(resized, size_divisible=self.transform.size_divisible)
         sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in resized]
         return ImageList(batch, sizes), out_targets, originals
@@ -170,7 +179,13 @@ class PolyDetector(nn.Module):
         """Scale detections from the model's input pixels back to the input images'."""
         for det, (h, w), (h0, w0) in zip(detections, sizes, originals):
             if (h, w) != (h0, w0):
-                det["polyboxes"] = scale(det["polyboxes"], w0 / w, h0 / h)
+                old, det["polyboxes"] = det["polyboxes"], scale(det["polyboxes"], w0 / w, h0 / h)
+                if "first_corner" in det:  # heading hook (issue 15)
+                    det["first_corner"] = heading.scale_first_corner(
+                        old, det["polyboxes"], det["first_corner"], w0 / w, h0 / h
+                    )
+            if "first_corner" in det:
+                det["heading"] = heading.heading_degrees(det["polyboxes"], det["first_corner"])
         return detections
 
     # --- entry points ------------------------------------------------------------------

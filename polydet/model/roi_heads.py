@@ -11,7 +11,7 @@ positives' true class, divided by the number of sampled RoIs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 from polydet.core.config import RoIConfig
 from polydet.geometry.coder import PolyBoxCoder, polybox_loss
 from polydet.geometry.polybox import hull_xyxy
+from polydet.model.heading import HeadingPredictor, heading_loss, predict_first_corner
 from polydet.model.inference import (
     MIN_PROPOSAL_SIZE,
     clip_polyboxes,
@@ -65,6 +66,7 @@ class RoISamples:
     boxes: list[Tensor]
     labels: list[Tensor]
     gt_polyboxes: list[Tensor]
+    gt_first_corner: list[Tensor] = field(default_factory=list)  # [R] heading, -1 unknown
 
 
 @dataclass
@@ -101,23 +103,37 @@ class PolyRoIHeads(nn.Module):
         self.sampler = det_utils.BalancedPositiveNegativeSampler(
             cfg.batch_size_per_image, cfg.positive_fraction
         )
+        # Heading hook (issue 15, polydet/model/heading.py): the first-corner classifier.
+        self.heading = (
+            HeadingPredictor(cfg.representation_size) if cfg.heading_loss_weight > 0 else None
+        )
+
+    def box_features(
+        self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
+    ) -> Tensor:
+        """The box head's feature vectors ``[R, representation_size]`` of the boxes of all
+        images (RoIAlign through :func:`~polydet.model.inference.pool_rois`)."""
+        image = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
+        rois = torch.cat([image, torch.cat(boxes)], dim=1)
+        batch_hw = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
+        return self.box_head(pool_rois(self.box_roi_pool, features, rois, batch_hw))
 
     def head(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
     ) -> tuple[Tensor, Tensor]:
         """Class logits ``[R, C]`` and deltas ``[R, C*10]`` of the boxes of all images."""
-        image = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
-        rois = torch.cat([image, torch.cat(boxes)], dim=1)
-        batch_hw = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
-        x = pool_rois(self.box_roi_pool, features, rois, batch_hw)
-        return self.box_predictor(self.box_head(x))
+        return self.box_predictor(self.box_features(features, boxes, image_sizes))
 
     # --- training ----------------------------------------------------------------------
 
     def sample(self, proposals: list[Tensor], targets: list[dict[str, Tensor]]) -> RoISamples:
         """Add the ground truths' hulls to the proposals, match (hull IoU) and sample."""
-        boxes_all, labels_all, gt_all = [], [], []
+        boxes_all, labels_all, gt_all, first_all = [], [], [], []
         for boxes, target in zip(proposals, targets):
+            first = target.get("first_corner")  # heading hook: -1 (unknown) when not given
+            if first is None:
+                first = torch.full((target["polyboxes"].shape[0],), -1, dtype=torch.long)
+            first = first.to(boxes.device)
             gt = target["polyboxes"].float()
             hulls = hull_xyxy(gt)  # [G, 4]
             # A degenerate hull would be a zero-area RoI with NaN IoU and infinite targets.
@@ -128,6 +144,7 @@ class PolyRoIHeads(nn.Module):
                 labels = torch.zeros(boxes.shape[0], dtype=torch.long, device=boxes.device)
                 matched = torch.zeros_like(labels)
                 gt = gt.new_zeros((1, 10))
+                first = torch.full((1,), -1, dtype=torch.long, device=boxes.device)
             else:
                 idx = self.matcher(box_iou(hulls, boxes))
                 matched = idx.clamp(min=0)
@@ -137,13 +154,17 @@ class PolyRoIHeads(nn.Module):
             boxes_all.append(boxes)
             labels_all.append(labels)
             gt_all.append(gt[matched])
+            first_all.append(first[matched])
         pos_masks, neg_masks = self.sampler(labels_all)
         out = RoISamples([], [], [])
-        for boxes, labels, gt, pos, neg in zip(boxes_all, labels_all, gt_all, pos_masks, neg_masks):
+        for boxes, labels, gt, pos, neg, first in zip(
+            boxes_all, labels_all, gt_all, pos_masks, neg_masks, first_all
+        ):
             keep = torch.where(pos | neg)[0]
             out.boxes.append(boxes[keep])
             out.labels.append(labels[keep])
             out.gt_polyboxes.append(gt[keep])
+            out.gt_first_corner.append(first[keep])
         return out
 
     def loss(
@@ -156,7 +177,9 @@ class PolyRoIHeads(nn.Module):
         """``loss_classifier`` and ``loss_polybox`` of the sampled proposals (torchvision's
         ``fastrcnn_loss`` with 10 terms per box), with the samples and raw outputs."""
         samples = self.sample(proposals, targets)
-        logits, deltas = self.head(features, samples.boxes, image_sizes)
+        # As self.head, keeping the box head's features for the heading hook below.
+        feats = self.box_features(features, samples.boxes, image_sizes)
+        logits, deltas = self.box_predictor(feats)
         logits = logits.float()
         labels = torch.cat(samples.labels)
         pos = torch.where(labels > 0)[0]
@@ -191,6 +214,12 @@ class PolyRoIHeads(nn.Module):
             if self.cfg.refine_loss_weight > 0:
                 loss_refine = self.refine_loss(features, samples, pos, pos_deltas, image_sizes)
             losses["loss_refine"] = loss_refine * self.cfg.refine_loss_weight / labels.numel()
+        if self.heading is not None:  # heading hook (issue 15): cross-entropy of the positives
+            first = torch.cat(samples.gt_first_corner)[pos]
+            loss_h = heading_loss(self.heading(feats[pos]), first, labels.numel())
+            losses["loss_heading"] = loss_h * self.cfg.heading_loss_weight
+        else:  # no heading head: the same keys
+            losses["loss_heading"] = feats.sum() * 0.0
         return losses, samples, RoIOutput(logits, deltas, targets_enc, pos_deltas)
 
     def refine_loss(
@@ -261,7 +290,12 @@ class PolyRoIHeads(nn.Module):
         # RoIAlign's level scales are inferred from the largest image, as torchvision does.
         batch_hw = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
         poly, scores, labels, found = detect_batched(self, features, boxes, valid, sizes, batch_hw)
-        return [
+        out = [
             {"polyboxes": p[f], "scores": s[f], "labels": lab[f]}
             for p, s, lab, f in zip(poly, scores, labels, found)
         ]
+        if self.heading is not None:  # heading hook (issue 15): first corner of each detection
+            first, _ = predict_first_corner(self, features, hull_xyxy(poly), batch_hw)
+            for det, fc, f in zip(out, first, found):
+                det["first_corner"] = fc[f]
+        return out
