@@ -413,10 +413,11 @@ def test_evaluate_model_matches_its_task1_files(
 
         def with_nan(images: list[torch.Tensor]) -> list[dict]:
             out = predict(images)
-            for o in out:
-                o["polyboxes"] = torch.cat([o["polyboxes"], torch.full((1, 10), float("nan"))])
-                o["scores"] = torch.cat([o["scores"], torch.ones(1)])
-                o["labels"] = torch.cat([o["labels"], torch.ones(1, dtype=torch.int64)])
+            fill = {"scores": 1.0, "labels": 1, "first_corner": -1}  # else NaN
+            for o in out:  # one more row in every per-detection output
+                for k, v in o.items():
+                    extra = v.new_full((1, *v.shape[1:]), fill.get(k, float("nan")))
+                    o[k] = torch.cat([v, extra])
             return out
 
         net.predict = with_nan
