@@ -185,12 +185,16 @@ def _greedy_loop(
 # --- RPN ------------------------------------------------------------------------------------
 
 
+def flatten_anchors(x: Tensor, k: int) -> Tensor:
+    """``[B, A*k, H, W]`` -> ``[B, H*W*A, k]``: the anchor order of ``AnchorGenerator``."""
+    b, ak, h, w = x.shape
+    return x.view(b, ak // k, k, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, k)
+
+
 def rpn_levels(rpn: nn.Module, images: Tensor, features: list[Tensor]) -> list[tuple[Tensor, ...]]:
     """Per FPN level ``(objectness [B, A_l], deltas [B, A_l, 10], anchors [A_l, 4])`` for a
     padded batch ``images [B, 3, H, W]``: :meth:`PolyRPN.forward` without concatenating the
     levels, with every size taken from tensor shapes (traced, not baked in)."""
-    from polydet.model.rpn import _flatten
-
     logits, deltas = rpn.head(features)
     generator = rpn.anchor_generator
     image_size = images.shape[-2:]
@@ -205,7 +209,8 @@ def rpn_levels(rpn: nn.Module, images: Tensor, features: list[Tensor]) -> list[t
     generator.set_cell_anchors(torch.float32, images.device)
     anchors = generator.grid_anchors(grid_sizes, strides)
     return [
-        (_flatten(o, 1).squeeze(-1), _flatten(d, 10), a) for o, d, a in zip(logits, deltas, anchors)
+        (flatten_anchors(o, 1).squeeze(-1), flatten_anchors(d, 10), a)
+        for o, d, a in zip(logits, deltas, anchors)
     ]
 
 

@@ -37,7 +37,7 @@ from torchvision.ops import Conv2dNormActivation, box_iou
 from polydet.core.config import RPNConfig
 from polydet.geometry.coder import PolyBoxCoder, polybox_loss
 from polydet.geometry.polybox import hull_xyxy
-from polydet.model.inference import select_proposals
+from polydet.model.inference import flatten_anchors, select_proposals
 
 
 class Matcher(det_utils.Matcher):
@@ -81,12 +81,6 @@ class PolyRPNHead(nn.Module):
             logits.append(self.cls_logits(t))
             deltas.append(self.polybox_pred(t))
         return logits, deltas
-
-
-def _flatten(x: Tensor, k: int) -> Tensor:
-    """``[B, A*k, H, W]`` -> ``[B, H*W*A, k]``: the anchor order of ``AnchorGenerator``."""
-    b, ak, h, w = x.shape
-    return x.view(b, ak // k, k, h, w).permute(0, 3, 4, 1, 2).reshape(b, -1, k)
 
 
 @dataclass
@@ -147,8 +141,8 @@ class PolyRPN(nn.Module):
         shapes = [f.new_empty((0, 0, *f.shape[-2:]), dtype=torch.float32) for f in features]
         anchors = self.anchor_generator(images, shapes)[0]  # identical for every image
         num_per_level = [int(o.shape[1] * o.shape[2] * o.shape[3]) for o in logits]
-        objectness = torch.cat([_flatten(o, 1) for o in logits], dim=1).squeeze(-1)
-        flat_deltas = torch.cat([_flatten(d, 10) for d in deltas], dim=1)
+        objectness = torch.cat([flatten_anchors(o, 1) for o in logits], dim=1).squeeze(-1)
+        flat_deltas = torch.cat([flatten_anchors(d, 10) for d in deltas], dim=1)
         return RPNOutput(anchors, objectness, flat_deltas, num_per_level)
 
     # --- training ----------------------------------------------------------------------
