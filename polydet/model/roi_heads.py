@@ -45,6 +45,12 @@ def polybox_iou_loss(deltas: Tensor, gt: Tensor, refs: Tensor, coder: PolyBoxCod
     return (1.0 - quad_iou(pred, gt.to(pred.dtype), differentiable=True)).sum()
 
 
+def rois_of(boxes: list[Tensor]) -> Tensor:
+    """``[R, 5]`` (image index, x1, y1, x2, y2) of per-image boxes ``[R_i, 4]``."""
+    image = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
+    return torch.cat([image, torch.cat(boxes)], dim=1)
+
+
 class PolyPredictor(nn.Module):
     """Linear class scores ``[R, num_classes]`` and class-specific deltas ``[R, num_classes*10]``."""
 
@@ -113,8 +119,12 @@ class PolyRoIHeads(nn.Module):
     ) -> Tensor:
         """The box head's feature vectors ``[R, representation_size]`` of the boxes of all
         images (RoIAlign through :func:`~polydet.model.inference.pool_rois`)."""
-        image = torch.cat([torch.full_like(b[:, :1], i) for i, b in enumerate(boxes)])
-        rois = torch.cat([image, torch.cat(boxes)], dim=1)
+        return self.roi_features(features, rois_of(boxes), image_sizes)
+
+    def roi_features(
+        self, features: dict[str, Tensor], rois: Tensor, image_sizes: list[tuple[int, int]]
+    ) -> Tensor:
+        """:meth:`box_features` of ``rois [R, 5]`` (image index, x1, y1, x2, y2)."""
         batch_hw = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
         return self.box_head(pool_rois(self.box_roi_pool, features, rois, batch_hw))
 
@@ -241,22 +251,17 @@ class PolyRoIHeads(nn.Module):
         labels = torch.cat(samples.labels)[pos]
         gt = torch.cat(samples.gt_polyboxes)[pos].float()
         with torch.no_grad():
-            image = torch.cat([torch.full_like(b[:, 0], i) for i, b in enumerate(samples.boxes)])[
-                pos
-            ]
-            quads = self.coder.decode(
-                pos_deltas.detach(), torch.cat(samples.boxes)[pos], check=False
-            )
-            sizes = torch.tensor(image_sizes, dtype=quads.dtype, device=quads.device)[image.long()]
-            hull = hull_xyxy(clip_polyboxes(quads, sizes))
+            first = rois_of(samples.boxes)[pos]  # the first pass's RoIs of the positives
+            image = first[:, :1]
+            quads = self.coder.decode(pos_deltas.detach(), first[:, 1:], check=False)
+            sizes = torch.tensor(image_sizes, dtype=quads.dtype, device=quads.device)
+            hull = hull_xyxy(clip_polyboxes(quads, sizes[image[:, 0].long()]))
             wh = hull[:, 2:] - hull[:, :2]
             ok = torch.where((wh >= MIN_PROPOSAL_SIZE).all(1) & torch.isfinite(hull).all(1))[0]
         if ok.numel() == 0:
             return pos_deltas.sum() * 0.0
-        rois = torch.cat([image[ok, None], hull[ok]], dim=1)
-        batch_hw = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
-        x = pool_rois(self.box_roi_pool, features, rois, batch_hw)
-        _, deltas = self.box_predictor(self.box_head(x))
+        rois = torch.cat([image[ok], hull[ok]], dim=1)
+        _, deltas = self.box_predictor(self.roi_features(features, rois, image_sizes))
         own = deltas.view(deltas.shape[0], -1, 10)[torch.arange(ok.numel()), labels[ok]].float()
         loss, _ = polybox_loss(own, gt[ok], hull[ok], self.coder, self.cfg.order_free)
         loss = loss * self.cfg.loss_weight
