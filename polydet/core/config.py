@@ -350,6 +350,7 @@ class TrainConfig:
     step_milestones: tuple[int, ...]
     step_gamma: float
     grad_clip: float  # 0 = off
+    ema_decay: float  # moving average of the weights (polydet.train.ema); 0 = off
     log_every: int  # steps per 'train' row of history.csv (loss averaged over them)
     checkpoint_every: int  # steps; 0 = only at the end
     snapshot_every: int  # steps; >0 keeps a model file per N steps (learning curves); 0 = off
@@ -370,6 +371,7 @@ class TrainConfig:
             "step_milestones": all(m >= 0 for m in self.step_milestones),
             "step_gamma": self.step_gamma > 0.0,
             "grad_clip": self.grad_clip >= 0.0,
+            "ema_decay": 0.0 <= self.ema_decay < 1.0,
             "log_every": self.log_every >= 1,
             "checkpoint_every": self.checkpoint_every >= 0,
             "snapshot_every": self.snapshot_every >= 0,

@@ -64,6 +64,7 @@ from polydet.train.distributed import (
     init_distributed,
     state_digest,
 )
+from polydet.train.ema import WeightEma
 
 LOSS_TERMS = (
     "loss_rpn_objectness",
@@ -392,6 +393,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     anchors = state["anchors"] if state is not None else load_anchors(cfg)
     model = build_model(cfg.model, anchors=anchors).to(device)
     optimizer = build_optimizer(model, tc, info.world_size)
+    ema = WeightEma(model, tc.ema_decay) if tc.ema_decay > 0 else None
 
     sampler = ResumableSampler(train_set, info.world_size, info.rank, shuffle=True, seed=tc.seed)
     steps_per_epoch = math.ceil(len(sampler) / tc.batch_size)
@@ -412,6 +414,11 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            if state.get("ema") is not None:
+                ema.load_state_dict(state["ema"])
+            else:  # a checkpoint of a run without the average: start it from these weights
+                ema = WeightEma(model, tc.ema_decay)
         step, images_seen = int(state["step"]), int(state["images_seen"])
         elapsed_before = float(state["elapsed_s"])
 
@@ -443,6 +450,7 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
         restore_rng_state(rng[info.rank] if len(rng) == info.world_size else rng[0])
 
     ctx = _Loop(cfg, info, device, model, net, optimizer, scheduler, scaler, amp, anchors, history)
+    ctx.ema = ema
     ctx.total_steps, ctx.steps_per_epoch, ctx.last_ckpt = total_steps, steps_per_epoch, last_ckpt
     ctx.elapsed_before, ctx.session_start = elapsed_before, started
     ctx.step, ctx.images_seen = step, images_seen
@@ -453,6 +461,8 @@ def _train(cfg: Config, resume: str | None, info: DistInfo, device: torch.device
     except KeyboardInterrupt:
         raise TrainingInterrupted(ctx.interrupted_message()) from None
 
+    if ema is not None:  # the average is the model training hands on
+        ema.copy_to(model)
     average_buffers(model, info)
     digests = all_gather_objects(state_digest(model), info)
     wall = elapsed_before + time.perf_counter() - started
@@ -495,6 +505,7 @@ class _Loop:
     images_seen: int
     elapsed_before: float  # seconds trained by the sessions this one resumes
     session_start: float
+    ema: WeightEma | None = None  # the weights' moving average (train.ema_decay), if on
 
     def __init__(
         self,
@@ -644,6 +655,8 @@ class _Loop:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         self.step += 1
         n_images = len(images) * self.info.world_size  # shards are equal (DistributedSampler)
         self.images_seen += n_images
@@ -663,9 +676,18 @@ class _Loop:
         every = self.tc.checkpoint_every
         return step >= self.total_steps or (every > 0 and step % every == 0)
 
+    def _averaged(self) -> contextlib.AbstractContextManager[None]:
+        """Inside: the model holds the weights training hands on (the moving average, if on)."""
+        return self.ema.applied(self.model) if self.ema is not None else contextlib.nullcontext()
+
     @torch.no_grad()
     def _validate(self, loader: DataLoader) -> list[float]:
-        """Mean validation loss terms (model.loss in eval mode), averaged over images."""
+        """Mean validation loss terms (model.loss in eval mode) of the weights training hands
+        on (the moving average, if on), averaged over images."""
+        with self._averaged():
+            return self._validate_now(loader)
+
+    def _validate_now(self, loader: DataLoader) -> list[float]:
         average_buffers(self.model, self.info)
         self.model.eval()
         sums = torch.zeros(len(LOSS_TERMS) + 2, dtype=torch.float64)
@@ -695,13 +717,15 @@ class _Loop:
 
     def _snapshot(self) -> None:
         """A model file of the current weights, ``snapshots/step_<N>.pt`` (rank 0), for
-        learning curves (``bench/learning_curve.py`` evaluates them)."""
-        average_buffers(self.model, self.info)
-        if self.info.is_main:
-            path = Path(self.tc.out) / "snapshots" / f"step_{self.step:06d}.pt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            classes = list(self.cfg.data.classes)
-            save_model(self.model, path, self.cfg.model, classes, self.anchors)
+        learning curves (``bench/learning_curve.py`` evaluates them); the moving average's
+        weights when it is on, as the final model."""
+        with self._averaged():
+            average_buffers(self.model, self.info)
+            if self.info.is_main:
+                path = Path(self.tc.out) / "snapshots" / f"step_{self.step:06d}.pt"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                classes = list(self.cfg.data.classes)
+                save_model(self.model, path, self.cfg.model, classes, self.anchors)
 
     def _checkpoint(self, epoch: int) -> None:
         average_buffers(self.model, self.info)
@@ -724,6 +748,7 @@ class _Loop:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
                 "step": self.step,
                 "epoch": epoch,
                 "images_seen": self.images_seen,
