@@ -440,3 +440,34 @@ def test_split_history_writes_one_file_per_split(tmp_path: Path):
         with (tmp_path / f"history_{split}.csv").open(newline="") as f:
             got = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
         assert got == [(r["step"], r["loss"]) for r in rows if r["split"] == split]
+
+
+def test_moving_average_is_the_saved_model_and_resumes_exactly(
+    prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ema = ("train.ema_decay=0.9", "train.max_steps=6")
+    straight = train(tiny_config(prepared, tmp_path / "straight", *ema))
+    out = tmp_path / "straight"
+    last = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert last["ema"]["updates"] == 6
+    saved = state_of(out / "model.pt")
+    # The model file holds the average, not the optimizer's last weights.
+    assert_same_state(saved, last["ema"]["shadow"])
+    assert any(not torch.equal(saved[k], last["model"][k]) for k in saved)
+    assert straight["weights_sha256"] == [weights_digest(out / "model.pt")]
+
+    import polydet.train.engine as engine
+
+    real_save = engine.save_checkpoint
+
+    def save_then_crash(state: dict, path: Path) -> Path:
+        real_save(state, path)
+        raise Crash(f"killed after step {state['step']}")
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_crash)
+    cfg = tiny_config(prepared, tmp_path / "resumed", *ema)
+    with pytest.raises(Crash, match="step 3"):
+        train(cfg)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    train(cfg, resume="last")
+    assert_same_state(saved, state_of(tmp_path / "resumed" / "model.pt"))
