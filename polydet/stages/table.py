@@ -155,6 +155,7 @@ STAGES: tuple[Stage, ...] = (
             "polydet/train/anchors.py",  # anchors.json is read there
             "polydet/train/checkpoint.py",
             "polydet/train/distributed.py",
+            "polydet/train/ema.py",
             *_MODEL,
             "polydet/data",
             *_CORE,
