@@ -29,6 +29,8 @@ COLUMNS = (
     ("AP75 near 45°", "map75/orient_diagonal"),
     ("AP75 oblique", "map75/orient_oblique"),
     ("AP75 axis-aligned", "map75/orient_axis"),
+    ("heading ≤45°", "heading_acc45"),
+    ("heading ≤10°", "heading_acc10"),
 )
 
 
