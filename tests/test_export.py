@@ -19,8 +19,10 @@ from polydet.core.config import load_config
 from polydet.data.dataset import load_image
 from polydet.data.formats import read_dota, write_task1
 from polydet.deploy.export import OnnxDetector, compare_detections, export_model
+from polydet.deploy.onnx_runtime import OUTPUTS
 from polydet.eval.evaluate import evaluate_dota_dirs
-from polydet.geometry.polybox import from_corners
+from polydet.geometry import heading
+from polydet.geometry.polybox import from_corners, to_corners
 from polydet.model import build_model, save_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,9 +49,13 @@ def load_split(root: Path) -> tuple[list[str], list[torch.Tensor], list[dict]]:
         images.append(load_image(path))
         objects = read_dota(root / "labelTxt" / f"{path.stem}.txt").objects
         corners = torch.tensor(np.array([o.corners() for o in objects]), dtype=torch.float32)
+        listed = corners.view(-1, 4, 2)
+        polyboxes = from_corners(listed)
         targets.append({
-            "polyboxes": from_corners(corners.view(-1, 4, 2)),
+            "polyboxes": polyboxes,
             "labels": torch.tensor([CLASSES.index(o.cls) + 1 for o in objects], dtype=torch.int64),
+            # The heading: the canonical corner the label lists first (its head).
+            "first_corner": heading.nearest_corner(to_corners(polyboxes), listed[:, 0]),
         })  # fmt: skip
     return ids, images, targets
 
@@ -57,7 +63,8 @@ def load_split(root: Path) -> tuple[list[str], list[torch.Tensor], list[dict]]:
 @pytest.fixture(scope="module")
 def models(synth: Path) -> dict[str, torch.nn.Module]:
     """An untrained tiny model (near-uniform scores: every candidate reaches NMS) and one
-    trained for a few steps on two of the images (confident on a few candidates)."""
+    trained for a few steps on two of the images (confident on a few candidates). Both have
+    the heading head (random, or trained on the labels' first corners)."""
     _, images, targets = load_split(synth)
     torch.manual_seed(0)
     untrained = build_model(tiny_cfg(*SIZE, "model.roi.score_thresh=0.0")).eval()
@@ -76,6 +83,20 @@ def models(synth: Path) -> dict[str, torch.nn.Module]:
 def map50(ids: list[str], preds: list[dict], labels: Path, out: Path) -> float:
     write_task1(out, dict(zip(ids, preds)), CLASSES)
     return float(evaluate_dota_dirs(out, labels, CLASSES)["map50"])
+
+
+def export_before_heading(src: Path, dst: Path) -> OnnxDetector:
+    """A copy of the ONNX export ``src`` as exports were written before the heading (issue
+    15): the graph cut down to the outputs polyboxes, scores and labels (and what they need)."""
+    import shutil
+
+    import onnx.utils
+
+    shutil.copytree(src, dst)
+    onnx.utils.extract_model(
+        str(src / "model.onnx"), str(dst / "model.onnx"), ["images"], list(OUTPUTS[:3])
+    )
+    return OnnxDetector(dst)
 
 
 @pytest.mark.parametrize("name", ["trained", "untrained"])
@@ -98,16 +119,39 @@ def test_onnx_and_torchscript_match_eager(name: str, models: dict, synth: Path, 
         report = compare_detections(eager, other)
         assert report["ok"], report
         assert report["checked"] >= (100 if name == "untrained" else 1)
+        # The heading: matched detections have the eager first corner (ok needs that).
+        assert report["first_corner_mismatch"] == 0
+    # ... and the eager first corners are not one constant answer (the check could not fail).
+    eager_first = torch.cat([d["first_corner"] for d in eager])
+    assert len(eager_first) > 0 and len(set(eager_first.tolist())) >= 2, eager_first
+    # A second input size: the resize runs in the graph, the first corner is mapped through it.
     big = torch.nn.functional.interpolate(images[0][None], size=(300, 370), mode="bilinear")[0]
     report = compare_detections(model.predict([big]), onnx.predict([big]))
-    assert report["ok"], report
+    assert report["ok"] and report["first_corner_mismatch"] == 0, report
     # Raw outputs: the detection cap, padding rows all zero, int64 labels.
-    poly, scores, labels = onnx.run(torch.stack(images[:2]).numpy())
+    poly, scores, labels, first, head = onnx.run(torch.stack(images[:2]).numpy())
     cap = model.cfg.roi.detections_per_img
     assert poly.shape == (2, cap, 10) and scores.shape == (2, cap) and labels.dtype == np.int64
     pad = scores == 0
     assert (poly[pad] == 0).all() and (labels[pad] == 0).all() and (labels[~pad] >= 1).all()
     assert (np.diff(scores, axis=1) <= 0).all()  # best first
+    # first_corner int64 in 0..3 (-1 on padding), heading the degrees of heading_degrees.
+    assert first.shape == (2, cap) and first.dtype == np.int64 and head.dtype == np.float32
+    assert (first[pad] == -1).all() and np.isnan(head[pad]).all()
+    assert ((first[~pad] >= 0) & (first[~pad] <= 3)).all()
+    expected = heading.heading_degrees(torch.from_numpy(poly), torch.from_numpy(first))
+    error = heading.angle_error(torch.from_numpy(head[~pad]), expected[torch.from_numpy(~pad)])
+    assert float(error.max()) < 1e-3
+
+    # An export written before the heading (outputs polyboxes, scores, labels only) still
+    # runs: the same detections, heading unknown (first_corner -1, heading NaN).
+    old = export_before_heading(tmp_path / "onnx", tmp_path / "old")
+    assert old.outputs == OUTPUTS[:3]
+    for image in images[:2]:
+        before, now = old.predict([image])[0], onnx.predict([image])[0]
+        assert torch.equal(before["polyboxes"], now["polyboxes"])
+        assert torch.equal(before["labels"], now["labels"])
+        assert (before["first_corner"] == -1).all() and before["heading"].isnan().all()
     # The same mAP50 (DOTA Task1 files of each, the kit's metric).
     labels_dir = synth / "labelTxt"
     m_eager = map50(ids, eager, labels_dir, tmp_path / "eager")
@@ -118,8 +162,10 @@ def test_onnx_and_torchscript_match_eager(name: str, models: dict, synth: Path, 
     export_model(model, tmp_path / "ts", "torchscript", CLASSES, check_images=check)
     ts = torch.jit.load(str(tmp_path / "ts" / "model.ts"))
     with torch.no_grad():
-        poly_ts, scores_ts, labels_ts = ts(torch.stack(images[:2]))
+        poly_ts, scores_ts, labels_ts, first_ts, head_ts = ts(torch.stack(images[:2]))
     assert torch.equal(labels_ts, torch.from_numpy(labels))
+    assert torch.equal(first_ts, torch.from_numpy(first))
+    torch.testing.assert_close(head_ts, torch.from_numpy(head), atol=1e-3, rtol=0, equal_nan=True)
     torch.testing.assert_close(scores_ts, torch.from_numpy(scores), atol=1e-4, rtol=0)
     torch.testing.assert_close(poly_ts, torch.from_numpy(poly), atol=1e-2, rtol=0)
 
