@@ -85,17 +85,44 @@ def map50(ids: list[str], preds: list[dict], labels: Path, out: Path) -> float:
     return float(evaluate_dota_dirs(out, labels, CLASSES)["map50"])
 
 
+def from_json(doc: dict) -> list[dict[str, torch.Tensor]]:
+    """Per image detections of a ``detections.json`` (first_corner -1 where none is listed)."""
+    return [
+        {
+            "polyboxes": torch.tensor([d["polybox"] for d in im["detections"]]).view(-1, 10),
+            "scores": torch.tensor([d["score"] for d in im["detections"]]),
+            "labels": torch.tensor([d["label"] for d in im["detections"]], dtype=torch.int64),
+            "first_corner": torch.tensor(
+                [d.get("first_corner", -1) for d in im["detections"]], dtype=torch.int64
+            ),
+        }
+        for im in doc["images"]
+    ]
+
+
+def read_task1_corners(directory: Path) -> list[list[list[float]]]:
+    """The corners of every line of the ``Task1_*.txt`` files in ``directory``, as listed."""
+    out = []
+    for path in directory.glob("Task1_*.txt"):
+        for line in path.read_text().splitlines():
+            v = [float(x) for x in line.split()[2:10]]
+            out.append([v[i : i + 2] for i in range(0, 8, 2)])
+    return out
+
+
 def export_before_heading(src: Path, dst: Path) -> OnnxDetector:
-    """A copy of the ONNX export ``src`` as exports were written before the heading (issue
-    15): the graph cut down to the outputs polyboxes, scores and labels (and what they need)."""
+    """A copy of the ONNX export ``src`` with the graph outputs of exports written before the
+    heading (issue 15): polyboxes, scores and labels. (The heading's nodes stay, unused:
+    ``onnx.utils.extract_model`` cannot prune a graph whose Loop/If bodies use outer values.)"""
     import shutil
 
-    import onnx.utils
+    import onnx
 
     shutil.copytree(src, dst)
-    onnx.utils.extract_model(
-        str(src / "model.onnx"), str(dst / "model.onnx"), ["images"], list(OUTPUTS[:3])
-    )
+    graph = onnx.load(str(src / "model.onnx"))
+    del graph.graph.output[len(OUTPUTS[:3]) :]
+    onnx.checker.check_model(graph)
+    onnx.save(graph, str(dst / "model.onnx"))
     return OnnxDetector(dst)
 
 
@@ -192,6 +219,31 @@ def test_cli_export_and_predict_on_onnx_runtime(models: dict, synth: Path, tmp_p
     assert docs["onnx"]["summary"]["runtime"] == "onnx"
     for a, b in zip(docs["torch"]["images"], docs["onnx"]["images"]):
         assert abs(len(a["detections"]) - len(b["detections"])) <= 1
+    # The heading: the same first corners on both runtimes, and the ONNX run's corners (JSON
+    # and Task1) listed from its predicted first corner, as the eager run's are.
+    report = compare_detections(*(from_json(docs[r]) for r in ("torch", "onnx")))
+    assert report["ok"] and report["checked"] > 0 and report["first_corner_mismatch"] == 0
+    found = [d for im in docs["onnx"]["images"] for d in im["detections"]]
+    assert found and all("heading" in d for d in found)
+    for d in found:
+        ring = to_corners(torch.tensor(d["polybox"], dtype=torch.float64))
+        assert d["corners"] == pytest.approx(ring.roll(-d["first_corner"], 0).tolist(), abs=2e-3)
+    task1 = np.array(read_task1_corners(tmp_path / "onnx")).reshape(-1, 1, 8)
+    listed = np.array([d["corners"] for d in found]).reshape(1, -1, 8)
+    assert task1.shape[0] == listed.shape[1]
+    assert (np.abs(task1 - listed).max(-1).min(0) < 6e-3).all()  # each in the same order
+    # An export written before the heading runs too: the canonical order, no heading fields.
+    export_before_heading(out, tmp_path / "old")
+    assert main(["predict", str(synth / "images"), "--model", str(tmp_path / "old"),
+                 "--runtime", "onnx", "--out", str(tmp_path / "ran-old"), "--score-thresh",
+                 "0.05", *params, *sets]) == 0  # fmt: skip
+    old_doc = json.loads((tmp_path / "ran-old" / "detections.json").read_text())
+    old_found = [d for im in old_doc["images"] for d in im["detections"]]
+    assert len(old_found) == len(found)
+    for d in old_found:
+        assert "heading" not in d and "first_corner" not in d
+        ring = to_corners(torch.tensor(d["polybox"], dtype=torch.float64))
+        assert d["corners"] == pytest.approx(ring.tolist(), abs=2e-3)
     # A missing model directory is named in the error.
     assert main(["predict", str(synth / "images"), "--model", str(tmp_path / "nope"),
                  "--runtime", "onnx", "--out", str(tmp_path / "x"), *params]) == 2  # fmt: skip
