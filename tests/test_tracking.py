@@ -151,10 +151,14 @@ def test_champion_uri_loads_and_serves(store: Path, model_file: Path):
     frame = pd.DataFrame({"image": [tracking.encode_image("red.png"), str(Path("red.png"))]})
     model = mlflow.pyfunc.load_model("models:/polydet@champion")
     out = model.predict(frame, params={"score_thresh": 0.0})
-    assert list(out.columns) == ["polyboxes", "scores", "labels", "classes"]
+    assert list(out.columns) == [
+        "polyboxes", "scores", "labels", "classes", "first_corner", "heading"
+    ]  # fmt: skip
     assert len(out) == 2
-    for boxes, scores, labels in zip(out["polyboxes"], out["scores"], out["labels"]):
-        assert len(boxes) == len(scores) == len(labels)
+    for boxes, scores, labels, first, head in zip(
+        out["polyboxes"], out["scores"], out["labels"], out["first_corner"], out["heading"]
+    ):
+        assert len(boxes) == len(scores) == len(labels) == len(first) == len(head)
         assert all(len(b) == 10 for b in boxes)
     # `mlflow models serve` runs this app (in uvicorn): post a request as a client would.
     from fastapi.testclient import TestClient
@@ -169,6 +173,9 @@ def test_champion_uri_loads_and_serves(store: Path, model_file: Path):
     (served,) = answer.json()["predictions"]
     expected = [v for box in out["polyboxes"][0] for v in box]
     assert [v for box in served["polyboxes"] for v in box] == pytest.approx(expected, abs=1e-3)
+    # The heading in the served JSON (the model has the head: no unknown ones to send).
+    assert served["first_corner"] == out["first_corner"][0]
+    assert served["heading"] == pytest.approx(out["heading"][0], abs=1e-3)
 
     with pytest.raises(ModelError, match="polydet@nobody"):
         tracking.resolve_model_path("models:/polydet@nobody")
@@ -360,7 +367,30 @@ def _as_tensors(row: pd.Series) -> dict:
         "polyboxes": torch.tensor(row["polyboxes"], dtype=torch.float64).view(-1, 10),
         "scores": torch.tensor(row["scores"], dtype=torch.float64),
         "labels": torch.tensor(row["labels"], dtype=torch.int64),
+        "first_corner": torch.tensor(row["first_corner"], dtype=torch.int64),
     }
+
+
+def _check_heading(row: pd.Series, known: bool) -> None:
+    """The pyfunc's heading columns: first corners 0..3 and their headings in degrees
+    (:func:`heading_degrees` of the row's polyboxes) when ``known``, else -1 and None."""
+    import math
+
+    import torch
+
+    from polydet.geometry.heading import heading_degrees
+
+    first, head = row["first_corner"], row["heading"]
+    assert len(first) == len(head) == len(row["scores"]) > 0
+    if not known:
+        assert set(first) == {-1} and head == [None] * len(head)
+        return
+    assert set(first) <= {0, 1, 2, 3} and all(isinstance(h, float) for h in head)
+    boxes = torch.tensor(row["polyboxes"], dtype=torch.float32).view(-1, 10)
+    expected = heading_degrees(boxes, torch.tensor(first)).tolist()
+    for h, e in zip(head, expected, strict=True):
+        d = abs(h - e) % 360.0
+        assert min(d, 360.0 - d) < 1e-3 and not math.isnan(h)
 
 
 def test_register_logs_the_checked_onnx_export(store: Path, model_file: Path):
@@ -404,9 +434,28 @@ def test_register_logs_the_checked_onnx_export(store: Path, model_file: Path):
     assert default["scores"][0] == on_onnx["scores"][0]
     report = compare_detections([_as_tensors(on_torch.iloc[0])], [_as_tensors(on_onnx.iloc[0])])
     assert report["ok"] and report["checked"] >= 5, report
+    assert report["first_corner_mismatch"] == 0  # the heading, on both runtimes
+    _check_heading(on_onnx.iloc[0], known=True)
+    _check_heading(on_torch.iloc[0], known=True)
     assert on_onnx["classes"][0] == [cfg.data.classes[i - 1] for i in on_onnx["labels"][0]]
     with pytest.raises(MlflowException, match="runtime 'tensorrt': expected one of onnx, torch"):
         model.predict(frame, params={"runtime": "tensorrt"})
+
+    # A version registered before the heading: its model.onnx has the outputs polyboxes,
+    # scores and labels only. It still loads and runs on ONNX Runtime, heading unknown.
+    import onnx
+
+    stored = list(store.rglob("model.onnx"))
+    assert stored
+    for path in stored:
+        graph = onnx.load(str(path))
+        del graph.graph.output[3:]
+        onnx.save(graph, str(path))
+    old = mlflow.pyfunc.load_model("models:/polydet@champion").predict(frame)
+    assert old["labels"][0] == on_onnx["labels"][0]
+    flat = [v for box in on_onnx["polyboxes"][0] for v in box]
+    assert [v for box in old["polyboxes"][0] for v in box] == pytest.approx(flat, abs=1e-4)
+    _check_heading(old.iloc[0], known=False)
 
 
 def test_export_failing_parity_is_not_registered(
