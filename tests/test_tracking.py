@@ -493,3 +493,30 @@ def test_export_failing_parity_is_not_registered(
             "--params", str(ROOT / "params.yaml")]  # fmt: skip
     assert cli.main(args) == 2
     assert "carries no ONNX model" in capsys.readouterr().err
+
+
+def test_pyfunc_heading_columns_of_each_kind_of_output():
+    """The pyfunc's ``first_corner`` / ``heading`` from what a runtime returns: both given
+    (ONNX, eager torch), only first corners (torch with test-time augmentation: the heading
+    is computed here) or neither (no heading head, an export from before it: unknown)."""
+    import numpy as np
+
+    from polydet.tracking.pyfunc import _heading_of
+
+    # A 4 x 2 box around (10, 20); its canonical corners in the stored order:
+    box = np.array([[10.0, 20.0, -2.0, -1.0, 2.0, -1.0, 2.0, 1.0, -2.0, 1.0]], np.float32)
+    corners = box[0, :2] + box[0, 2:].reshape(4, 2)
+    # Hand-made reference: the direction from the centre to the middle of edge k -> k + 1,
+    # degrees in [0, 360) in image axes (y down): 270 (up), 0 (right), 90, 180.
+    mids = (corners + np.roll(corners, -1, axis=0)) / 2 - box[0, :2]
+    expected = np.degrees(np.arctan2(mids[:, 1], mids[:, 0])) % 360
+    assert expected.tolist() == pytest.approx([270.0, 0.0, 90.0, 180.0])
+    for k in range(4):
+        base = {"polyboxes": box, "scores": np.array([0.9], np.float32)}
+        fused = {**base, "first_corner": np.array([k])}
+        first, head = _heading_of(fused)
+        assert first.tolist() == [k] and head.tolist() == pytest.approx([expected[k]], abs=1e-4)
+        given = {**fused, "heading": np.array([123.0], np.float32)}
+        assert _heading_of(given)[1].tolist() == [123.0]
+        first, head = _heading_of(base)
+        assert first.tolist() == [-1] and np.isnan(head).all()

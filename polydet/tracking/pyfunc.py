@@ -32,9 +32,9 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
     ``polyboxes`` (K×10, image pixels), ``scores`` (K), ``labels`` (K, 1-based),
     ``classes`` (K names), ``first_corner`` (K, the heading's corner index into the canonical
     ring, -1 unknown) and ``heading`` (K degrees in [0, 360), ``None`` where unknown:
-    :mod:`polydet.geometry.heading`). Parameter ``score_thresh`` (default 0.0) drops weaker detections;
-    ``runtime`` (``onnx`` or ``torch``; default ``onnx`` when the model carries its ONNX
-    export) picks ONNX Runtime or torch (:class:`polydet.deploy.onnx_runtime.Runtimes`).
+    :mod:`polydet.geometry.heading`). Parameter ``score_thresh`` (default 0.0) drops weaker
+    detections; ``runtime`` (``onnx`` or ``torch``; default ``onnx`` when the model carries
+    its ONNX export) picks ONNX Runtime or torch (:class:`polydet.deploy.onnx_runtime.Runtimes`).
     """
 
     def load_context(self, context: Any) -> None:
@@ -96,7 +96,17 @@ def _heading_of(out: Mapping[str, Any]) -> tuple[Any, Any]:
 
     shape = np.shape(out["scores"])
     first = np.asarray(out.get("first_corner", np.full(shape, -1)), dtype=np.int64)
-    head = np.asarray(out.get("heading", np.full(shape, np.nan)), dtype=np.float64)
+    if "heading" in out:
+        head = np.asarray(out["heading"], dtype=np.float64)
+    elif "first_corner" in out:  # torch with test-time augmentation: fused, no heading yet
+        import torch
+
+        from polydet.geometry.heading import heading_degrees
+
+        boxes = torch.as_tensor(np.asarray(out["polyboxes"], dtype=np.float32))
+        head = heading_degrees(boxes, torch.from_numpy(first)).double().numpy()
+    else:
+        head = np.full(shape, np.nan)
     return first, np.where(first >= 0, head, np.nan)
 
 
