@@ -151,10 +151,14 @@ def test_champion_uri_loads_and_serves(store: Path, model_file: Path):
     frame = pd.DataFrame({"image": [tracking.encode_image("red.png"), str(Path("red.png"))]})
     model = mlflow.pyfunc.load_model("models:/polydet@champion")
     out = model.predict(frame, params={"score_thresh": 0.0})
-    assert list(out.columns) == ["polyboxes", "scores", "labels", "classes"]
+    assert list(out.columns) == [
+        "polyboxes", "scores", "labels", "classes", "first_corner", "heading"
+    ]  # fmt: skip
     assert len(out) == 2
-    for boxes, scores, labels in zip(out["polyboxes"], out["scores"], out["labels"]):
-        assert len(boxes) == len(scores) == len(labels)
+    for boxes, scores, labels, first, head in zip(
+        out["polyboxes"], out["scores"], out["labels"], out["first_corner"], out["heading"]
+    ):
+        assert len(boxes) == len(scores) == len(labels) == len(first) == len(head)
         assert all(len(b) == 10 for b in boxes)
     # `mlflow models serve` runs this app (in uvicorn): post a request as a client would.
     from fastapi.testclient import TestClient
@@ -169,6 +173,9 @@ def test_champion_uri_loads_and_serves(store: Path, model_file: Path):
     (served,) = answer.json()["predictions"]
     expected = [v for box in out["polyboxes"][0] for v in box]
     assert [v for box in served["polyboxes"] for v in box] == pytest.approx(expected, abs=1e-3)
+    # The heading in the served JSON (the model has the head: no unknown ones to send).
+    assert served["first_corner"] == out["first_corner"][0]
+    assert served["heading"] == pytest.approx(out["heading"][0], abs=1e-3)
 
     with pytest.raises(ModelError, match="polydet@nobody"):
         tracking.resolve_model_path("models:/polydet@nobody")
@@ -360,7 +367,30 @@ def _as_tensors(row: pd.Series) -> dict:
         "polyboxes": torch.tensor(row["polyboxes"], dtype=torch.float64).view(-1, 10),
         "scores": torch.tensor(row["scores"], dtype=torch.float64),
         "labels": torch.tensor(row["labels"], dtype=torch.int64),
+        "first_corner": torch.tensor(row["first_corner"], dtype=torch.int64),
     }
+
+
+def _check_heading(row: pd.Series, known: bool) -> None:
+    """The pyfunc's heading columns: first corners 0..3 and their headings in degrees
+    (:func:`heading_degrees` of the row's polyboxes) when ``known``, else -1 and None."""
+    import math
+
+    import torch
+
+    from polydet.geometry.heading import heading_degrees
+
+    first, head = row["first_corner"], row["heading"]
+    assert len(first) == len(head) == len(row["scores"]) > 0
+    if not known:
+        assert set(first) == {-1} and head == [None] * len(head)
+        return
+    assert set(first) <= {0, 1, 2, 3} and all(isinstance(h, float) for h in head)
+    boxes = torch.tensor(row["polyboxes"], dtype=torch.float32).view(-1, 10)
+    expected = heading_degrees(boxes, torch.tensor(first)).tolist()
+    for h, e in zip(head, expected, strict=True):
+        d = abs(h - e) % 360.0
+        assert min(d, 360.0 - d) < 1e-3 and not math.isnan(h)
 
 
 def test_register_logs_the_checked_onnx_export(store: Path, model_file: Path):
@@ -404,9 +434,28 @@ def test_register_logs_the_checked_onnx_export(store: Path, model_file: Path):
     assert default["scores"][0] == on_onnx["scores"][0]
     report = compare_detections([_as_tensors(on_torch.iloc[0])], [_as_tensors(on_onnx.iloc[0])])
     assert report["ok"] and report["checked"] >= 5, report
+    assert report["first_corner_mismatch"] == 0  # the heading, on both runtimes
+    _check_heading(on_onnx.iloc[0], known=True)
+    _check_heading(on_torch.iloc[0], known=True)
     assert on_onnx["classes"][0] == [cfg.data.classes[i - 1] for i in on_onnx["labels"][0]]
     with pytest.raises(MlflowException, match="runtime 'tensorrt': expected one of onnx, torch"):
         model.predict(frame, params={"runtime": "tensorrt"})
+
+    # A version registered before the heading: its model.onnx has the outputs polyboxes,
+    # scores and labels only. It still loads and runs on ONNX Runtime, heading unknown.
+    import onnx
+
+    stored = list(store.rglob("model.onnx"))
+    assert stored
+    for path in stored:
+        graph = onnx.load(str(path))
+        del graph.graph.output[3:]
+        onnx.save(graph, str(path))
+    old = mlflow.pyfunc.load_model("models:/polydet@champion").predict(frame)
+    assert old["labels"][0] == on_onnx["labels"][0]
+    flat = [v for box in on_onnx["polyboxes"][0] for v in box]
+    assert [v for box in old["polyboxes"][0] for v in box] == pytest.approx(flat, abs=1e-4)
+    _check_heading(old.iloc[0], known=False)
 
 
 def test_export_failing_parity_is_not_registered(
@@ -444,3 +493,30 @@ def test_export_failing_parity_is_not_registered(
             "--params", str(ROOT / "params.yaml")]  # fmt: skip
     assert cli.main(args) == 2
     assert "carries no ONNX model" in capsys.readouterr().err
+
+
+def test_pyfunc_heading_columns_of_each_kind_of_output():
+    """The pyfunc's ``first_corner`` / ``heading`` from what a runtime returns: both given
+    (ONNX, eager torch), only first corners (torch with test-time augmentation: the heading
+    is computed here) or neither (no heading head, an export from before it: unknown)."""
+    import numpy as np
+
+    from polydet.tracking.pyfunc import _heading_of
+
+    # A 4 x 2 box around (10, 20); its canonical corners in the stored order:
+    box = np.array([[10.0, 20.0, -2.0, -1.0, 2.0, -1.0, 2.0, 1.0, -2.0, 1.0]], np.float32)
+    corners = box[0, :2] + box[0, 2:].reshape(4, 2)
+    # Hand-made reference: the direction from the centre to the middle of edge k -> k + 1,
+    # degrees in [0, 360) in image axes (y down): 270 (up), 0 (right), 90, 180.
+    mids = (corners + np.roll(corners, -1, axis=0)) / 2 - box[0, :2]
+    expected = np.degrees(np.arctan2(mids[:, 1], mids[:, 0])) % 360
+    assert expected.tolist() == pytest.approx([270.0, 0.0, 90.0, 180.0])
+    for k in range(4):
+        base = {"polyboxes": box, "scores": np.array([0.9], np.float32)}
+        fused = {**base, "first_corner": np.array([k])}
+        first, head = _heading_of(fused)
+        assert first.tolist() == [k] and head.tolist() == pytest.approx([expected[k]], abs=1e-4)
+        given = {**fused, "heading": np.array([123.0], np.float32)}
+        assert _heading_of(given)[1].tolist() == [123.0]
+        first, head = _heading_of(base)
+        assert first.tolist() == [-1] and np.isnan(head).all()

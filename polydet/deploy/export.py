@@ -6,6 +6,12 @@ a padded batch ``images [B, 3, H, W]`` (float32 in [0, 1], any B, H, W) returnin
 * ``polyboxes [B, K, 10]`` float32, canonical, in the input images' pixels;
 * ``scores [B, K]`` float32, best first; rows past an image's detections have score 0;
 * ``labels [B, K]`` int64 (classes from 1; 0 on padding rows);
+* ``first_corner [B, K]`` int64: the heading, the index (0-3) into the polybox's canonical
+  ring of the corner the object is listed from (:mod:`polydet.geometry.heading`), predicted
+  by the heading head on each detection's hull as in eager mode; -1 on padding rows and for
+  a model without the head;
+* ``heading [B, K]`` float32: degrees in [0, 360) from the centre to the middle of the first
+  edge (:func:`~polydet.geometry.heading.heading_degrees`); NaN where ``first_corner`` is -1;
 
 with ``K = model.roi.detections_per_img``. Resizing (torchvision's test-time rule, computed in
 float64 as eager mode does), normalisation and padding happen inside the graph, and so do
@@ -22,7 +28,9 @@ to be symbolic, and this graph has data-dependent sizes (``nonzero`` pairs, NMS 
 float64 floor in the resize rule, where a trace records them as they are.
 
 Every export is checked against the eager model on sample images (:func:`check_parity`);
-an export that fails is not written. ``DIR`` also gets ``classes.json``, ``config.json``
+an export that fails is not written. Exports written before the heading have only the first
+three outputs; :mod:`polydet.deploy.onnx_runtime` runs them with the heading unknown.
+``DIR`` also gets ``classes.json``, ``config.json``
 (the model section, classes and anchors it was built from) and ``export.json`` (format,
 versions, the parity report).
 """
@@ -44,8 +52,19 @@ from torch import Tensor, nn
 
 from polydet.core.config import Config, to_dict
 from polydet.core.errors import ModelError
-from polydet.deploy.onnx_runtime import INPUT, MODEL_FILE, OUTPUTS, OnnxModel, read_config, session
+from polydet.deploy.onnx_runtime import (
+    INPUT,
+    MODEL_FILE,
+    OUTPUTS,
+    OnnxModel,
+    read_config,
+    session,
+    unpad,
+)
+from polydet.geometry.heading import UNKNOWN, heading_degrees, map_first_corner
+from polydet.geometry.polybox import hull_xyxy, to_corners
 from polydet.model import PolyDetector, load_model
+from polydet.model.heading import predict_first_corner
 from polydet.model.inference import (
     detect_batched,
     rpn_levels,
@@ -58,7 +77,8 @@ FILES = {"onnx": MODEL_FILE, "torchscript": "model.ts"}
 OPSET = 17
 # Parity rule (tests and the export check): each eager detection scoring at least
 # PARITY_MIN_SCORE has a match with the same label, polygon IoU >= PARITY_IOU and a score
-# within PARITY_SCORE_TOL; detection counts per image differ by at most PARITY_COUNT.
+# within PARITY_SCORE_TOL, and the same first_corner (no tolerance: the heading head's
+# argmax on the same hull); detection counts per image differ by at most PARITY_COUNT.
 PARITY_MIN_SCORE = 0.05
 PARITY_IOU = 0.99
 PARITY_SCORE_TOL = 1e-3
@@ -76,7 +96,8 @@ class ParityError(ModelError):
 
 class ExportableDetector(nn.Module):
     """``images [B, 3, H, W]`` in [0, 1] -> ``(polyboxes [B, K, 10], scores [B, K],
-    labels [B, K])`` (module docstring); shares its modules (weights) with ``model``."""
+    labels [B, K], first_corner [B, K], heading [B, K])`` (module docstring); shares its
+    modules (weights) with ``model``."""
 
     def __init__(self, model: PolyDetector) -> None:
         super().__init__()
@@ -108,7 +129,7 @@ class ExportableDetector(nn.Module):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return F.pad(x, pads), new, hw
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         model, cfg = self.model, self.model.cfg
         batch, new, hw = self.resize(images)
         num_b = images.shape[0]
@@ -120,10 +141,35 @@ class ExportableDetector(nn.Module):
             levels, sizes, model.rpn.coder, cfg.rpn.pre_nms_top_n_test,
             cfg.rpn.post_nms_top_n_test, cfg.rpn.score_thresh, cfg.rpn.nms_thresh,
         )  # fmt: skip
-        poly, scores, labels, _ = detect_batched(
+        poly, scores, labels, found = detect_batched(
             model.roi_heads, features, boxes, valid, sizes, batch.shape[-2:]
         )
-        return to_input_pixels(poly, sizes, originals), scores, labels
+        out = to_input_pixels(poly, sizes, originals)
+        unknown = torch.full_like(labels, UNKNOWN)
+        if model.roi_heads.heading is None:  # a model without the heading head
+            first = unknown
+        else:  # as PolyRoIHeads.detect: the head on each detection's hull, model pixels
+            first, _ = predict_first_corner(
+                model.roi_heads, features, hull_xyxy(poly), batch.shape[-2:]
+            )
+            first = torch.where(found, first, unknown)
+            first = first_corner_to_input_pixels(poly, out, first, sizes, originals)
+        return out, scores, labels, first, heading_degrees(out, first)
+
+
+def first_corner_to_input_pixels(
+    poly: Tensor, out: Tensor, first: Tensor, sizes: Tensor, originals: Tensor
+) -> Tensor:
+    """``first [B, K]`` of polyboxes ``poly [B, K, 10]`` (resized images of ``sizes [B, 2]``,
+    h, w) for ``out = to_input_pixels(poly, sizes, originals)``: the first edge carried
+    through the (possibly anisotropic) scale, as :func:`~polydet.geometry.heading.
+    scale_first_corner` does in eager mode; unchanged where the sizes match (eager mode skips
+    the scale there)."""
+    ratio = originals.to(poly.dtype) / sizes.to(poly.dtype)  # [B, 2] (h, w)
+    moved = to_corners(poly) * ratio.flip(-1)[:, None, None]  # [B, K, 4, 2], old order
+    mapped = map_first_corner(moved, to_corners(out), first)
+    same = (sizes == originals).all(-1)[:, None]
+    return torch.where(same, first, mapped)
 
 
 # --- running an export ------------------------------------------------------------------
@@ -152,20 +198,24 @@ def compare_detections(
     """How far ``other`` is from ``reference`` (per image lists of detections): every
     reference detection scoring >= :data:`PARITY_MIN_SCORE` needs a detection of ``other``
     with the same label, polygon IoU >= :data:`PARITY_IOU` and a score within
-    :data:`PARITY_SCORE_TOL`; counts per image may differ by :data:`PARITY_COUNT`.
-    Returns ``{"ok", "checked", "unmatched", "max_count_diff", "min_iou", "max_score_diff"}``."""
+    :data:`PARITY_SCORE_TOL`, and that match must have the same ``first_corner`` (the
+    heading; -1 where a side has none); counts per image may differ by :data:`PARITY_COUNT`.
+    Returns ``{"ok", "checked", "unmatched", "first_corner_mismatch", "max_count_diff",
+    "min_iou", "max_score_diff"}``."""
     from polydet.geometry.ops import pairwise_iou
 
-    checked = unmatched = 0
+    checked = unmatched = mismatch = 0
     max_count, min_iou, max_score = 0, 1.0, 0.0
     for ref, oth in zip(reference, other, strict=True):
         max_count = max(max_count, abs(len(ref["scores"]) - len(oth["scores"])))
         keep = ref["scores"] >= PARITY_MIN_SCORE
         rp, rs, rl = ref["polyboxes"][keep], ref["scores"][keep], ref["labels"][keep]
+        rf = _first_corner(ref)[keep]
         checked += int(keep.sum())
         if rp.shape[0] == 0:
             continue
         op, os_, ol = oth["polyboxes"].cpu(), oth["scores"].cpu(), oth["labels"].cpu()
+        of = _first_corner(oth)
         iou = pairwise_iou(rp.cpu().double(), op.cpu().double()) if op.shape[0] else None
         for i in range(rp.shape[0]):
             if iou is None:
@@ -177,16 +227,26 @@ def compare_detections(
             if not bool(ok[best]) or float(cand[best]) < PARITY_IOU:
                 unmatched += 1
                 continue
+            mismatch += int(of[best]) != int(rf[i])
             min_iou = min(min_iou, float(cand[best]))
             max_score = max(max_score, abs(float(os_[best]) - float(rs[i])))
     return {
-        "ok": unmatched == 0 and max_count <= PARITY_COUNT,
+        "ok": unmatched == 0 and mismatch == 0 and max_count <= PARITY_COUNT,
         "checked": checked,
         "unmatched": unmatched,
+        "first_corner_mismatch": mismatch,
         "max_count_diff": max_count,
         "min_iou": min_iou,
         "max_score_diff": max_score,
     }
+
+
+def _first_corner(det: dict[str, Tensor]) -> Tensor:
+    """``first_corner [K]`` of detections (int64 on the CPU), -1 where there is none."""
+    first = det.get("first_corner")
+    if first is None:
+        return torch.full(det["scores"].shape, -1, dtype=torch.int64)
+    return torch.as_tensor(first).cpu().long()
 
 
 def sample_images(seed: int = 0) -> list[Tensor]:
@@ -254,11 +314,7 @@ def export_model(
 
             def run(batch: list[Tensor]) -> list[dict[str, Tensor]]:
                 with torch.no_grad():
-                    poly, scores, labels = loaded(torch.stack(batch))
-                return [
-                    {"polyboxes": p[s > 0], "scores": s[s > 0], "labels": lab[s > 0]}
-                    for p, s, lab in zip(poly, scores, labels)
-                ]
+                    return unpad(loaded(torch.stack(batch)))
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -271,13 +327,8 @@ def export_model(
             ort_session = session(tmp, device="cpu")  # as the eager model it is checked against
 
             def run(batch: list[Tensor]) -> list[dict[str, Tensor]]:
-                arr = torch.stack(batch).numpy()
-                poly, scores, labels = ort_session.run(list(OUTPUTS), {INPUT: arr})
-                return [
-                    {"polyboxes": torch.from_numpy(p[s > 0]), "scores": torch.from_numpy(s[s > 0]),
-                     "labels": torch.from_numpy(lab[s > 0])}
-                    for p, s, lab in zip(poly, scores, labels)
-                ]  # fmt: skip
+                raw = ort_session.run(list(OUTPUTS), {INPUT: torch.stack(batch).numpy()})
+                return [{k: torch.from_numpy(v) for k, v in d.items()} for d in unpad(raw)]
 
         parity = check_parity(model, run, images)
     if not parity["ok"]:
@@ -298,6 +349,8 @@ def export_model(
             "polyboxes": ["B", model.cfg.roi.detections_per_img, 10],
             "scores": ["B", model.cfg.roi.detections_per_img],
             "labels": ["B", model.cfg.roi.detections_per_img],
+            "first_corner": ["B", model.cfg.roi.detections_per_img],
+            "heading": ["B", model.cfg.roi.detections_per_img],
         },
         "opset": OPSET if fmt == "onnx" else None,
         "torch": torch.__version__,

@@ -29,7 +29,10 @@ from polydet.core.errors import ModelError
 
 MODEL_FILE = "model.onnx"
 INPUT = "images"
-OUTPUTS = ("polyboxes", "scores", "labels")
+OUTPUTS = ("polyboxes", "scores", "labels", "first_corner", "heading")
+# Exports written before the heading (issue 15) have only the first three outputs; their
+# detections get first_corner -1 and heading NaN (unknown), as a model without the head.
+OUTPUTS_BEFORE_HEADING = OUTPUTS[:3]
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 RUNTIMES = ("onnx", "torch")
 
@@ -117,24 +120,58 @@ class OnnxModel:
         """The provider ONNX Runtime runs this model on (the first it could use)."""
         return str(self.session.get_providers()[0])
 
-    def run(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw outputs for a batch ``[B, 3, H, W]`` float32 in [0, 1]."""
-        out = self.session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(images, np.float32)})
-        return out[0], out[1], out[2]
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The graph's output names: :data:`OUTPUTS`, or the first three of them for an
+        export written before the heading."""
+        return tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Raw outputs for a batch ``[B, 3, H, W]`` float32 in [0, 1], in :data:`OUTPUTS`'
+        order; for an export without the heading outputs, ``first_corner`` -1 and
+        ``heading`` NaN (:func:`with_heading`)."""
+        names = [o for o in OUTPUTS if o in self.outputs]
+        raw = self.session.run(names, {INPUT: np.ascontiguousarray(images, np.float32)})
+        return with_heading(raw)
 
     def detect(self, images: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
         """Per image ``[3, H, W]`` float32 in [0, 1]: ``{"polyboxes" [K, 10], "scores" [K],
-        "labels" [K]}`` (padding rows dropped); images of the same size run as one batch."""
+        "labels" [K], "first_corner" [K], "heading" [K]}`` (padding rows dropped); images of
+        the same size run as one batch."""
         results: list[dict[str, np.ndarray] | None] = [None] * len(images)
         by_size: dict[tuple[int, int], list[int]] = {}
         for i, image in enumerate(images):
             by_size.setdefault(tuple(image.shape[-2:]), []).append(i)
         for idx in by_size.values():
-            poly, scores, labels = self.run(np.stack([images[i] for i in idx]))
-            for i, p, s, lab in zip(idx, poly, scores, labels):
-                keep = s > 0
-                results[i] = {"polyboxes": p[keep], "scores": s[keep], "labels": lab[keep]}
+            for i, det in zip(idx, unpad(self.run(np.stack([images[i] for i in idx])))):
+                results[i] = det
         return results  # type: ignore[return-value]
+
+
+def with_heading(raw: Sequence[Any]) -> tuple[Any, ...]:
+    """The five :data:`OUTPUTS` of an export's raw outputs (numpy arrays, or torch tensors
+    from TorchScript): as they are, or for an export written before the heading (three
+    outputs) with ``first_corner`` -1 (int64) and ``heading`` NaN (float32) added."""
+    if len(raw) == len(OUTPUTS):
+        return tuple(raw)
+    if len(raw) != len(OUTPUTS_BEFORE_HEADING):
+        raise ModelError(f"expected the outputs {', '.join(OUTPUTS)}, got {len(raw)} outputs")
+    scores = np.asarray(raw[1])
+    first = np.full(scores.shape, -1, np.int64)
+    heading = np.full(scores.shape, np.nan, np.float32)
+    if not isinstance(raw[1], np.ndarray):  # torch tensors in, torch tensors out
+        import torch
+
+        first, heading = torch.from_numpy(first), torch.from_numpy(heading)
+    return (*raw, first, heading)
+
+
+def unpad(raw: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per image ``{name: [K, ...]}`` of :data:`OUTPUTS` (raw outputs ``[B, K, ...]`` as
+    :func:`with_heading` returns them), padding rows (score 0) dropped."""
+    outputs = dict(zip(OUTPUTS, with_heading(raw), strict=True))
+    keep = outputs["scores"] > 0  # [B, K]
+    return [{k: v[b][keep[b]] for k, v in outputs.items()} for b in range(keep.shape[0])]
 
 
 def export_dir(model: str | Path, tracking_uri: str | None = None) -> Path:
@@ -234,10 +271,13 @@ def _load_torch(path: str, device: str) -> Any:
 
 
 __all__ = [
+    "OUTPUTS",
     "OnnxModel",
     "Runtimes",
     "execution_providers",
     "export_dir",
     "read_config",
     "session",
+    "unpad",
+    "with_heading",
 ]

@@ -22,6 +22,8 @@ clockwise from its head. All functions are pure and batched over leading dimensi
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -73,7 +75,9 @@ def heading_degrees(polyboxes: Tensor, first: Tensor) -> Tensor:
     with first corners ``first [...]``; NaN where ``first`` is unknown."""
     rel = to_corners(polyboxes) - polyboxes[..., None, 0:2]  # [..., 4, 2] around the centre
     mid = first_edge_midpoint(rel, first)
-    deg = torch.rad2deg(torch.atan2(mid[..., 1], mid[..., 0])) % 360.0
+    # * (180 / pi): what torch.rad2deg computes, bit for bit, but ONNX-exportable (opset 17
+    # has no rad2deg; the exported model computes the heading in its graph).
+    deg = torch.atan2(mid[..., 1], mid[..., 0]) * (180.0 / math.pi) % 360.0
     return torch.where(first >= 0, deg, torch.full_like(deg, float("nan")))
 
 

@@ -29,10 +29,12 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
 
     Input: a DataFrame with a string column ``image``, each a base64-encoded image file
     (PNG/JPEG) or a path readable by the server. Output: one row per image with
-    ``polyboxes`` (K×10, image pixels), ``scores`` (K), ``labels`` (K, 1-based) and
-    ``classes`` (K names). Parameter ``score_thresh`` (default 0.0) drops weaker detections;
-    ``runtime`` (``onnx`` or ``torch``; default ``onnx`` when the model carries its ONNX
-    export) picks ONNX Runtime or torch (:class:`polydet.deploy.onnx_runtime.Runtimes`).
+    ``polyboxes`` (K×10, image pixels), ``scores`` (K), ``labels`` (K, 1-based),
+    ``classes`` (K names), ``first_corner`` (K, the heading's corner index into the canonical
+    ring, -1 unknown) and ``heading`` (K degrees in [0, 360), ``None`` where unknown:
+    :mod:`polydet.geometry.heading`). Parameter ``score_thresh`` (default 0.0) drops weaker
+    detections; ``runtime`` (``onnx`` or ``torch``; default ``onnx`` when the model carries
+    its ONNX export) picks ONNX Runtime or torch (:class:`polydet.deploy.onnx_runtime.Runtimes`).
     """
 
     def load_context(self, context: Any) -> None:
@@ -66,18 +68,46 @@ class PolydetPyfunc(mlflow.pyfunc.PythonModel):
         for out in outputs:
             keep = out["scores"] >= thresh
             labels = out["labels"][keep].tolist()
+            first, head = _heading_of(out)
             rows.append(
                 {
                     "polyboxes": out["polyboxes"][keep].astype("float64").tolist(),
                     "scores": out["scores"][keep].astype("float64").tolist(),
                     "labels": [int(x) for x in labels],
                     "classes": [self._name(int(x)) for x in labels],
+                    "first_corner": [int(x) for x in first[keep]],
+                    "heading": [None if x != x else float(x) for x in head[keep]],  # NaN: None
                 }
             )
-        return pd.DataFrame(rows, columns=["polyboxes", "scores", "labels", "classes"])
+        return pd.DataFrame(rows, columns=COLUMNS)
 
     def _name(self, label: int) -> str:
         return self.classes[label - 1] if 0 < label <= len(self.classes) else str(label)
+
+
+COLUMNS = ["polyboxes", "scores", "labels", "classes", "first_corner", "heading"]
+
+
+def _heading_of(out: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``first_corner [K]`` (int64, -1 unknown) and ``heading [K]`` (degrees, NaN unknown) of
+    one image's detections (numpy): the model's, or unknown when it predicts no heading (a
+    model without the head on torch, an ONNX export written before the heading)."""
+    import numpy as np
+
+    shape = np.shape(out["scores"])
+    first = np.asarray(out.get("first_corner", np.full(shape, -1)), dtype=np.int64)
+    if "heading" in out:
+        head = np.asarray(out["heading"], dtype=np.float64)
+    elif "first_corner" in out:  # torch with test-time augmentation: fused, no heading yet
+        import torch
+
+        from polydet.geometry.heading import heading_degrees
+
+        boxes = torch.as_tensor(np.asarray(out["polyboxes"], dtype=np.float32))
+        head = heading_degrees(boxes, torch.from_numpy(first)).double().numpy()
+    else:
+        head = np.full(shape, np.nan)
+    return first, np.where(first >= 0, head, np.nan)
 
 
 def _with_logged_tta(model: Any, model_config: Mapping[str, Any] | None) -> Any:
@@ -91,8 +121,9 @@ def _with_logged_tta(model: Any, model_config: Mapping[str, Any] | None) -> Any:
 
 
 def model_signature(runtime: str = "torch") -> Any:
-    """The pyfunc model's interface: ``image`` strings in; polyboxes, scores, labels out;
-    params ``score_thresh`` and ``runtime`` (default ``runtime``)."""
+    """The pyfunc model's interface: ``image`` strings in; polyboxes, scores, labels,
+    classes, first corners and headings out; params ``score_thresh`` and ``runtime``
+    (default ``runtime``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
@@ -105,6 +136,8 @@ def model_signature(runtime: str = "torch") -> Any:
                 ColSpec(Array(DataType.double), "scores"),
                 ColSpec(Array(DataType.long), "labels"),
                 ColSpec(Array(DataType.string), "classes"),
+                ColSpec(Array(DataType.long), "first_corner"),
+                ColSpec(Array(DataType.double), "heading"),
             ]
         ),
         params=ParamSchema(
