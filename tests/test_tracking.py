@@ -497,11 +497,25 @@ def test_export_failing_parity_is_not_registered(
 
 def test_pyfunc_heading_columns_of_each_kind_of_output():
     """The pyfunc's ``first_corner`` / ``heading`` from what a runtime returns: both given
-    (ONNX, eager torch), only first corners (torch with test-time augmentation: the heading
-    is computed here) or neither (no heading head, an export from before it: unknown)."""
+    (ONNX, eager torch, and test-time augmentation, whose fused detections get the heading of
+    their first corners) or neither (no heading head, an export from before it: unknown)."""
     import numpy as np
+    import torch
 
+    from polydet.core.config import TTAConfig
+    from polydet.eval.tta import TTAModel
     from polydet.tracking.pyfunc import _heading_of
+
+    class FirstCornersOnly:  # a runtime's detections with first corners and no heading
+        def __init__(self, det: dict) -> None:
+            self.det = det
+
+        def predict(self, images: list) -> list[dict]:
+            return [{k: torch.as_tensor(v) for k, v in self.det.items()} for _ in images]
+
+    identity = TTAConfig(
+        enabled=True, flips=(), rot90=(), scales=(), fusion="nms", iou_threshold=0.5
+    )
 
     # A 4 x 2 box around (10, 20); its canonical corners in the stored order:
     box = np.array([[10.0, 20.0, -2.0, -1.0, 2.0, -1.0, 2.0, 1.0, -2.0, 1.0]], np.float32)
@@ -513,7 +527,9 @@ def test_pyfunc_heading_columns_of_each_kind_of_output():
     assert expected.tolist() == pytest.approx([270.0, 0.0, 90.0, 180.0])
     for k in range(4):
         base = {"polyboxes": box, "scores": np.array([0.9], np.float32)}
-        fused = {**base, "first_corner": np.array([k])}
+        net = FirstCornersOnly({**base, "labels": np.array([1]), "first_corner": np.array([k])})
+        (out,) = TTAModel(net, identity).predict([torch.zeros(3, 40, 40)])
+        fused = {name: v.numpy() for name, v in out.items()}
         first, head = _heading_of(fused)
         assert first.tolist() == [k] and head.tolist() == pytest.approx([expected[k]], abs=1e-4)
         given = {**fused, "heading": np.array([123.0], np.float32)}

@@ -61,8 +61,8 @@ from polydet.deploy.onnx_runtime import (
     session,
     unpad,
 )
-from polydet.geometry.heading import UNKNOWN, heading_degrees, map_first_corner
-from polydet.geometry.polybox import hull_xyxy, to_corners
+from polydet.geometry.heading import UNKNOWN, heading_degrees, scale_first_corner
+from polydet.geometry.polybox import hull_xyxy
 from polydet.model import PolyDetector, load_model
 from polydet.model.heading import predict_first_corner
 from polydet.model.inference import (
@@ -153,23 +153,12 @@ class ExportableDetector(nn.Module):
                 model.roi_heads, features, hull_xyxy(poly), batch.shape[-2:]
             )
             first = torch.where(found, first, unknown)
-            first = first_corner_to_input_pixels(poly, out, first, sizes, originals)
+            # Through the scale back to the input pixels, as eager mode does (which skips
+            # it where the sizes match: so does this).
+            ratio = originals.to(poly.dtype) / sizes.to(poly.dtype)  # [B, 2] (h, w)
+            mapped = scale_first_corner(poly, out, first, ratio[:, 1:2], ratio[:, 0:1])
+            first = torch.where((sizes == originals).all(-1)[:, None], first, mapped)
         return out, scores, labels, first, heading_degrees(out, first)
-
-
-def first_corner_to_input_pixels(
-    poly: Tensor, out: Tensor, first: Tensor, sizes: Tensor, originals: Tensor
-) -> Tensor:
-    """``first [B, K]`` of polyboxes ``poly [B, K, 10]`` (resized images of ``sizes [B, 2]``,
-    h, w) for ``out = to_input_pixels(poly, sizes, originals)``: the first edge carried
-    through the (possibly anisotropic) scale, as :func:`~polydet.geometry.heading.
-    scale_first_corner` does in eager mode; unchanged where the sizes match (eager mode skips
-    the scale there)."""
-    ratio = originals.to(poly.dtype) / sizes.to(poly.dtype)  # [B, 2] (h, w)
-    moved = to_corners(poly) * ratio.flip(-1)[:, None, None]  # [B, K, 4, 2], old order
-    mapped = map_first_corner(moved, to_corners(out), first)
-    same = (sizes == originals).all(-1)[:, None]
-    return torch.where(same, first, mapped)
 
 
 # --- running an export ------------------------------------------------------------------

@@ -231,12 +231,17 @@ class TTAModel:
         return out
 
     def predict(self, images: Sequence[Tensor]) -> list[dict[str, Tensor]]:
-        """Per image ``{"polyboxes", "scores", "labels"}`` fused over the views."""
+        """Per image ``{"polyboxes", "scores", "labels"}`` fused over the views (and
+        ``first_corner`` with its ``heading`` when the model predicts one, as it does)."""
         per_view = self.view_detections(images)
-        return [
+        fused = [
             fuse([v[i] for v in per_view], self.tta.fusion, self.tta.iou_threshold, len(per_view))
             for i in range(len(images))
         ]
+        for det in fused:
+            if "first_corner" in det:
+                det["heading"] = heading.heading_degrees(det["polyboxes"], det["first_corner"])
+        return fused
 
 
 def with_tta(net: Any, cfg: TTAConfig) -> Any:

@@ -96,10 +96,17 @@ def angle_error(a: Tensor, b: Tensor) -> Tensor:
     return torch.minimum(d, 360.0 - d)
 
 
-def scale_first_corner(old: Tensor, new: Tensor, first: Tensor, sx: float, sy: float) -> Tensor:
-    """``first_corner [N]`` of polyboxes ``old [N, 10]`` after ``polybox.scale(old, sx, sy)``
-    made them ``new [N, 10]`` (an anisotropic scale can move the canonical start)."""
+def scale_first_corner(
+    old: Tensor, new: Tensor, first: Tensor, sx: float | Tensor, sy: float | Tensor
+) -> Tensor:
+    """``first_corner [...]`` of polyboxes ``old [..., 10]`` after ``polybox.scale(old, sx,
+    sy)`` made them ``new [..., 10]`` (an anisotropic scale can move the canonical start);
+    ``sx``, ``sy``: numbers, or tensors that broadcast against ``first`` (per-image scales
+    of a batch, as the exported graph has)."""
     if first.numel() == 0:
         return first
-    moved = to_corners(old) * old.new_tensor([sx, sy])
+    corners = to_corners(old)
+    fx = torch.as_tensor(sx, dtype=corners.dtype, device=corners.device)[..., None]
+    fy = torch.as_tensor(sy, dtype=corners.dtype, device=corners.device)[..., None]
+    moved = torch.stack([corners[..., 0] * fx, corners[..., 1] * fy], -1)
     return map_first_corner(moved, to_corners(new), first)

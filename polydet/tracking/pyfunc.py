@@ -96,17 +96,7 @@ def _heading_of(out: Mapping[str, Any]) -> tuple[Any, Any]:
 
     shape = np.shape(out["scores"])
     first = np.asarray(out.get("first_corner", np.full(shape, -1)), dtype=np.int64)
-    if "heading" in out:
-        head = np.asarray(out["heading"], dtype=np.float64)
-    elif "first_corner" in out:  # torch with test-time augmentation: fused, no heading yet
-        import torch
-
-        from polydet.geometry.heading import heading_degrees
-
-        boxes = torch.as_tensor(np.asarray(out["polyboxes"], dtype=np.float32))
-        head = heading_degrees(boxes, torch.from_numpy(first)).double().numpy()
-    else:
-        head = np.full(shape, np.nan)
+    head = np.asarray(out.get("heading", np.full(shape, np.nan)), dtype=np.float64)
     return first, np.where(first >= 0, head, np.nan)
 
 
