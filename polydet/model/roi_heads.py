@@ -251,9 +251,9 @@ class PolyRoIHeads(nn.Module):
         labels = torch.cat(samples.labels)[pos]
         gt = torch.cat(samples.gt_polyboxes)[pos].float()
         with torch.no_grad():
-            first = rois_of(samples.boxes)[pos]  # the first pass's RoIs of the positives
-            image = first[:, :1]
-            quads = self.coder.decode(pos_deltas.detach(), first[:, 1:], check=False)
+            pos_rois = rois_of(samples.boxes)[pos]  # the first pass's RoIs of the positives
+            image = pos_rois[:, :1]
+            quads = self.coder.decode(pos_deltas.detach(), pos_rois[:, 1:], check=False)
             sizes = torch.tensor(image_sizes, dtype=quads.dtype, device=quads.device)
             hull = hull_xyxy(clip_polyboxes(quads, sizes[image[:, 0].long()]))
             wh = hull[:, 2:] - hull[:, :2]

@@ -33,7 +33,7 @@ set named ``fitted x size_factor`` in the report, with its own coverage). ``auto
 factor in 1-2 that gives the most ground truths an anchor at the RPN's positive threshold
 (``model.rpn.fg_iou_thresh``) on the real grid (:func:`auto_size_factor`): the k-means fit
 treats anchors as centred on the objects, the grid does not. On the synthetic default the
-factor was 1.3 and the anchors 1.2-1.4x the fit gave much better test AP75 (README).
+factor is 1.35 and the anchors 1.2-1.4x the fit gave much better test AP75 (README).
 
 Outputs under ``anchors.out``: ``anchors.json`` (``{"sizes", "aspect_ratios"}``, the
 contract the model reads), ``coverage.json``, ``report.md``, ``coverage.png``.
