@@ -256,7 +256,13 @@ def test_model_files_carry_their_own_classes_and_anchors_and_old_ones_load(
     del section["fine_roi_level"]
     for head in ("rpn", "roi"):
         del section[head]["order_free"], section[head]["loss_weight"]
-    for key in ("sampling_ratio", "iou_loss_weight", "refine_steps"):
+    for key in (
+        "sampling_ratio",
+        "iou_loss_weight",
+        "refine_steps",
+        "refine_candidates",
+        "vote_iou",
+    ):
         del section["roi"][key]
     torch.save(payload, tmp_path / "old.pt")
     old = load_model(tmp_path / "old.pt")
@@ -266,7 +272,13 @@ def test_model_files_carry_their_own_classes_and_anchors_and_old_ones_load(
         False,
         1.0,
     )
-    assert (old.cfg.roi.sampling_ratio, old.cfg.roi.refine_steps) == (2, 0)
+    roi = old.cfg.roi
+    assert (roi.sampling_ratio, roi.refine_steps, roi.refine_candidates, roi.vote_iou) == (
+        2,
+        0,
+        0,
+        0,
+    )
     assert old.rpn.head.cls_logits.out_channels == 1  # one size x one ratio per location
     assert old.roi_heads.box_predictor.cls_score.out_features == 3
 

@@ -253,3 +253,24 @@ def test_check_corners_agrees_with_shapely_validity() -> None:
     assert ((flags == polybox.NON_CONVEX) == (hull_vertices == 3)).all()
     assert ((flags == polybox.SELF_INTERSECTING) == (~valid & (hull_vertices == 4))).all()
     assert ((flags == 0) == (valid & (hull_vertices == 4))).all()
+
+
+def test_align_corners_broadcasts_one_reference_per_row() -> None:
+    """Each of ``corners [K, M, 4, 2]`` is rolled to its row's reference ``[K, 1, 4, 2]``:
+    the result is the roll with the least summed squared distance, found by brute force."""
+    g = torch.Generator().manual_seed(3)
+    ref = polybox.to_corners(polybox.from_corners(torch.rand(2, 1, 4, 2, generator=g) * 50))
+    rolls = torch.randint(0, 4, (2, 5), generator=g)
+    noise = torch.rand(2, 5, 4, 2, generator=g)
+    corners = torch.stack(
+        [torch.stack([(ref[k, 0] + noise[k, m]).roll(int(rolls[k, m]), 0) for m in range(5)])
+         for k in range(2)]
+    )  # fmt: skip
+    out = polybox.align_corners(ref, corners)
+    assert out.shape == corners.shape
+    for k, m in itertools.product(range(2), range(5)):
+        best = min(
+            range(4), key=lambda r: float((corners[k, m].roll(-r, 0) - ref[k, 0]).pow(2).sum())
+        )
+        assert torch.equal(out[k, m], corners[k, m].roll(-best, 0))
+        assert torch.allclose(out[k, m], ref[k, 0] + noise[k, m])  # the order it was made in

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from polydet.core.config import load_config
 from polydet.geometry.coder import PolyBoxCoder
 from polydet.geometry.polybox import from_corners, hull_xyxy, to_corners
-from polydet.model.inference import refine_detections, renms
+from polydet.model.inference import refine_detections, refine_then_nms, renms
 from polydet.model.roi_heads import PolyRoIHeads
 
 NUM_C = 4  # background + 3
@@ -33,8 +33,8 @@ class ClassShift(nn.Module):
         return self.logits.expand(n, -1), deltas.flatten(1)
 
 
-def heads() -> PolyRoIHeads:
-    cfg = dataclasses.replace(load_config("params.yaml").model.roi, refine_steps=1)
+def heads(**roi: object) -> PolyRoIHeads:
+    cfg = dataclasses.replace(load_config("params.yaml").model.roi, refine_steps=1, **roi)
     h = PolyRoIHeads(["0"], 2, NUM_C, cfg)
     h.box_head = nn.Flatten()  # any features: the stub predictor ignores them
     h.box_predictor = ClassShift([0.1, 0.2, 0.3, 0.4])
@@ -95,6 +95,81 @@ def test_second_nms_drops_refined_duplicates_per_class_and_sorts() -> None:
     assert out_scores[0, :3].tolist() == pytest.approx([0.7, 0.6, 0.4])
     assert out_labels[0, :3].tolist() == [1, 2, 1]
     assert torch.equal(out[0, 0], b) and torch.equal(out[0, 2], c)
+
+
+def rect(x1: float, y1: float, x2: float, y2: float) -> list[list[float]]:
+    return [[x1, y1], [x2, y1], [x2, y2], [x1, y2]]
+
+
+def shapely_iou(a: Tensor, b: Tensor) -> float:
+    from shapely.geometry import Polygon
+
+    pa, pb = Polygon(to_corners(a).tolist()), Polygon(to_corners(b).tolist())
+    return pa.intersection(pb).area / pa.union(pb).area
+
+
+@pytest.mark.parametrize("vote_iou", [0.0, 0.6])
+def test_refine_then_nms_refines_the_best_candidates_then_nms_then_votes(vote_iou: float) -> None:
+    """Candidates go through the head first (the stub: the hull, shifted by class x width /
+    W0), then NMS per class, then each kept quad is the score x IoU weighted mean of the
+    refined quads of its class overlapping it by >= vote_iou; all checked against a plain
+    Python reference with shapely's IoU."""
+    h = heads(refine_candidates=5, vote_iou=vote_iou, nms_thresh=0.3, detections_per_img=10)
+    features = {"0": torch.rand(1, 2, 16, 16)}
+    tilt = [[20.0, 12.0], [60.0, 20.0], [56.0, 42.0], [16.0, 34.0]]  # hull 16..60 x 12..42
+    quads = {  # (RoI, class g): first-pass quad and score
+        (0, 0): (tilt, 0.9),
+        (1, 0): (rect(19.0, 14.0, 63.0, 44.0), 0.6),  # same object: IoU > 0.6 with (0, 0)
+        (2, 0): (rect(30.0, 25.0, 74.0, 55.0), 0.5),  # neighbour: 0.3 < IoU < 0.6
+        (1, 1): (rect(19.0, 14.0, 63.0, 44.0), 0.45),  # another class: never voted with g 0
+        (3, 0): (rect(90.0, 90.0, 110.0, 110.0), 0.35),  # alone
+        (4, 0): (rect(5.0, 90.0, 25.0, 110.0), 0.2),  # 6th best: not refined, not kept
+        (4, 2): (rect(5.0, 5.0, 9.0, 9.0), 0.01),  # not a candidate (score)
+    }
+    poly = torch.zeros(1, 5, 3, 10)
+    scores = torch.zeros(1, 5, 3)
+    for (p, g), (corners, s) in quads.items():
+        poly[0, p, g] = from_corners(torch.tensor(corners))
+        scores[0, p, g] = s
+    candidate = scores > 0.05
+    sizes = torch.tensor([[128.0, 128.0]])
+    out, out_scores, labels, found = refine_then_nms(
+        h, features, poly, scores, candidate, sizes, (128, 128)
+    )
+
+    # The reference: refine the 5 best, greedy NMS per class, vote.
+    w0 = float(PolyBoxCoder(h.cfg.coder_weights).weights[0])
+    probs = [0.1, 0.2, 0.3, 0.4]
+    best = sorted((k for k in quads if quads[k][1] > 0.05), key=lambda k: -quads[k][1])[:5]
+    refined = []
+    for p, g in best:
+        x1, y1, x2, y2 = hull_xyxy(poly[0, p, g]).tolist()
+        dx = (g + 1) * (x2 - x1) / w0
+        quad = from_corners(torch.tensor(rect(x1 + dx, y1, x2 + dx, y2)))
+        refined.append((quad, (quads[(p, g)][1] + probs[g + 1]) / 2, g + 1))
+    kept, free = [], list(range(len(refined)))
+    while free:
+        i = max(free, key=lambda j: refined[j][1])
+        kept.append(i)
+        free = [j for j in free if j != i and not (
+            refined[j][2] == refined[i][2] and shapely_iou(refined[i][0], refined[j][0]) > 0.3
+        )]  # fmt: skip
+    assert found[0].tolist() == [True] * len(kept) + [False] * (10 - len(kept))
+    assert len(kept) == 4  # (0, 0) took (1, 0)'s and (2, 0)'s places; (1, 1), (3, 0) stay
+    for row, i in enumerate(kept):
+        quad, score, label = refined[i]
+        assert int(labels[0, row]) == label
+        assert float(out_scores[0, row]) == pytest.approx(score)
+        members = [(j, shapely_iou(quad, refined[j][0])) for j in range(len(refined))]
+        members = [(j, v) for j, v in members if refined[j][2] == label and v >= vote_iou > 0]
+        expected = quad
+        if members:
+            weights = torch.tensor([refined[j][1] * v for j, v in members])
+            stack = torch.stack([to_corners(refined[j][0]) for j, _ in members])
+            expected = from_corners((stack * weights[:, None, None]).sum(0) / weights.sum())
+        assert torch.allclose(out[0, row], expected, atol=1e-4), (row, vote_iou)
+    if vote_iou:  # (0, 0) was voted with (1, 0), so it moved towards it
+        assert not torch.allclose(out[0, 0], refined[0][0], atol=1e-2)
 
 
 def test_refine_loss_runs_the_head_on_the_hulls_of_its_own_decoded_positives() -> None:

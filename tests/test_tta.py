@@ -11,7 +11,7 @@ from helpers import quad, tiny_cfg
 
 from polydet.core.config import ConfigError, load_config, tta_config_from_dict
 from polydet.core.errors import ModelError
-from polydet.eval.tta import TTAModel, View, align_corners, fuse, input_scale, views_of, with_tta
+from polydet.eval.tta import TTAModel, View, fuse, input_scale, views_of, with_tta
 from polydet.geometry import polybox
 from polydet.model import build_model
 from polydet.tracking.pyfunc import _with_logged_tta
@@ -139,7 +139,7 @@ def test_fusion_keeps_classes_apart(fusion: str) -> None:
 def test_align_corners_picks_the_closest_roll() -> None:
     ref = polybox.to_corners(quad(0, 0, 10, 4, 0))
     for r in range(4):
-        assert torch.equal(align_corners(ref, ref.roll(r, 0)[None])[0], ref)
+        assert torch.equal(polybox.align_corners(ref, ref.roll(r, 0)[None])[0], ref)
 
 
 def test_scale_views_resize_the_model_input_and_restore_it() -> None:

@@ -210,6 +210,12 @@ class RoIConfig:
     loss_weight: float  # multiplies loss_polybox
     iou_loss_weight: float  # multiplies loss_polybox_iou, 1 - polygon IoU of the decoded positives
     refine_steps: int  # inference: passes of the box head over its own detections' hulls
+    # inference: refine the best N (RoI, class) candidates before NMS (0: refine the NMS
+    # survivors after it)
+    refine_candidates: int
+    vote_iou: (
+        float  # inference, with refine_candidates: box voting IoU among refined quads; 0 = off
+    )
     refine_loss_weight: float  # training: the box losses again on the positives' refined hulls
     heading_loss_weight: float  # first-corner (heading) cross-entropy; 0 = no heading head
 
@@ -219,6 +225,8 @@ class RoIConfig:
             "representation_size": self.representation_size >= 1,
             "detections_per_img": self.detections_per_img >= 1,
             "refine_steps": self.refine_steps >= 0,
+            "refine_candidates": self.refine_candidates >= 0,
+            "vote_iou": 0.0 <= self.vote_iou <= 1.0,
             "refine_loss_weight": self.refine_loss_weight >= 0,
             "heading_loss_weight": self.heading_loss_weight >= 0,
             **_head_checks(self),
@@ -307,6 +315,8 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
             "iou_loss_weight": 0.0,
             "refine_steps": 0,
             "refine_loss_weight": 0.0,
+            "refine_candidates": 0,
+            "vote_iou": 0.0,
             **raw["roi"],
         }
         # Model files from before the heading head have no heading weights: heading off.

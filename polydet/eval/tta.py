@@ -102,15 +102,6 @@ def views_of(cfg: TTAConfig) -> list[View]:
     ]
 
 
-def align_corners(ref: Tensor, corners: Tensor) -> Tensor:
-    """``corners [N, 4, 2]`` each cyclically rolled to the order closest to ``ref [N, 4, 2]``
-    (or ``[4, 2]``): the roll with the smallest summed squared corner distance."""
-    rolls = torch.stack([corners.roll(-r, dims=-2) for r in range(4)])  # [4, N, 4, 2]
-    cost = (rolls - ref).pow(2).sum((-1, -2))  # [4, N]
-    best = cost.argmin(0)  # ties: the lowest roll
-    return rolls[best, torch.arange(corners.shape[0], device=corners.device)]
-
-
 def _empty() -> dict[str, Tensor]:
     return {
         "polyboxes": torch.zeros(0, 10),
@@ -157,7 +148,7 @@ def fuse(
         members = torch.cat([members.new_tensor([i]), members[members != i]])
         free[members] = False
         w = s[members]
-        aligned = align_corners(corners[i], corners[members])  # [n, 4, 2]
+        aligned = polybox.align_corners(corners[i], corners[members])  # [n, 4, 2]
         mean = (aligned * w[:, None, None]).sum(0) / w.sum()
         boxes.append(polybox.from_corners(mean))
         scores.append(w.mean() * min(len(members), num_views) / num_views)

@@ -102,6 +102,20 @@ def to_corners(polyboxes: Tensor) -> Tensor:
     return centre + polyboxes[..., 2:].unflatten(-1, (4, 2))
 
 
+def align_corners(ref: Tensor, corners: Tensor) -> Tensor:
+    """``corners [..., 4, 2]`` each cyclically rolled to the order closest to ``ref [..., 4,
+    2]`` (broadcast against ``corners``): the roll with the smallest summed squared corner
+    distance (ties: the lowest roll). Averaging quads needs it: two canonical quads of one
+    object can start at different corners near 45 degrees, and the mean of misaligned corners
+    collapses towards a rhombus."""
+    corners = corners.expand(torch.broadcast_shapes(ref.shape, corners.shape))
+    rolls = torch.stack([corners.roll(-r, dims=-2) for r in range(4)])  # [4, ..., 4, 2]
+    cost = (rolls - ref).pow(2).sum((-1, -2))  # [4, ...]
+    best = cost.argmin(0)  # [...]
+    index = best[None, ..., None, None].expand(1, *rolls.shape[1:])
+    return rolls.gather(0, index).squeeze(0)
+
+
 def canonicalize(polyboxes: Tensor) -> Tensor:
     """Re-derive centre and corner order of polyboxes ``[..., 10]``."""
     return from_corners(to_corners(polyboxes))
