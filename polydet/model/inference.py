@@ -23,7 +23,11 @@ export graph calls the same two functions on the padded tensors directly.
   kernel :func:`quad_iou`), and a greedy pass of exactly ``detections_per_img`` steps, each
   taking the best remaining candidate of every image and removing what it suppresses. That is
   greedy NMS (drop IoU > threshold, as torchvision) truncated to the detection cap, so it
-  keeps exactly what NMS-then-cap keeps, ties going to the earlier candidate.
+  keeps exactly what NMS-then-cap keeps, ties going to the earlier candidate. With
+  ``model.roi.refine_candidates`` the best candidates are refined by the box head before that
+  NMS, and with ``vote_iou`` each kept quad becomes the weighted mean of the refined quads that
+  overlap it (:func:`refine_then_nms`); without, the NMS survivors are refined after it
+  (:func:`refine_detections`, :func:`renms`).
 """
 
 from __future__ import annotations
