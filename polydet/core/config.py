@@ -213,9 +213,9 @@ class RoIConfig:
     # inference: refine the best N (RoI, class) candidates before NMS (0: refine the NMS
     # survivors after it)
     refine_candidates: int
-    vote_iou: (
-        float  # inference, with refine_candidates: box voting IoU among refined quads; 0 = off
-    )
+    # inference, with refine_candidates: box voting among the refined quads overlapping a kept
+    # one by this IoU; 0 = off
+    vote_iou: float
     refine_loss_weight: float  # training: the box losses again on the positives' refined hulls
     heading_loss_weight: float  # first-corner (heading) cross-entropy; 0 = no heading head
 
