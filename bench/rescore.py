@@ -4,24 +4,22 @@ The inference keys of a model file's ``model.roi`` section (``refine_steps``,
 ``refine_candidates``, ``vote_iou``, ``nms_thresh``, ``score_thresh``, ...) travel with the
 model, so ``polydet evaluate --model`` always uses the ones it was saved with. This copies
 each ``--model`` with each ``--variant``'s keys replaced (``--out/<variant>/<i>.pt``),
-evaluates the copies on the project's split (``params.yaml`` in the working directory: the
-prepared data and the ``evaluate`` section), ``--jobs`` at a time with one thread each, and
-prints one Markdown table: a row per variant, AP75 per model, then the means. A variant
+evaluates the copies one after the other on the project's split (``params.yaml`` in the
+working directory: the prepared data and the ``evaluate`` section; ``polydet evaluate``
+holds the project's lock, so they cannot run side by side), and prints one Markdown table: a row per variant, AP75 per model, then the means. A variant
 ``NAME:`` with no keys is the model as saved.
 
     .venv/bin/python bench/rescore.py --model runs/s0/model.pt --model runs/s1/model.pt \\
-        --variant "as saved:" --variant "no vote:vote_iou=0" [--out outputs/rescore] [--jobs 2]
+        --variant "as saved:" --variant "no vote:vote_iou=0.0" [--out outputs/rescore]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -44,10 +42,9 @@ def with_keys(src: Path, dst: Path, keys: dict[str, str]) -> None:
 
 
 def evaluate(model: Path, out: Path, params: str) -> dict[str, float]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "polydet.cli", "evaluate", "--params", params,
            "--model", str(model), "--set", f"evaluate.out={out}"]  # fmt: skip
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -57,7 +54,6 @@ def main() -> None:
     parser.add_argument("--variant", action="append", required=True, type=parse_variant)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="outputs/rescore", type=Path)
-    parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     jobs = []
     for v, (name, keys) in enumerate(args.variant):
@@ -65,8 +61,7 @@ def main() -> None:
             dst = args.out / f"v{v}" / f"{i}.pt"
             with_keys(src, dst, keys)
             jobs.append((name, i, dst, args.out / f"v{v}" / f"eval{i}"))
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda j: evaluate(j[2], j[3], args.params), jobs))
+    results = [evaluate(dst, out, args.params) for _, _, dst, out in jobs]
     table: dict[str, list[dict[str, float]]] = {}
     for (name, _, _, _), metrics in zip(jobs, results):
         table.setdefault(name, []).append(metrics)

@@ -477,8 +477,8 @@ def refine_then_nms(
         rows = overlap.gather(1, picks[..., None].expand(-1, -1, num_m))  # [B, K, M]
         itself = picks[..., None] == torch.arange(num_m, device=picks.device)  # [B, K, M]
         rows = rows + itself.to(rows.dtype)  # IoU 1 with itself
+        # Only candidates have overlaps (overlap_matrix), so padding rows never vote.
         weight = torch.where(rows >= cfg.vote_iou, rows * top[:, None], torch.zeros_like(rows))
-        weight = weight * ok[:, None].to(weight.dtype)
         corners = align_corners(to_corners(kept)[:, :, None], to_corners(quads)[:, None])
         total = weight.sum(-1).clamp_min(1e-12)[..., None, None]  # [B, K, 1, 1]
         mean = (corners * weight[..., None, None]).sum(2) / total  # [B, K, 4, 2]
