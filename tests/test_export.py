@@ -64,12 +64,15 @@ def load_split(root: Path) -> tuple[list[str], list[torch.Tensor], list[dict]]:
 def models(synth: Path) -> dict[str, torch.nn.Module]:
     """An untrained tiny model (near-uniform scores: every candidate reaches NMS) and one
     trained for a few steps on two of the images (confident on a few candidates). Both have
-    the heading head (random, or trained on the labels' first corners)."""
+    the heading head (random, or trained on the labels' first corners); the trained one also
+    has the localisation-quality branch, ranking by it (``quality_power``)."""
     _, images, targets = load_split(synth)
     torch.manual_seed(0)
     untrained = build_model(tiny_cfg(*SIZE, "model.roi.score_thresh=0.0")).eval()
     torch.manual_seed(0)
-    model = build_model(tiny_cfg(*SIZE))
+    quality = ("model.roi.quality_loss_weight=1.0", "model.roi.quality_power=0.5")
+    model = build_model(tiny_cfg(*SIZE, *quality))
+    assert model.roi_heads.quality is not None
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(20):
@@ -198,7 +201,7 @@ def test_onnx_and_torchscript_match_eager(name: str, models: dict, synth: Path, 
 
 
 def test_cli_export_and_predict_on_onnx_runtime(models: dict, synth: Path, tmp_path: Path):
-    cfg = tiny_cfg(*SIZE)
+    cfg = models["trained"].cfg  # with the quality branch
     model_file = save_model(models["trained"], tmp_path / "model.pt", cfg, CLASSES, None)
     out = tmp_path / "outputs" / "export"  # where the README's snippet looks
     params = ["--params", str(ROOT / "params.yaml")]

@@ -26,6 +26,7 @@ KEYS = {
     "loss_polybox_iou",
     "loss_refine",
     "loss_heading",  # the heading head (model.roi.heading_loss_weight > 0 by default)
+    "loss_quality",  # the localisation-quality branch (zero without it)
 }
 
 
@@ -262,6 +263,8 @@ def test_model_files_carry_their_own_classes_and_anchors_and_old_ones_load(
         "refine_steps",
         "refine_candidates",
         "vote_iou",
+        "quality_loss_weight",
+        "quality_power",
     ):
         del section["roi"][key]
     torch.save(payload, tmp_path / "old.pt")
@@ -279,6 +282,7 @@ def test_model_files_carry_their_own_classes_and_anchors_and_old_ones_load(
         0,
         0,
     )
+    assert (roi.quality_loss_weight, roi.quality_power, old.roi_heads.quality) == (0, 0, None)
     assert old.rpn.head.cls_logits.out_channels == 1  # one size x one ratio per location
     assert old.roi_heads.box_predictor.cls_score.out_features == 3
 

@@ -33,11 +33,26 @@ class ClassShift(nn.Module):
         return self.logits.expand(n, -1), deltas.flatten(1)
 
 
+class CentreQuality(nn.Module):
+    """A quality branch whose logit is the RoI's centre x in feature cells minus 4 (every
+    class alike), read from pooled features whose channel 0 is the x coordinate map."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x[:, :49].mean(1, keepdim=True) - 4.0).expand(-1, NUM_C)
+
+
+def x_map(h: int, w: int) -> Tensor:
+    """``[1, 2, h, w]`` features: channel 0 = the x index of each cell, channel 1 = noise."""
+    return torch.stack([torch.arange(w, dtype=torch.float32).expand(h, w), torch.rand(h, w)])[None]
+
+
 def heads(**roi: object) -> PolyRoIHeads:
     cfg = dataclasses.replace(load_config("params.yaml").model.roi, refine_steps=1, **roi)
     h = PolyRoIHeads(["0"], 2, NUM_C, cfg)
     h.box_head = nn.Flatten()  # any features: the stub predictor ignores them
     h.box_predictor = ClassShift([0.1, 0.2, 0.3, 0.4])
+    if cfg.quality_loss_weight > 0:
+        h.quality = CentreQuality()
     return h
 
 
@@ -51,7 +66,10 @@ def test_refinement_decodes_the_detected_class_on_the_hull_and_averages_scores()
     labels = torch.tensor([[1, 3], [2, 0]])
     found = torch.tensor([[True, True], [True, False]])  # the last row is padding
     sizes = torch.tensor([[128.0, 128.0], [128.0, 128.0]])
-    out, out_scores = refine_detections(h, features, poly, scores, labels, found, sizes, (128, 128))
+    out, out_scores, quality = refine_detections(
+        h, features, poly, scores, labels, found, sizes, (128, 128)
+    )
+    assert quality is None  # no quality branch
 
     w0 = PolyBoxCoder(h.cfg.coder_weights).weights[0]
     for b, k in [(0, 0), (0, 1), (1, 0)]:
@@ -72,7 +90,7 @@ def test_refined_corners_are_clipped_to_the_image() -> None:
     near_edge = from_corners(
         torch.tensor([[[[40.0, 5.0], [63.0, 5.0], [63.0, 30.0], [40.0, 30.0]]]])
     )
-    out, _ = refine_detections(
+    out, _, _ = refine_detections(
         h, features, near_edge, torch.tensor([[0.9]]), torch.tensor([[3]]),
         torch.tensor([[True]]), torch.tensor([[64.0, 64.0]]), (64, 64),
     )  # fmt: skip
@@ -108,14 +126,21 @@ def shapely_iou(a: Tensor, b: Tensor) -> float:
     return pa.intersection(pb).area / pa.union(pb).area
 
 
-@pytest.mark.parametrize("vote_iou", [0.0, 0.6])
-def test_refine_then_nms_refines_the_best_candidates_then_nms_then_votes(vote_iou: float) -> None:
+@pytest.mark.parametrize(("vote_iou", "power"), [(0.0, 0.0), (0.6, 0.0), (0.6, 0.5), (0.0, 1.0)])
+def test_refine_then_nms_refines_the_best_candidates_then_nms_then_votes(
+    vote_iou: float, power: float
+) -> None:
     """Candidates go through the head first (the stub: the hull, shifted by class x width /
     W0), then NMS per class, then each kept quad is the score x IoU weighted mean of the
     refined quads of its class overlapping it by >= vote_iou; all checked against a plain
-    Python reference with shapely's IoU."""
-    h = heads(refine_candidates=5, vote_iou=vote_iou, nms_thresh=0.3, detections_per_img=10)
-    features = {"0": torch.rand(1, 2, 16, 16)}
+    Python reference with shapely's IoU. With the quality branch (``power`` > 0) the score is
+    the mean probability^(1 - power) x the predicted IoU^power of the refinement pass (the
+    stub: sigmoid of its RoI's centre x / 8 - 4), and NMS and the vote use that score."""
+    h = heads(
+        refine_candidates=5, vote_iou=vote_iou, nms_thresh=0.3, detections_per_img=10,
+        quality_loss_weight=float(power > 0), quality_power=power,
+    )  # fmt: skip
+    features = {"0": x_map(16, 16)}
     tilt = [[20.0, 12.0], [60.0, 20.0], [56.0, 42.0], [16.0, 34.0]]  # hull 16..60 x 12..42
     quads = {  # (RoI, class g): first-pass quad and score
         (0, 0): (tilt, 0.9),
@@ -146,7 +171,9 @@ def test_refine_then_nms_refines_the_best_candidates_then_nms_then_votes(vote_io
         x1, y1, x2, y2 = hull_xyxy(poly[0, p, g]).tolist()
         dx = (g + 1) * (x2 - x1) / w0
         quad = from_corners(torch.tensor(rect(x1 + dx, y1, x2 + dx, y2)))
-        refined.append((quad, (quads[(p, g)][1] + probs[g + 1]) / 2, g + 1))
+        score = (quads[(p, g)][1] + probs[g + 1]) / 2
+        quality = torch.tensor((x1 + x2) / 2 / 8 - 4).sigmoid().item()  # the stub on the hull
+        refined.append((quad, score ** (1 - power) * quality**power, g + 1))
     kept, free = [], list(range(len(refined)))
     while free:
         i = max(free, key=lambda j: refined[j][1])
@@ -155,7 +182,12 @@ def test_refine_then_nms_refines_the_best_candidates_then_nms_then_votes(vote_io
             refined[j][2] == refined[i][2] and shapely_iou(refined[i][0], refined[j][0]) > 0.3
         )]  # fmt: skip
     assert found[0].tolist() == [True] * len(kept) + [False] * (10 - len(kept))
-    assert len(kept) == 4  # (0, 0) took (1, 0)'s and (2, 0)'s places; (1, 1), (3, 0) stay
+    if power == 1:  # the quality alone ranks: by the hull's centre x, (3, 0) first
+        assert kept == [4, 2, 3, 0]  # (2, 0) now suppresses (1, 0)
+    elif power == 0:  # by the mean probability: (0, 0) suppresses (1, 0)
+        assert kept == [0, 3, 2, 4]
+    else:  # both: (2, 0) rises above (1, 1)
+        assert kept == [0, 2, 3, 4]
     for row, i in enumerate(kept):
         quad, score, label = refined[i]
         assert int(labels[0, row]) == label
@@ -229,3 +261,43 @@ def test_refine_loss_off_is_zero_and_on_trains_the_head() -> None:
         head = model.roi_heads.box_predictor.polybox_pred.weight
         (grad,) = torch.autograd.grad(losses["loss_refine"], head)
         assert grad.abs().sum() > 0
+
+
+def test_quality_loss_is_cross_entropy_against_each_positives_polygon_iou() -> None:
+    """The quality branch (``model.roi.quality_loss_weight``) learns, for each positive, the
+    IoU of its decoded polybox (here: the RoI shifted by 1.5 widths / W0, as all-zero deltas
+    but the first decode to the RoI itself) with its ground truth, by shapely; the target is
+    a measurement, so no gradient reaches the deltas."""
+    from polydet.model.roi_heads import RoISamples
+
+    h = heads(quality_loss_weight=1.0)
+    h.quality = nn.Linear(8, NUM_C)
+    w0 = float(PolyBoxCoder(h.cfg.coder_weights).weights[0])
+    boxes = [torch.tensor([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 5.0, 5.0]]),
+             torch.tensor([[100.0, 60.0, 126.0, 90.0]])]  # fmt: skip
+    labels = [torch.tensor([2, 0]), torch.tensor([3])]
+    gt = from_corners(torch.tensor([[[12.0, 18.0], [52.0, 22.0], [49.0, 43.0], [9.0, 39.0]],
+                                    [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]],
+                                    [[101.0, 58.0], [127.0, 61.0], [125.0, 92.0], [99.0, 88.0]]]))  # fmt: skip
+    samples = RoISamples(boxes, labels, [gt[:2], gt[2:]])
+    pos = torch.tensor([0, 2])
+    deltas = torch.zeros(2, 10)
+    deltas[:, 0] = 1.5
+    deltas.requires_grad_(True)
+    feats = torch.randn(3, 8)
+    loss = h.quality_loss(feats, samples, pos, torch.cat(labels), deltas)
+
+    expected = 0.0
+    for row, (box, label) in enumerate([(boxes[0][0], 2), (boxes[1][0], 3)]):
+        x1, y1, x2, y2 = box.tolist()
+        dx = 1.5 * (x2 - x1) / w0
+        iou = shapely_iou(from_corners(torch.tensor(rect(x1 + dx, y1, x2 + dx, y2))), gt[2 * row])
+        assert 0.3 < iou < 0.95  # a real soft target
+        logit = h.quality(feats[int(pos[row])])[label]
+        expected = expected + torch.nn.functional.binary_cross_entropy_with_logits(
+            logit, torch.tensor(iou)
+        )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    loss.backward()
+    assert deltas.grad is None
+    assert h.quality.weight.grad is not None and h.quality.weight.grad.abs().sum() > 0

@@ -218,6 +218,11 @@ class RoIConfig:
     vote_iou: float
     refine_loss_weight: float  # training: the box losses again on the positives' refined hulls
     heading_loss_weight: float  # first-corner (heading) cross-entropy; 0 = no heading head
+    # training: binary cross-entropy of a localisation-quality branch (the IoU of each decoded
+    # positive with its ground truth); 0 = no branch
+    quality_loss_weight: float
+    # inference, with the branch: score = class probability^(1 - p) x predicted IoU^p
+    quality_power: float
 
     def __post_init__(self) -> None:
         checks = {
@@ -229,6 +234,8 @@ class RoIConfig:
             "vote_iou": 0.0 <= self.vote_iou <= 1.0,
             "refine_loss_weight": self.refine_loss_weight >= 0,
             "heading_loss_weight": self.heading_loss_weight >= 0,
+            "quality_loss_weight": self.quality_loss_weight >= 0,
+            "quality_power": 0.0 <= self.quality_power <= 1.0,
             **_head_checks(self),
         }
         check_ranges("model.roi", self, checks)
@@ -317,6 +324,8 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
             "refine_loss_weight": 0.0,
             "refine_candidates": 0,
             "vote_iou": 0.0,
+            "quality_loss_weight": 0.0,
+            "quality_power": 0.0,
             **raw["roi"],
         }
         # Model files from before the heading head have no heading weights: heading off.

@@ -27,7 +27,8 @@ export graph calls the same two functions on the padded tensors directly.
   ``model.roi.refine_candidates`` the best candidates are refined by the box head before that
   NMS, and with ``vote_iou`` each kept quad becomes the weighted mean of the refined quads that
   overlap it (:func:`refine_then_nms`); without, the NMS survivors are refined after it
-  (:func:`refine_detections`, :func:`renms`).
+  (:func:`refine_detections`, :func:`renms`). With the localisation-quality branch
+  (``model.roi.quality_loss_weight``) the scores that rank are :func:`ranked`'s.
 """
 
 from __future__ import annotations
@@ -324,10 +325,11 @@ def pool_rois(
 
 def box_head_on(
     roi_heads: nn.Module, features: dict[str, Tensor], boxes: Tensor, valid: Tensor, batch_hw: Any
-) -> tuple[Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """RoIAlign + box head on padded boxes ``[B, N, 4]`` (``valid [B, N]``): the boxes used
     (padding rows replaced by a harmless unit box, whose results the callers mask), class
-    logits ``[B*N, C]`` and deltas ``[B*N, C*10]``."""
+    logits ``[B*N, C]``, deltas ``[B*N, C*10]`` and the quality branch's predicted IoUs
+    ``[B*N, C]`` (None without the branch, ``model.roi.quality_loss_weight`` 0)."""
     num_b, num_n = boxes.shape[0], boxes.shape[1]
     unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=boxes.dtype, device=boxes.device)
     boxes = torch.where(valid[..., None], boxes, unit.expand_as(boxes))
@@ -335,8 +337,21 @@ def box_head_on(
     image = image[:, None, None].expand(-1, num_n, 1)
     rois = torch.cat([image, boxes], -1).reshape(-1, 5)
     x = pool_rois(roi_heads.box_roi_pool, features, rois, batch_hw)
-    logits, deltas = roi_heads.box_predictor(roi_heads.box_head(x))
-    return boxes, logits, deltas
+    feats = roi_heads.box_head(x)
+    logits, deltas = roi_heads.box_predictor(feats)
+    quality = None if roi_heads.quality is None else roi_heads.quality(feats).float().sigmoid()
+    return boxes, logits, deltas, quality
+
+
+def ranked(probs: Tensor, quality: Tensor | None, power: float) -> Tensor:
+    """Detection scores: the class probabilities ``probs``, or with the localisation-quality
+    branch ``probs^(1 - power) * quality^power`` (``quality``: predicted IoU with the object,
+    same shape), so that of two detections of one object the better-fitting one ranks first
+    and AP at high IoU thresholds counts it (IoU-Net's IoU-guided ranking; GFL's joint
+    score)."""
+    if quality is None or power <= 0:
+        return probs
+    return probs.clamp_min(0.0).pow(1.0 - power) * quality.clamp(0.0, 1.0).pow(power)
 
 
 def detect_batched(
@@ -353,7 +368,7 @@ def detect_batched(
     ``K = detections_per_img``; rows past an image's detections are zeros."""
     cfg, num_c = roi_heads.cfg, roi_heads.num_classes
     num_b, num_p = boxes.shape[0], boxes.shape[1]
-    boxes, logits, deltas = box_head_on(roi_heads, features, boxes, valid, batch_hw)
+    boxes, logits, deltas, quality = box_head_on(roi_heads, features, boxes, valid, batch_hw)
     probs = F.softmax(logits.float(), dim=-1).view(num_b, num_p, num_c)
     decoded = roi_heads.coder.decode(deltas.float(), boxes.reshape(-1, 4), check=False)
     decoded = decoded.view(num_b, num_p, num_c, 10)[:, :, 1:]  # [B, P, G, 10], G = C - 1
@@ -365,7 +380,9 @@ def detect_batched(
     wh = hull[..., 2:] - hull[..., :2]
     big = (wh >= MIN_DETECTION_SIZE).all(-1) & (area(poly) >= MIN_DETECTION_SIZE**2)
     candidate = valid[..., None] & (scores > cfg.score_thresh) & big  # [B, P, G]
-    flat_scores = scores.reshape(num_b, -1)
+    if quality is not None:
+        quality = quality.view(num_b, num_p, num_c)[:, :, 1:]
+    flat_scores = ranked(scores, quality, cfg.quality_power).reshape(num_b, -1)
     if cfg.refine_steps and cfg.refine_candidates:
         out_poly, out_scores, label, found = refine_then_nms(
             roi_heads, features, poly, scores, candidate, image_sizes, batch_hw
@@ -380,11 +397,14 @@ def detect_batched(
         label = (picks % (num_c - 1) + 1).to(torch.int64)
         out_poly = poly.reshape(num_b, -1, 10).gather(1, picks[..., None].expand(-1, -1, 10))
         out_scores = flat_scores.gather(1, picks)
+        if cfg.refine_steps:
+            out_scores = scores.reshape(num_b, -1).gather(1, picks)  # probabilities
         for _ in range(cfg.refine_steps):
-            out_poly, out_scores = refine_detections(
+            out_poly, out_scores, out_quality = refine_detections(
                 roi_heads, features, out_poly, out_scores, label, found, image_sizes, batch_hw
             )
         if cfg.refine_steps:
+            out_scores = ranked(out_scores, out_quality, cfg.quality_power)
             out_poly, out_scores, label, found = renms(
                 out_poly, out_scores, label, found, cfg.nms_thresh
             )
@@ -406,12 +426,13 @@ def refine_detections(
     found: Tensor,
     image_sizes: Tensor,
     batch_hw: Any,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """One step of iterative refinement of the detections ``polyboxes [B, K, 10]`` (labels
     ``[B, K]`` from 1, ``found [B, K]``): the box head runs again on each detection's hull, its
     deltas for the detected class give the new polybox (clipped, canonical), and the score
     becomes the mean of the two passes' probabilities of that class (as Cascade R-CNN averages
-    its stages). The head was trained on hulls of proposals and ground truths, and a
+    its stages); with the quality branch, also its predicted IoU ``[B, K]`` of each new polybox
+    (else None), for :func:`ranked`. The head was trained on hulls of proposals and ground truths, and a
     detection's hull is a far better RoI than the proposal it came from, so the second pass
     corrects what the first got wrong (``model.roi.refine_steps``; measured in the README)."""
     num_b, num_k = scores.shape[0], scores.shape[1]
@@ -421,9 +442,12 @@ def refine_detections(
     # As floats: ``found`` comes out of the scripted greedy loop, where the ONNX exporter
     # cannot tell it is boolean.
     ok = (found.to(hull.dtype) * (wh >= MIN_PROPOSAL_SIZE).all(-1).to(hull.dtype)) > 0.5
-    boxes, logits, deltas = box_head_on(roi_heads, features, hull, ok, batch_hw)
+    boxes, logits, deltas, quality = box_head_on(roi_heads, features, hull, ok, batch_hw)
     cls = labels.clamp(1, num_c - 1).reshape(-1, 1)  # padding rows: any class, masked below
     probs = F.softmax(logits.float(), dim=-1).gather(1, cls).view(num_b, num_k)
+    if quality is not None:  # rows left as they were keep their score (as probs, below)
+        quality = quality.gather(1, cls).view(num_b, num_k)
+        quality = torch.where(ok, quality, torch.ones_like(quality))
     own = deltas.float().view(-1, num_c, 10).gather(1, cls[..., None].expand(-1, 1, 10))
     decoded = roi_heads.coder.decode(own[:, 0], boxes.reshape(-1, 4), check=False)
     sizes = image_sizes.to(decoded.dtype)[:, None].expand(-1, num_k, 2).reshape(-1, 2)
@@ -431,6 +455,7 @@ def refine_detections(
     return (
         torch.where(ok[..., None], refined, polyboxes),
         torch.where(ok, (scores + probs) / 2, scores),
+        quality,
     )
 
 
@@ -461,10 +486,12 @@ def refine_then_nms(
     labels = (index % num_g + 1).to(torch.int64)
     quads = poly.reshape(num_b, -1, 10).gather(1, index[..., None].expand(-1, -1, 10))
     top = top.clamp_min(0.0)
+    quality = None
     for _ in range(cfg.refine_steps):
-        quads, top = refine_detections(
+        quads, top, quality = refine_detections(
             roi_heads, features, quads, top, labels, ok, image_sizes, batch_hw
         )
+    top = ranked(top, quality, cfg.quality_power)
     same = labels[:, :, None] == labels[:, None, :]  # [B, M, M]
     vote = cfg.vote_iou > 0
     low = min(cfg.nms_thresh, cfg.vote_iou) if vote else cfg.nms_thresh

@@ -113,6 +113,11 @@ class PolyRoIHeads(nn.Module):
         self.heading = (
             HeadingPredictor(cfg.representation_size) if cfg.heading_loss_weight > 0 else None
         )
+        # Localisation quality: the IoU of each class's decoded polybox with the object, from
+        # the box head's features (inference ranks by it, ``quality_power``; README).
+        self.quality = (
+            nn.Linear(cfg.representation_size, num_classes) if cfg.quality_loss_weight > 0 else None
+        )
 
     def box_features(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_sizes: list[tuple[int, int]]
@@ -224,13 +229,36 @@ class PolyRoIHeads(nn.Module):
             if self.cfg.refine_loss_weight > 0:
                 loss_refine = self.refine_loss(features, samples, pos, pos_deltas, image_sizes)
             losses["loss_refine"] = loss_refine * self.cfg.refine_loss_weight / labels.numel()
+        if self.quality is not None:
+            loss_q = self.quality_loss(feats, samples, pos, labels, pos_deltas)
+            losses["loss_quality"] = loss_q * self.cfg.quality_loss_weight / max(labels.numel(), 1)
+        else:  # no quality branch: the same keys
+            losses["loss_quality"] = feats.float().sum() * 0.0
         if self.heading is not None:  # heading hook (issue 15): cross-entropy of the positives
             first = torch.cat(samples.gt_first_corner)[pos]
             loss_h = heading_loss(self.heading(feats[pos]), first, labels.numel())
             losses["loss_heading"] = loss_h * self.cfg.heading_loss_weight
         else:  # no heading head: the same keys
-            losses["loss_heading"] = feats.sum() * 0.0
+            losses["loss_heading"] = feats.float().sum() * 0.0
         return losses, samples, RoIOutput(logits, deltas, targets_enc, pos_deltas)
+
+    def quality_loss(
+        self, feats: Tensor, samples: RoISamples, pos: Tensor, labels: Tensor, pos_deltas: Tensor
+    ) -> Tensor:
+        """Summed binary cross-entropy of the quality branch's logit for each positive's true
+        class against the polygon IoU of its decoded polybox with its ground truth (a soft
+        target in [0, 1], as GFL's quality focal loss without the focal term; IoU-Net regresses
+        the same quantity). The target is a measurement of the regression, so no gradient
+        flows into the deltas through it."""
+        if pos.numel() == 0:
+            return feats.float().sum() * 0.0
+        with torch.no_grad():
+            refs = torch.cat(samples.boxes)[pos]
+            pred = self.coder.decode(pos_deltas.detach(), refs, check=False)
+            gt = torch.cat(samples.gt_polyboxes)[pos].to(pred.dtype)
+            iou = quad_iou(pred, gt).nan_to_num(0.0).clamp(0.0, 1.0)
+        logit = self.quality(feats[pos]).float().gather(1, labels[pos, None])[:, 0]
+        return F.binary_cross_entropy_with_logits(logit, iou, reduction="sum")
 
     def refine_loss(
         self,

@@ -74,6 +74,7 @@ LOSS_TERMS = (
     "loss_polybox_iou",
     "loss_refine",
     "loss_heading",
+    "loss_quality",
 )
 HISTORY_COLUMNS = ("step", "epoch", "split", "lr", "loss", *LOSS_TERMS, "images_per_s")
 # Warm-up starts at this share of the learning rate (as torchvision's detection references).
