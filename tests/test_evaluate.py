@@ -154,9 +154,15 @@ def kit_voc_eval(
 
 
 def coco_reference(
-    gts: list[dict], dets: list[dict], num_images: int, label: int, area_rng: tuple[float, float]
-) -> np.ndarray:
-    """pycocotools' evaluateImg + accumulate for one class and area range -> AP ``[10]``.
+    gts: list[dict],
+    dets: list[dict],
+    num_images: int,
+    label: int,
+    area_rng: tuple[float, float],
+    with_recall: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """pycocotools' evaluateImg + accumulate for one class and area range -> AP ``[10]``
+    (and, ``with_recall``, accumulate's recall ``[10]``: the final tp / npig).
 
     ``gts``: dicts with image, label, corners, difficult (ignored, reusable like a crowd);
     ``dets``: image, label, score, corners.
@@ -203,16 +209,17 @@ def coco_reference(
         dtig_all.append(dt_ig)
         npig += int((~g_ig).sum())
     if npig == 0:
-        return np.full(10, np.nan)
+        return (np.full(10, np.nan),) * 2 if with_recall else np.full(10, np.nan)
     scores = np.array(scores)
     inds = np.argsort(-scores, kind="mergesort")
     dtm = np.concatenate(dtm_all, axis=1)[:, inds] if dtm_all else np.zeros((10, 0))
     dt_ig = np.concatenate(dtig_all, axis=1)[:, inds] if dtig_all else np.zeros((10, 0))
     tps = np.logical_and(dtm, np.logical_not(dt_ig))
     fps = np.logical_and(np.logical_not(dtm), np.logical_not(dt_ig))
-    ap = np.zeros(10)
+    ap, recall = np.zeros(10), np.zeros(10)
     for t_i, (tp, fp) in enumerate(zip(np.cumsum(tps, 1).astype(float), np.cumsum(fps, 1))):
         rc = tp / npig
+        recall[t_i] = rc[-1] if len(rc) else 0.0
         pr = list(tp / (fp + tp + np.spacing(1)))
         for i in range(len(pr) - 1, 0, -1):
             pr[i - 1] = max(pr[i - 1], pr[i])
@@ -221,7 +228,7 @@ def coco_reference(
             if pi < len(pr):
                 q[ri] = pr[pi]
         ap[t_i] = q.mean()
-    return ap
+    return (ap, recall) if with_recall else ap
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -441,6 +448,12 @@ def test_ap_by_orientation_ignores_objects_of_other_orientations() -> None:
     assert m["map50_coco/orient_axis"] == pytest.approx(1.0)
     assert m["map75/orient_axis"] == pytest.approx(0.0)
     assert m["map50_coco/orient_oblique"] == pytest.approx(0.0)
+    recall75 = [m[f"recall75/orient_{k}"] for k in ("diagonal", "oblique", "axis")]
+    assert recall75 == pytest.approx([1.0, 0.0, 0.0])
+    assert m["recall75"] == pytest.approx(1 / 3)  # one object of three fitted at 0.75
+    # AR@100: the exact one at all 10 IoUs, the loose one (IoU 0.6) at 0.50, 0.55 and 0.60
+    # (COCO matches IoU >= the threshold).
+    assert m["mar100"] == pytest.approx((10 + 3) / 10 / 3)
     counts = [m[f"num_gt/orient_{k}"] for k in ("diagonal", "oblique", "axis")]
     assert counts == [1, 1, 1]
 
@@ -591,6 +604,12 @@ def test_coco_style_agrees_with_pycocotools_loop(tmp_path: Path, seed: int) -> N
         if rname == "all":
             assert r["map50_coco"] == pytest.approx(np.mean([ap[0] for ap in valid]), abs=1e-9)
             assert r["map75"] == pytest.approx(np.mean([ap[5] for ap in valid]), abs=1e-9)
+            recalls = [coco_reference(gts, dets, 12, c, rng_, with_recall=True)[1]
+                       for c in range(len(classes))]  # fmt: skip
+            recalls = [rc for rc in recalls if not np.isnan(rc[0])]
+            assert r["recall75"] == pytest.approx(np.mean([rc[5] for rc in recalls]), abs=1e-9)
+            assert r["mar100"] == pytest.approx(np.mean([rc.mean() for rc in recalls]), abs=1e-9)
+            assert 0 < r["recall75"] < 1 and r["recall75"] >= r["map75"]
             for c, name in enumerate(classes):
                 ref = per_class[c]
                 got = r[f"ap50_95/{name}"]

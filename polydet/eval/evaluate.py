@@ -306,7 +306,7 @@ def evaluate_model(cfg: Config, model: str | None = None) -> dict[str, Any]:
     return {**ev.metrics, "split": ecfg.split, "model": str(path), "out": str(out)}
 
 
-HEADLINE_METRICS = ("map50", "map75", "map50_95", "map_voc_all")
+HEADLINE_METRICS = ("map50", "map75", "map50_95", "map_voc_all", "recall75")
 
 
 def write_outputs(ev: Evaluation, out: Path) -> None:

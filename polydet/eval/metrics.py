@@ -21,6 +21,10 @@ the mean; the official kit would count it as 0).
   crowd regions, but with the ordinary IoU). For the size ranges (polygon area below
   ``size_bounds[0]²``, between, above ``size_bounds[1]²`` pixels²) ground truths outside the
   range are ignored, and so are unmatched detections outside it.
+* ``recall75`` (and ``recall75/orient_<bucket>``) and ``mar100``: COCO-style recall with up to
+  100 detections per image, at IoU 0.75 and averaged over 0.50:0.95 (pycocotools' AR@100),
+  per class, then the class mean: the share of objects that some detection fits that well,
+  the ceiling of ``map75`` whatever the ranking (localisation against ranking).
 * ``map50_coco/orient_<bucket>``, ``map75/orient_<bucket>``: the same by orientation, buckets
   of ``|angle mod 90 - 45|`` (:data:`ORIENTATIONS`: ``diagonal`` 0-15 degrees, i.e. objects
   near 45 degrees where the canonical first corner switches, ``oblique`` 15-30, ``axis``
@@ -436,6 +440,18 @@ def coco_ap(
     return q.mean(axis=1)
 
 
+def coco_recall(
+    matched: np.ndarray, det_ignore: np.ndarray, order: np.ndarray, num_gt: int
+) -> np.ndarray:
+    """Recall ``[T]`` of one class with all its kept detections (``order``, at most
+    ``COCO_MAX_DETS`` per image), as pycocotools' ``accumulate`` stores it (NaN when the class
+    has no ground truth): the share of its non-ignored ground truths matched at each IoU."""
+    if num_gt == 0:
+        return np.full(matched.shape[0], np.nan)
+    m, ig = matched[:, order] >= 0, det_ignore[:, order]
+    return (m & ~ig).sum(axis=1) / num_gt
+
+
 # --- the evaluation --------------------------------------------------------------------------
 
 
@@ -680,16 +696,19 @@ def _coco_metrics(
         orders.append(idx[np.lexsort((det_rank[idx], dets.image[idx], -dets.score[idx]))])
     out: dict[str, Any] = {}
     per_range: dict[str, dict[str, np.ndarray]] = {}
+    recall: dict[str, np.ndarray] = {}  # [classes, T] per range
     for r, rname in enumerate(ranges):
         m = matched[r] >= 0
         det_ignore = np.broadcast_to(det_out[r], m.shape).copy()
         det_ignore[m] = gt_ignore[r][matched[r][m]]
+        num_gt = [int(((gt.label == c) & ~gt_ignore[r]).sum()) for c in range(C)]
         per_range[rname] = {
-            name: coco_ap(
-                matched[r], det_ignore, orders[c], int(((gt.label == c) & ~gt_ignore[r]).sum())
-            )
+            name: coco_ap(matched[r], det_ignore, orders[c], num_gt[c])
             for c, name in enumerate(classes)
         }
+        recall[rname] = np.array(
+            [coco_recall(matched[r], det_ignore, orders[c], num_gt[c]) for c in range(C)]
+        ).reshape(C, -1)
         out[f"num_gt/{rname}"] = int((~gt_ignore[r]).sum())
     for name in classes:
         ap = per_range["all"][name]
@@ -699,6 +718,10 @@ def _coco_metrics(
     out["map50_95"] = _mean(allc.mean(axis=1))
     out["map50_coco"] = _mean(allc[:, 0])
     out["map75"] = _mean(allc[:, 5])
+    # Recall with up to 100 detections per image: the ceiling of AP at that IoU, whatever the
+    # ranking (COCO's AR@100 averages it over 0.50:0.95).
+    out["mar100"] = _mean(recall["all"].mean(axis=1))
+    out["recall75"] = _mean(recall["all"][:, 5])
     for rname in SIZES:
         arr = np.array([per_range[rname][n] for n in classes]).reshape(len(classes), -1)
         out[f"map50_95/{rname}"] = _mean(arr.mean(axis=1))
@@ -708,6 +731,7 @@ def _coco_metrics(
         arr = arr.reshape(len(classes), -1)
         out[f"map50_coco/orient_{oname}"] = _mean(arr[:, 0])
         out[f"map75/orient_{oname}"] = _mean(arr[:, 5])
+        out[f"recall75/orient_{oname}"] = _mean(recall[f"orient_{oname}"][:, 5])
     return out
 
 

@@ -311,7 +311,9 @@ def _metric(cfg: Config, key: str) -> Any:
 def summary_markdown(cfg: Config, summaries: dict[str, dict[str, Any]], record: dict) -> str:
     """The run's Markdown summary: metrics, anchor coverage, debug findings, MLflow links."""
     metrics = runs.read_json(Path(cfg.evaluate.out) / "metrics.json")
-    headline = [k for k in ("map50", "map50_95", "map75", "map_voc_all") if k in metrics]
+    headline = [
+        k for k in ("map50", "map50_95", "map75", "recall75", "mar100", "map_voc_all") if k in metrics
+    ]
     lines = [
         f"# polydet pipeline — {cfg.tracking.model_name} v{record['version']}",
         "",
@@ -406,7 +408,8 @@ def where_to_look(cfg: Config, record: dict[str, Any]) -> str:
         [
             "polydet pipeline finished. Where to look:",
             f"  metrics   {out['metrics']}  ({cfg.evaluate.split} AP50 {_fmt(record['map50'])}, "
-            f"AP75 {_fmt(_metric(cfg, 'map75'))})",
+            f"AP75 {_fmt(_metric(cfg, 'map75'))}; recall at IoU 0.75: "
+            f"{_fmt(_metric(cfg, 'recall75'))})",
             f"  report    {out['report']}  (and {out['report_md']}; anchors: {out['anchors']})",
             f"  MLflow    {ui}",
             f"            run {record['run_link']}",
