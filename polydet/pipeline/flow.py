@@ -312,7 +312,9 @@ def summary_markdown(cfg: Config, summaries: dict[str, dict[str, Any]], record: 
     """The run's Markdown summary: metrics, anchor coverage, debug findings, MLflow links."""
     metrics = runs.read_json(Path(cfg.evaluate.out) / "metrics.json")
     headline = [
-        k for k in ("map50", "map50_95", "map75", "recall75", "mar100", "map_voc_all") if k in metrics
+        k
+        for k in ("map50", "map50_95", "map75", "recall75", "mar100", "map_voc_all")
+        if k in metrics
     ]
     lines = [
         f"# polydet pipeline — {cfg.tracking.model_name} v{record['version']}",
