@@ -6,7 +6,9 @@ model, so ``polydet evaluate --model`` always uses the ones it was saved with. T
 each ``--model`` with each ``--variant``'s keys replaced (``--out/<variant>/<i>.pt``),
 evaluates the copies one after the other on the project's split (``params.yaml`` in the
 working directory: the prepared data and the ``evaluate`` section; ``polydet evaluate``
-holds the project's lock, so they cannot run side by side), and prints one Markdown table: a row per variant, AP75 per model, then the means. A variant
+holds the project's lock, so they cannot run side by side), and prints one Markdown table:
+a row per variant, AP75 per model, then the means of AP75, recall at IoU 0.75 (its ceiling),
+AP50 and AP50:95. A variant
 ``NAME:`` with no keys is the model as saved.
 
     .venv/bin/python bench/rescore.py --model runs/s0/model.pt --model runs/s1/model.pt \\
@@ -66,11 +68,15 @@ def main() -> None:
     for (name, _, _, _), metrics in zip(jobs, results):
         table.setdefault(name, []).append(metrics)
     heads = [f"AP75 model {i}" for i in range(len(args.model))]
-    print("| inference | " + " | ".join(heads) + " | mean AP75 | mean AP50 | mean AP50:95 |")
-    print("| --- " * (len(heads) + 4) + "|")
+    print(
+        "| inference | " + " | ".join(heads)
+        + " | mean AP75 | mean recall at 0.75 | mean AP50 | mean AP50:95 |"
+    )  # fmt: skip
+    print("| --- " * (len(heads) + 5) + "|")
+    keys = ("map75", "recall75", "map50", "map50_95")
     for name, rows in table.items():
         cells = [f"{r['map75']:.3f}" for r in rows]
-        means = [statistics.mean(r[k] for r in rows) for k in ("map75", "map50", "map50_95")]
+        means = [statistics.mean(r[k] for r in rows) for k in keys]
         print(
             f"| {name} | "
             + " | ".join(cells)

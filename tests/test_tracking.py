@@ -393,15 +393,37 @@ def _check_heading(row: pd.Series, known: bool) -> None:
         assert min(d, 360.0 - d) < 1e-3 and not math.isnan(h)
 
 
+def test_with_angle_views_the_served_runtime_is_torch(store: Path, tmp_path: Path):
+    """The default test-time augmentation has a 45-degree view, which only the torch runtime
+    runs at the objects' size: the pyfunc then serves torch by default (what `polydet
+    evaluate` measured) and still carries the checked ONNX export as a choice."""
+    import torch
+
+    from polydet.eval.tta import TTAModel
+    from polydet.model import build_model, save_model
+
+    cfg = _cfg()
+    assert cfg.evaluate.tta.enabled and cfg.evaluate.tta.angles
+    torch.manual_seed(7)  # another model than model_file's: a new version
+    path = save_model(build_model(cfg.model), tmp_path / "m.pt", cfg.model, cfg.data.classes, None)
+    record = tracking.register_model(cfg, path, {"map50": 0.3})
+    assert record["onnx"] == "parity ok"
+    served = mlflow.pyfunc.load_model(f"models:/polydet/{record['version']}")
+    defaults = {p.name: p.default for p in served.metadata.get_params_schema().params}
+    assert defaults["runtime"] == "torch"
+    assert isinstance(served.unwrap_python_model().runtimes.model(None), TTAModel)
+
+
 def test_register_logs_the_checked_onnx_export(store: Path, model_file: Path):
     """The version carries the ONNX export that passed the parity check, the run and the
     logged model carry its figures, and the pyfunc runs on ONNX Runtime by default with the
-    same detections as on torch."""
+    same detections as on torch (without test-time augmentation; with the default one,
+    whose 45-degree view needs the torch runtime, torch is the default: see below)."""
     from mlflow.exceptions import MlflowException
 
     from polydet.deploy.export import compare_detections
 
-    cfg = _cfg()
+    cfg = _cfg("evaluate.tta.enabled=false")
     record = tracking.register_model(cfg, model_file, {"map50": 0.3})
     assert record["onnx"] == "parity ok"
     client = mlflow.MlflowClient()
@@ -514,7 +536,14 @@ def test_pyfunc_heading_columns_of_each_kind_of_output():
             return [{k: torch.as_tensor(v) for k, v in self.det.items()} for _ in images]
 
     identity = TTAConfig(
-        enabled=True, flips=(), rot90=(), scales=(), fusion="nms", iou_threshold=0.5
+        enabled=True,
+        flips=(),
+        rot90=(),
+        scales=(),
+        angles=(),
+        fusion="nms",
+        iou_threshold=0.5,
+        align_power=0.0,
     )
 
     # A 4 x 2 box around (10, 20); its canonical corners in the stored order:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ MARKS = {0: [(5, 3), (20, 6), (17, 20), (4, 15)], 1: [(25, 5), (36, 8), (33, 25)
 
 
 def tta_cfg(**changes: object):  # -> TTAConfig
+    """The configured TTA, on, with the exact views (mirrors, quarter turns) unless changed."""
     cfg = load_config(PARAMS).evaluate.tta
-    return dataclasses.replace(cfg, enabled=True, **changes)
+    views = {"flips": ("h", "v"), "rot90": (1, 2, 3), "angles": ()}
+    return dataclasses.replace(cfg, enabled=True, **{**views, **changes})
 
 
 class MarkerDetector:
@@ -159,10 +162,11 @@ def test_tta_settings_are_checked_and_reach_the_mlflow_model() -> None:
         load_config(PARAMS, ["evaluate.tta.rot90=[4]"])
     with pytest.raises(ConfigError, match="evaluate.tta.fusion"):
         load_config(PARAMS, ["evaluate.tta.fusion=mean"])
-    off = load_config(PARAMS).evaluate.tta
-    assert not off.enabled and with_tta(MarkerDetector, off) is MarkerDetector
+    off = dataclasses.replace(load_config(PARAMS).evaluate.tta, enabled=False)
+    assert with_tta(MarkerDetector, off) is MarkerDetector
     logged = {"tta": {**dataclasses.asdict(off), "enabled": True, "fusion": "weighted"}}
-    wrapped = _with_logged_tta(MarkerDetector(), logged)
+    with pytest.warns(UserWarning, match="torch runtime"):  # the stand-in is no torch model
+        wrapped = _with_logged_tta(MarkerDetector(), logged)
     assert isinstance(wrapped, TTAModel) and wrapped.tta == tta_config_from_dict(logged["tta"])
     plain = MarkerDetector()
     assert _with_logged_tta(plain, None) is plain  # a model logged before the setting
@@ -206,3 +210,108 @@ def test_tta_maps_the_heading_back_and_keeps_it_through_fusion() -> None:
         h = heading.heading_degrees(fused["polyboxes"], fused["first_corner"])
         h0 = heading.heading_degrees(expected["polyboxes"], expected["first_corner"])
         assert torch.allclose(h, h0, atol=1e-3), fusion
+
+
+# --- angle views (evaluate.tta.angles) -------------------------------------------------------
+
+
+def test_a90_degree_angle_view_is_the_quarter_turn() -> None:
+    """The general rotation at 90 degrees samples exactly the pixel centres a quarter turn
+    moves (so the two views agree), and maps detections back the same way."""
+    from polydet.eval.tta import canvas_size
+
+    image = marked_image()
+    turned, quarter = View(angle=90.0), View(k=1)
+    assert canvas_size(40, 30, 90.0) == (30, 40)
+    assert torch.allclose(turned.apply(image), quarter.apply(image), atol=1e-5)
+    found = MarkerDetector().predict([quarter.apply(image)])[0]["polyboxes"]
+    back = turned.invert(found, 30, 40, source=(40, 30))
+    assert torch.allclose(back, quarter.invert(found, 30, 40), atol=1e-4)
+
+
+def test_angle_view_turns_counter_clockwise_on_screen_and_maps_points_back() -> None:
+    """A bright square right of the centre of a 60 x 40 image, turned by 30 degrees: in the
+    canvas its centroid is 30 degrees *above* the horizontal through the canvas centre
+    (counter-clockwise on screen, y down), and the inverse mapping takes the centroid back to
+    the square's centre; the canvas holds the whole image (mean colour outside it)."""
+    from polydet.eval.tta import canvas_size
+
+    image = torch.full((3, 40, 60), 0.2)
+    image[:, 16:24, 44:52] = 1.0  # centre (48, 20): 18 px right of the image centre (30, 20)
+    view = View(angle=30.0)
+    shown = view.apply(image)
+    width, height = canvas_size(60, 40, 30.0)
+    c, s = math.cos(math.radians(30)), math.sin(math.radians(30))
+    assert (width, height) == (math.ceil(60 * c + 40 * s), math.ceil(60 * s + 40 * c))
+    assert shown.shape == (3, height, width)
+    mass = (shown[0] - 0.3).clamp_min(0)  # the square (the fill, the mean, is ~0.22)
+    ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    cx, cy = float((mass * xs).sum() / mass.sum()), float((mass * ys).sum() / mass.sum())
+    assert cx - width / 2 == pytest.approx(18 * c, abs=0.05)
+    assert cy - height / 2 == pytest.approx(-18 * s, abs=0.05)  # up on screen
+    point = torch.tensor([cx, cy] + [0.0] * 8)  # a polybox whose corners are its centre
+    back = view.invert(point[None], width, height, source=(60, 40))[0, :2]
+    assert torch.allclose(back, torch.tensor([48.0, 20.0]), atol=0.05)
+    # Outside the image the canvas has the image's mean colour, not black.
+    assert torch.allclose(shown[:, 0, 0], image.mean((1, 2)), atol=1e-5)
+
+
+def test_angle_views_keep_the_objects_pixel_size_on_the_torch_runtime() -> None:
+    """The model sees an angle view's larger canvas at a larger input size, so that objects
+    keep the size they have in the identity view: 64 x 96 at 128 / 96 = 4/3; its 45-degree
+    canvas (ceil(160 / sqrt 2) = 114 px square) at the same factor, an input of 152 px."""
+    net = build_model(tiny_cfg())  # min_size = max_size = 128
+    seen = []
+    plain_predict = net.predict
+
+    def spy(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        seen.extend(net.preprocess(images)[0].image_sizes)
+        return plain_predict(images)
+
+    net.predict = spy
+    TTAModel(net, tta_cfg(flips=(), rot90=(), angles=(45.0,))).predict([torch.rand(3, 64, 96)])
+    side = round(math.ceil(160 / math.sqrt(2)) * 128 / 96)
+    assert side == 152 and seen == [(85, 128), (side, side)]
+
+
+def test_align_power_trusts_the_view_where_the_object_is_axis_aligned() -> None:
+    """Two views' detections of one object: one axis-aligned in its view (align 1), one at
+    45 degrees in its own (align 0). With align_power 4 the fused quad is all but the first;
+    with 0, the score-weighted mean (the second has the higher score)."""
+    good, loose = quad(50, 50, 40, 20, 10), quad(51, 50, 44, 22, 14)
+    dets = [
+        {"polyboxes": good[None], "scores": torch.tensor([0.6]), "labels": torch.tensor([1]),
+         "align": torch.tensor([1.0])},
+        {"polyboxes": loose[None], "scores": torch.tensor([0.9]), "labels": torch.tensor([1]),
+         "align": torch.tensor([0.0])},
+    ]  # fmt: skip
+    trusted = fuse(dets, "weighted", 0.5, num_views=2, align_power=4.0)
+    w = 0.6 * 1.05**4, 0.9 * 0.05**4
+    ring = polybox.align_corners(polybox.to_corners(good), polybox.to_corners(loose)[None])[0]
+    expected = (polybox.to_corners(good) * w[0] + ring * w[1]) / sum(w)
+    assert torch.allclose(trusted["polyboxes"][0], polybox.from_corners(expected), atol=1e-4)
+    assert torch.allclose(trusted["polyboxes"][0], good, atol=1e-3)
+    assert torch.isclose(trusted["scores"][0], torch.tensor(0.75))  # the mean score, as before
+    plain = fuse(dets, "weighted", 0.5, num_views=2)
+    mean = (polybox.to_corners(good) * 0.6 + ring * 0.9) / 1.5
+    assert torch.allclose(plain["polyboxes"][0], polybox.from_corners(mean), atol=1e-4)
+
+
+def test_angle_settings_are_checked_and_old_logged_settings_load() -> None:
+    with pytest.raises(ConfigError, match="evaluate.tta.angles"):
+        load_config(PARAMS, ["evaluate.tta.angles=[90]"])  # a quarter turn: rot90
+    with pytest.raises(ConfigError, match="evaluate.tta.align_power"):
+        load_config(PARAMS, ["evaluate.tta.align_power=-1"])
+    raw = dataclasses.asdict(load_config(PARAMS).evaluate.tta)
+    del raw["angles"], raw["align_power"]  # logged before angle views existed
+    old = tta_config_from_dict(raw)
+    assert old.angles == () and old.align_power == 0.0
+    assert len(views_of(tta_cfg(angles=(45.0,)))) == 7
+
+
+def test_an_exported_model_runs_without_the_angle_views() -> None:
+    """The ONNX runtime cannot see a larger canvas at a larger input size: TTA there keeps
+    the other views, with a warning, instead of failing (the default has an angle view)."""
+    with pytest.warns(UserWarning, match="torch runtime"):
+        net = TTAModel(MarkerDetector(), tta_cfg(flips=("h",), rot90=(), angles=(45.0,)))
+    assert net.views == [View(), View(flip="h")]

@@ -409,22 +409,30 @@ class TTAConfig:
     flips: tuple[Literal["h", "v"], ...]  # h = left-right mirror, v = top-bottom
     rot90: tuple[int, ...]  # quarter turns (1, 2, 3) of torch.rot90
     scales: tuple[float, ...]  # model input size x s (min_size / max_size); torch runtime only
+    # views turned by these degrees (not quarter turns) on a canvas that holds the whole image
+    angles: tuple[float, ...]
     fusion: Literal["nms", "weighted"]  # polygon NMS, or corner-aligned score-weighted average
     iou_threshold: float  # polygon IoU above which views' detections (same class) are one object
+    # weighted fusion: weight = score x (axis alignment in the detection's view + 0.05)^this
+    align_power: float
 
     def __post_init__(self) -> None:
         checks = {
             "flips": len(set(self.flips)) == len(self.flips),
             "rot90": len(set(self.rot90)) == len(self.rot90) and set(self.rot90) <= {1, 2, 3},
             "scales": all(s > 0 and s != 1.0 for s in self.scales),
+            "angles": len(set(self.angles)) == len(self.angles)
+            and all(a % 90 != 0 and -360 < a < 360 for a in self.angles),
+            "align_power": self.align_power >= 0,
             "iou_threshold": 0.0 < self.iou_threshold <= 1.0,
         }
         check_ranges("evaluate.tta", self, checks)
 
 
 def tta_config_from_dict(raw: dict) -> TTAConfig:
-    """A :class:`TTAConfig` from a plain mapping (e.g. logged with an MLflow model)."""
-    return _build(TTAConfig, raw, "evaluate.tta")
+    """A :class:`TTAConfig` from a plain mapping (e.g. logged with an MLflow model). Models
+    logged before angle views existed had none, and plain score weights."""
+    return _build(TTAConfig, {"angles": [], "align_power": 0.0, **raw}, "evaluate.tta")
 
 
 @dataclass(frozen=True)

@@ -302,6 +302,7 @@ def evaluate_model(cfg: Config, model: str | None = None) -> dict[str, Any]:
         precision_targets=ecfg.precision_targets,
     )
     ev.metrics["num_nonfinite_detections"] = nonfinite  # left out: they would fail Task1
+    ev.metrics["tta_views"] = len(getattr(net, "views", [None]))  # 1: the model alone
     write_outputs(ev, out)
     return {**ev.metrics, "split": ecfg.split, "model": str(path), "out": str(out)}
 

@@ -302,6 +302,12 @@ def import_rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _views(count: Any) -> str:
+    """How many test-time-augmentation views an evaluation ran (``tta_views``)."""
+    n = int(count or 1)
+    return "the model alone" if n == 1 else f"test-time augmentation: {n} views"
+
+
 def _metric(cfg: Config, key: str) -> Any:
     """One value of the evaluation's ``metrics.json`` (None when absent)."""
     path = Path(cfg.evaluate.out) / "metrics.json"
@@ -411,7 +417,7 @@ def where_to_look(cfg: Config, record: dict[str, Any]) -> str:
             "polydet pipeline finished. Where to look:",
             f"  metrics   {out['metrics']}  ({cfg.evaluate.split} AP50 {_fmt(record['map50'])}, "
             f"AP75 {_fmt(_metric(cfg, 'map75'))}; recall at IoU 0.75: "
-            f"{_fmt(_metric(cfg, 'recall75'))})",
+            f"{_fmt(_metric(cfg, 'recall75'))}; {_views(_metric(cfg, 'tta_views'))})",
             f"  report    {out['report']}  (and {out['report_md']}; anchors: {out['anchors']})",
             f"  MLflow    {ui}",
             f"            run {record['run_link']}",
