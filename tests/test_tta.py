@@ -315,3 +315,29 @@ def test_an_exported_model_runs_without_the_angle_views() -> None:
     with pytest.warns(UserWarning, match="torch runtime"):
         net = TTAModel(MarkerDetector(), tta_cfg(flips=("h",), rot90=(), angles=(45.0,)))
     assert net.views == [View(), View(flip="h")]
+
+
+def test_fused_quads_are_clipped_to_the_image_keeping_their_heading() -> None:
+    """An angle view's canvas reaches past the image: fused quads are clipped to it (the
+    quad of the part inside, as `prepare` clips labels), and the first corner still starts
+    the same edge (its heading moves by the clipping only)."""
+    from polydet.eval.tta import _clipped
+    from polydet.geometry import heading
+
+    q = quad(5, 40, 30, 12, 50)  # reaches past x = 0
+    start = polybox.to_corners(q)[0]
+    assert float(start[0]) < 0
+    # Clipping moves that corner right: another becomes the canonical first (smallest x + y).
+    moved = polybox.to_corners(_clipped({"polyboxes": q[None]}, 100, 80)["polyboxes"][0])[0]
+    assert (moved - torch.stack([start[0].clamp(0, 100), start[1]])).norm() > 1
+    for first in range(4):
+        det = {"polyboxes": q[None], "first_corner": torch.tensor([first])}
+        out = _clipped(det, 100, 80)
+        ring = polybox.to_corners(out["polyboxes"][0])
+        assert float(ring[:, 0].max()) <= 100 and float(ring.min()) >= 0 and ring[:, 1].max() <= 80
+        before = heading.heading_degrees(q[None], det["first_corner"])
+        after = heading.heading_degrees(out["polyboxes"], out["first_corner"])
+        turn = (after - before + 180) % 360 - 180
+        assert abs(float(turn)) < 45, (first, before, after)  # a wrong edge: ~90
+    unknown = _clipped({"polyboxes": q[None], "first_corner": torch.tensor([-1])}, 100, 80)
+    assert unknown["first_corner"].tolist() == [-1]
