@@ -2,7 +2,8 @@
 
 Trains once with ``train.snapshot_every`` set (a model file every N steps, same schedule as
 without it), then evaluates every snapshot and the final model on ``evaluate.split`` with
-``polydet evaluate``'s own code. Prints a Markdown table and writes ``curve.csv`` and
+``polydet evaluate``'s own code (with the configured test-time augmentation, and without it:
+the model alone, as its ONNX export runs). Prints a Markdown table and writes ``curve.csv`` and
 ``curve.json`` beside the snapshots. It also prints the CPU it ran on (model name, ATen's
 instruction set, and whether AVX-512 is present), the training wall time and steps/s.
 
@@ -77,8 +78,14 @@ def main() -> None:
         steps.append(int(summary["steps"]))
     rows = []
     ecfg = load_config(args.params, [*overrides, f"evaluate.out={out / 'curve_eval'}"])
+    # The model alone too (what its ONNX export runs), when evaluation has test-time views.
+    alone = load_config(
+        args.params,
+        [*overrides, f"evaluate.out={out / 'curve_eval_alone'}", "evaluate.tta.enabled=false"],
+    )
     for step, path in zip(steps, models):
         m = evaluate_model(ecfg, str(path))
+        m0 = evaluate_model(alone, str(path)) if ecfg.evaluate.tta.enabled else m
         rows.append(
             {
                 "step": step,
@@ -86,7 +93,9 @@ def main() -> None:
                 "map50": m.get("map50"),
                 "map75": m.get("map75"),
                 "map50_95": m.get("map50_95"),
+                "recall75": m.get("recall75"),
                 **{f"map75/orient_{k}": m.get(f"map75/orient_{k}") for k in ("diagonal", "axis")},
+                "map75_model_alone": m0.get("map75"),
             }
         )
     with (out / "curve.csv").open("w", newline="") as f:
@@ -105,11 +114,14 @@ def main() -> None:
     }
     (out / "curve.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "curve"}, indent=2))
-    print("\n| images seen | step | AP50 | AP75 | AP50:95 | AP75 near 45° | AP75 axis-aligned |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(
+        "\n| images seen | step | AP50 | AP75 | AP50:95 | recall at 0.75 | AP75 near 45° "
+        "| AP75 axis-aligned | AP75 of the model alone |"
+    )
+    print("| --- " * 9 + "|")
+    keys = ("map50", "map75", "map50_95", "recall75", "map75/orient_diagonal")
     for r in rows:
-        vals = [r["map50"], r["map75"], r["map50_95"], r["map75/orient_diagonal"]]
-        vals.append(r["map75/orient_axis"])
+        vals = [r[k] for k in (*keys, "map75/orient_axis", "map75_model_alone")]
         cells = " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
         print(f"| {r['images_seen']} | {r['step']} | {cells} |")
 
