@@ -46,6 +46,15 @@ def test_same_parameters_same_bytes(cfg, tmp_path: Path) -> None:
     assert _digest(other) != da
 
 
+def test_worker_processes_write_the_same_bytes(cfg, tmp_path: Path) -> None:
+    """From PARALLEL_FROM images on, generate draws in worker processes: the same files, byte
+    for byte, as drawing them all in this process."""
+    big = dataclasses.replace(cfg, num_images=synth.PARALLEL_FROM)
+    serial = _digest(synth.generate(big, tmp_path / "serial", workers=1))
+    parallel = _digest(synth.generate(big, tmp_path / "parallel", workers=2))
+    assert len(serial) == 2 * synth.PARALLEL_FROM and parallel == serial
+
+
 def test_rerun_removes_stale_files_only(cfg, tmp_path: Path) -> None:
     out = synth.generate(cfg, tmp_path / "d")
     (out / "images" / "mine.png").write_bytes(b"user file")

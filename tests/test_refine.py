@@ -13,7 +13,7 @@ from polydet.core.config import load_config
 from polydet.geometry.coder import PolyBoxCoder
 from polydet.geometry.polybox import from_corners, hull_xyxy, to_corners
 from polydet.model.inference import refine_detections, refine_then_nms, renms
-from polydet.model.roi_heads import PolyRoIHeads
+from polydet.model.roi_heads import PolyRoIHeads, RoISamples
 
 NUM_C = 4  # background + 3
 
@@ -204,23 +204,29 @@ def test_refine_then_nms_refines_the_best_candidates_then_nms_then_votes(
         assert not torch.allclose(out[0, 0], refined[0][0], atol=1e-2)
 
 
-def test_refine_loss_runs_the_head_on_the_hulls_of_its_own_decoded_positives() -> None:
-    """Training of the second pass (``model.roi.refine_loss_weight``): the stub head shifts a
-    class-c RoI by c widths / W0, so the first pass's quad of a positive is its RoI shifted,
-    clipped to the image; the second pass is scored on that hull against the same truth."""
-    from polydet.geometry.coder import polybox_loss
-    from polydet.model.roi_heads import RoISamples, polybox_iou_loss
-
-    h = heads()
-    h.cfg = dataclasses.replace(h.cfg, refine_loss_weight=1.0, iou_loss_weight=3.0)
-    w0 = float(PolyBoxCoder(h.cfg.coder_weights).weights[0])
+def two_positives() -> tuple[list[Tensor], list[Tensor], Tensor, RoISamples]:
+    """Sampled RoIs of two images (RoIs 0 and 2 positive, of classes 2 and 3; RoI 1 a
+    background one), their labels, matched ground truths and the RoISamples of them."""
     boxes = [torch.tensor([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 5.0, 5.0]]),
              torch.tensor([[100.0, 60.0, 126.0, 90.0]])]  # fmt: skip
     labels = [torch.tensor([2, 0]), torch.tensor([3])]
     gt = from_corners(torch.tensor([[[12.0, 18.0], [52.0, 22.0], [49.0, 43.0], [9.0, 39.0]],
                                     [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]],
                                     [[101.0, 58.0], [127.0, 61.0], [125.0, 92.0], [99.0, 88.0]]]))  # fmt: skip
-    samples = RoISamples(boxes, labels, [gt[:2], gt[2:]])
+    return boxes, labels, gt, RoISamples(boxes, labels, [gt[:2], gt[2:]])
+
+
+def test_refine_loss_runs_the_head_on_the_hulls_of_its_own_decoded_positives() -> None:
+    """Training of the second pass (``model.roi.refine_loss_weight``): the stub head shifts a
+    class-c RoI by c widths / W0, so the first pass's quad of a positive is its RoI shifted,
+    clipped to the image; the second pass is scored on that hull against the same truth."""
+    from polydet.geometry.coder import polybox_loss
+    from polydet.model.roi_heads import polybox_iou_loss
+
+    h = heads()
+    h.cfg = dataclasses.replace(h.cfg, refine_loss_weight=1.0, iou_loss_weight=3.0)
+    w0 = float(PolyBoxCoder(h.cfg.coder_weights).weights[0])
+    boxes, labels, gt, samples = two_positives()
     pos = torch.tensor([0, 2])
     first = h.box_predictor(torch.zeros(3, 1))[1].view(3, NUM_C, 10)[pos, torch.tensor([2, 3])]
     first.requires_grad_(True)
@@ -268,18 +274,10 @@ def test_quality_loss_is_cross_entropy_against_each_positives_polygon_iou() -> N
     IoU of its decoded polybox (here: the RoI shifted by 1.5 widths / W0, as all-zero deltas
     but the first decode to the RoI itself) with its ground truth, by shapely; the target is
     a measurement, so no gradient reaches the deltas."""
-    from polydet.model.roi_heads import RoISamples
-
     h = heads(quality_loss_weight=1.0)
     h.quality = nn.Linear(8, NUM_C)
     w0 = float(PolyBoxCoder(h.cfg.coder_weights).weights[0])
-    boxes = [torch.tensor([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 5.0, 5.0]]),
-             torch.tensor([[100.0, 60.0, 126.0, 90.0]])]  # fmt: skip
-    labels = [torch.tensor([2, 0]), torch.tensor([3])]
-    gt = from_corners(torch.tensor([[[12.0, 18.0], [52.0, 22.0], [49.0, 43.0], [9.0, 39.0]],
-                                    [[0.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 1.0]],
-                                    [[101.0, 58.0], [127.0, 61.0], [125.0, 92.0], [99.0, 88.0]]]))  # fmt: skip
-    samples = RoISamples(boxes, labels, [gt[:2], gt[2:]])
+    boxes, labels, gt, samples = two_positives()
     pos = torch.tensor([0, 2])
     deltas = torch.zeros(2, 10)
     deltas[:, 0] = 1.5

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,7 @@ SPRITE_SCALE = 1.25
 MAX_OVERLAP = 0.15  # share of the smaller of two objects they may share
 VISIBLE_RANGE = (0.55, 0.92)  # visible share of a truncated object
 PLACEMENT_TRIES = 30
+PARALLEL_FROM = 64  # images: from this many on, generate draws them in worker processes
 
 
 @dataclass(frozen=True)
@@ -443,25 +445,56 @@ def _check(cfg: SynthConfig) -> None:
         )
 
 
-def generate(cfg: SynthConfig, out: Path | None = None) -> Path:
+def _write(cfg: SynthConfig, index: int, images: Path, labels: Path) -> str:
+    """Render image ``index`` and write its PNG and DOTA label file; returns its name."""
+    name = f"synth_{index:05d}"
+    r = render(cfg, index)
+    Image.fromarray(r.image).save(images / f"{name}.png", format="PNG", compress_level=6)
+    anns = [
+        Annotation(tuple(round(float(x), 2) for x in o.label.reshape(-1)), o.cls, False)
+        for o in r.objects
+    ]
+    write_dota(labels / f"{name}.txt", anns, imagesource="polydet-synth", gsd="null")
+    return name
+
+
+def _write_range(cfg: SynthConfig, start: int, stop: int, images: Path, labels: Path) -> list[str]:
+    """:func:`_write` of images ``start`` to ``stop - 1``, in a worker process."""
+    torch.set_num_threads(1)
+    return [_write(cfg, i, images, labels) for i in range(start, stop)]
+
+
+def generate(cfg: SynthConfig, out: Path | None = None, workers: int | None = None) -> Path:
     """Write the synthetic dataset to ``out`` (default ``cfg.out``): ``images/*.png`` and
-    ``labelTxt/*.txt`` (DOTA v1.5); stale ``synth_*`` files from a larger run are removed."""
+    ``labelTxt/*.txt`` (DOTA v1.5); stale ``synth_*`` files from a larger run are removed.
+
+    Each image is a function of ``(cfg, index)`` only, so from :data:`PARALLEL_FROM` images on
+    they are drawn by ``workers`` processes (default: one per core, at most 4; the files are
+    the same byte for byte: ``tests/test_data_synth.py``); fewer are drawn here (a worker's
+    start, with its imports, costs a few seconds)."""
     _check(cfg)
     out = Path(out if out is not None else cfg.out)
     images, labels = out / "images", out / "labelTxt"
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
-    names = set()
-    for i in range(cfg.num_images):
-        name = f"synth_{i:05d}"
-        names.add(name)
-        r = render(cfg, i)
-        Image.fromarray(r.image).save(images / f"{name}.png", format="PNG", compress_level=6)
-        anns = [
-            Annotation(tuple(round(float(x), 2) for x in o.label.reshape(-1)), o.cls, False)
-            for o in r.objects
-        ]
-        write_dota(labels / f"{name}.txt", anns, imagesource="polydet-synth", gsd="null")
+    workers = min(os.cpu_count() or 1, 4) if workers is None else workers
+    n = cfg.num_images
+    if workers > 1 and n >= PARALLEL_FROM:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: a forked child of a process that ran torch's thread pool can hang.
+        context = multiprocessing.get_context("spawn")
+        bounds = np.linspace(0, n, 4 * workers + 1).astype(int)
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            jobs = [
+                pool.submit(_write_range, cfg, int(a), int(b), images, labels)
+                for a, b in zip(bounds[:-1], bounds[1:])
+                if b > a
+            ]
+            names = {name for job in jobs for name in job.result()}
+    else:
+        names = {_write(cfg, i, images, labels) for i in range(n)}
     for d, ext in ((images, ".png"), (labels, ".txt")):
         for p in d.glob(f"synth_*{ext}"):
             if p.stem not in names:
