@@ -393,13 +393,13 @@ def _check_heading(row: pd.Series, known: bool) -> None:
         assert min(d, 360.0 - d) < 1e-3 and not math.isnan(h)
 
 
-def test_with_angle_views_the_served_runtime_is_torch(store: Path, tmp_path: Path):
+def test_the_served_torch_runtime_has_the_angle_view(store: Path, tmp_path: Path):
     """The default test-time augmentation has a 45-degree view, which only the torch runtime
-    runs at the objects' size: the pyfunc then serves torch by default (what `polydet
-    evaluate` measured) and still carries the checked ONNX export as a choice."""
+    runs at the objects' size: the pyfunc still serves ONNX Runtime by default (the exported
+    model alone, torch-free), and its torch runtime carries the logged TTA with the view."""
     import torch
 
-    from polydet.eval.tta import TTAModel
+    from polydet.eval.tta import TTAModel, View
     from polydet.model import build_model, save_model
 
     cfg = _cfg()
@@ -410,8 +410,11 @@ def test_with_angle_views_the_served_runtime_is_torch(store: Path, tmp_path: Pat
     assert record["onnx"] == "parity ok"
     served = mlflow.pyfunc.load_model(f"models:/polydet/{record['version']}")
     defaults = {p.name: p.default for p in served.metadata.get_params_schema().params}
-    assert defaults["runtime"] == "torch"
-    assert isinstance(served.unwrap_python_model().runtimes.model(None), TTAModel)
+    assert defaults["runtime"] == "onnx"
+    runtimes = served.unwrap_python_model().runtimes
+    assert not isinstance(runtimes.model("onnx"), TTAModel)
+    on_torch = runtimes.model("torch")
+    assert isinstance(on_torch, TTAModel) and View(angle=45.0) in on_torch.views
 
 
 def test_register_logs_the_checked_onnx_export(store: Path, model_file: Path):

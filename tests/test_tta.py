@@ -164,7 +164,7 @@ def test_tta_settings_are_checked_and_reach_the_mlflow_model() -> None:
         load_config(PARAMS, ["evaluate.tta.fusion=mean"])
     off = dataclasses.replace(load_config(PARAMS).evaluate.tta, enabled=False)
     assert with_tta(MarkerDetector, off) is MarkerDetector
-    logged = {"tta": {**dataclasses.asdict(off), "enabled": True, "fusion": "weighted"}}
+    logged = {"tta": {**dataclasses.asdict(off), "enabled": True, "flips": ["h"]}}
     with pytest.warns(UserWarning, match="torch runtime"):  # the stand-in is no torch model
         wrapped = _with_logged_tta(MarkerDetector(), logged)
     assert isinstance(wrapped, TTAModel) and wrapped.tta == tta_config_from_dict(logged["tta"])
@@ -311,10 +311,14 @@ def test_angle_settings_are_checked_and_old_logged_settings_load() -> None:
 
 def test_an_exported_model_runs_without_the_angle_views() -> None:
     """The ONNX runtime cannot see a larger canvas at a larger input size: TTA there keeps
-    the other views, with a warning, instead of failing (the default has an angle view)."""
+    the other views, with a warning, instead of failing (the default has an angle view); with
+    none left but the identity, the model runs alone (no fusion of its own detections)."""
     with pytest.warns(UserWarning, match="torch runtime"):
         net = TTAModel(MarkerDetector(), tta_cfg(flips=("h",), rot90=(), angles=(45.0,)))
     assert net.views == [View(), View(flip="h")]
+    plain = MarkerDetector()
+    with pytest.warns(UserWarning, match="torch runtime"):
+        assert with_tta(plain, tta_cfg(flips=(), rot90=(), angles=(45.0,))) is plain
 
 
 def test_fused_quads_are_clipped_to_the_image_keeping_their_heading() -> None:

@@ -385,5 +385,9 @@ def _clipped(det: dict[str, Tensor], width: int, height: int) -> dict[str, Tenso
 
 
 def with_tta(net: Any, cfg: TTAConfig) -> Any:
-    """``net`` itself when ``cfg.enabled`` is false, else :class:`TTAModel` over it."""
-    return TTAModel(net, cfg) if cfg.enabled else net
+    """``net`` itself when ``cfg.enabled`` is false or no view but the identity is left (an
+    exported model without the angle views), else :class:`TTAModel` over it."""
+    if not cfg.enabled:
+        return net
+    tta = TTAModel(net, cfg)
+    return net if len(tta.views) == 1 else tta

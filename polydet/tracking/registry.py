@@ -146,11 +146,6 @@ def _log_and_register(
         )
         # Model.log with an explicit run_id: pyfunc.log_model would need MLflow's
         # thread-local active run, which this module never relies on.
-        # The runtime the pyfunc uses by default: what `polydet evaluate` measured. Angle
-        # views of test-time augmentation need the torch runtime (an exported model's input
-        # size is fixed), so with them the default is torch and ONNX stays a choice.
-        tta = cfg.evaluate.tta
-        runtime = "torch" if tta.enabled and tta.angles else onnx.runtime
         info = Model.log(
             artifact_path=None,
             name="model",
@@ -159,10 +154,10 @@ def _log_and_register(
             python_model=str(code),
             code_paths=[str(bundle)],
             artifacts={"model": str(model_path), **onnx.artifacts},
-            signature=model_signature(runtime),
+            signature=model_signature(onnx.runtime),
             # read by load_context
             model_config={
-                "runtime": runtime,
+                "runtime": onnx.runtime,
                 "device": "auto",
                 "tta": to_dict(cfg.evaluate.tta),
             },
