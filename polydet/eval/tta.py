@@ -370,7 +370,8 @@ def _clipped(det: dict[str, Tensor], width: int, height: int) -> dict[str, Tenso
 
     ring = polybox.to_corners(det["polyboxes"])
     clipped = torch.stack([ring[..., 0].clamp(0, width), ring[..., 1].clamp(0, height)], -1)
-    for i in torch.nonzero((clipped != ring).any(-1).any(-1)).flatten().tolist():
+    crossing = (clipped != ring).any(-1).any(-1) & torch.isfinite(ring).all(-1).all(-1)
+    for i in torch.nonzero(crossing).flatten().tolist():  # (non-finite rows: dropped later)
         # The part inside the image, reduced to a quad, as `polydet prepare` clips labels.
         inside = clip_quad(ring[i].double().numpy(), (0.0, 0.0, float(width), float(height)))
         if inside is not None:
