@@ -121,13 +121,15 @@ class View:
         return image
 
     def invert(
-        self, polyboxes: Tensor, width: int, height: int, source: tuple[int, int] = (0, 0)
+        self, polyboxes: Tensor, width: int, height: int, source: tuple[int, int] | None = None
     ) -> Tensor:
         """Polyboxes ``[N, 10]`` found in the view (``width`` x ``height`` pixels) mapped back
         to the original image's pixels (canonical); an angle view needs the original's
         ``source = (width, height)``."""
         p = polyboxes.float()
         if self.angle:  # turned back (may reach past the image: clipped after the fusion)
+            if source is None:
+                raise ValueError("an angle view maps back to its source image: pass its size")
             ring = _to_source(polybox.to_corners(p), self.angle, source, (width, height))
             return polybox.from_corners(ring)
         if self.k % 4:
@@ -139,6 +141,13 @@ class View:
         elif self.flip == "v":
             p = polybox.vflip(p, height)
         return p
+
+
+def _alignment(polyboxes: Tensor) -> dict[str, Tensor]:
+    """``{"align": [K]}``: how axis-aligned each of a view's polyboxes is in that view, 1
+    axis-aligned to 0 at 45 degrees (:func:`~polydet.eval.metrics.orientation_offset` / 45)."""
+    offset = orientation_offset(polyboxes.detach().cpu().double().numpy())
+    return {"align": torch.from_numpy(offset / 45.0).float()}
 
 
 def _first_corner_back(
@@ -266,12 +275,12 @@ class TTAModel:
     (``cfg``, ``classes``, ``eval``) are ``net``'s."""
 
     def __init__(self, net: Any, cfg: TTAConfig) -> None:
-        if cfg.scales and not (hasattr(net, "_resize") and dataclasses.is_dataclass(net.cfg)):
+        self.net, self.tta, self.views = net, cfg, views_of(cfg)
+        if cfg.scales and not self._scalable():
             raise ModelError(
                 "evaluate.tta.scales needs the torch runtime (an exported model has its input "
                 "size fixed); set evaluate.tta.scales=[]"
             )
-        self.net, self.tta, self.views = net, cfg, views_of(cfg)
         if cfg.angles and not self._scalable():
             # An exported model's fixed input size would shrink the larger canvas and its
             # objects: the angle views are left out there (README, test-time augmentation).
@@ -294,13 +303,9 @@ class TTAModel:
         factor (so an angle view's objects keep their pixel size); 1 for an exported model."""
         if not self._scalable():
             return 1.0
-        cfg = self.net.cfg
-
-        def factor(t: Tensor) -> float:
-            h, w = t.shape[-2:]
-            return min(cfg.min_size / min(h, w), cfg.max_size / max(h, w))
-
-        return factor(image) / factor(canvas)
+        return self.net.resize_factor(*image.shape[-2:]) / self.net.resize_factor(
+            *canvas.shape[-2:]
+        )
 
     def view_detections(self, images: Sequence[Tensor]) -> list[list[dict[str, Tensor]]]:
         """Per view, per image: the view's detections mapped back to the image's pixels
@@ -327,10 +332,7 @@ class TTAModel:
                         ),
                         "scores": d["scores"].detach().float().cpu(),
                         "labels": d["labels"].detach().cpu(),
-                        "align": torch.from_numpy(
-                            orientation_offset(d["polyboxes"].detach().cpu().double().numpy())
-                            / 45.0
-                        ).float(),
+                        **(_alignment(d["polyboxes"]) if self.tta.align_power > 0 else {}),
                         **_first_corner_back(view, d, v, (im.shape[-1], im.shape[-2])),
                     }
                     for d, v, im in zip(found, shown, images)

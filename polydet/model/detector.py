@@ -112,10 +112,15 @@ class PolyDetector(nn.Module):
 
     # --- input / output ----------------------------------------------------------------
 
+    def resize_factor(self, height: int, width: int) -> float:
+        """The scale at which the model sees a ``height`` x ``width`` image (torchvision's
+        rule: the shorter side to ``min_size``, the longer at most ``max_size``)."""
+        return min(self.cfg.min_size / min(height, width), self.cfg.max_size / max(height, width))
+
     def _resize(self, image: Tensor) -> Tensor:
         """torchvision's test-time resize (the training one draws a random size)."""
         h, w = image.shape[-2:]
-        factor = min(self.cfg.min_size / min(h, w), self.cfg.max_size / max(h, w))
+        factor = self.resize_factor(h, w)
         if factor == 1.0:  # bilinear resampling at scale 1 is the identity
             return image
         return _resize_image_and_masks(image, self.cfg.min_size, self.cfg.max_size)[0]

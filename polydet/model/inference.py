@@ -396,9 +396,10 @@ def detect_batched(
         )
         label = (picks % (num_c - 1) + 1).to(torch.int64)
         out_poly = poly.reshape(num_b, -1, 10).gather(1, picks[..., None].expand(-1, -1, 10))
-        out_scores = flat_scores.gather(1, picks)
-        if cfg.refine_steps:
-            out_scores = scores.reshape(num_b, -1).gather(1, picks)  # probabilities
+        # Refinement averages probabilities (then ranks them); else the ranked scores.
+        out_scores = (scores.reshape(num_b, -1) if cfg.refine_steps else flat_scores).gather(
+            1, picks
+        )
         for _ in range(cfg.refine_steps):
             out_poly, out_scores, out_quality = refine_detections(
                 roi_heads, features, out_poly, out_scores, label, found, image_sizes, batch_hw

@@ -308,12 +308,6 @@ def _views(count: Any) -> str:
     return "the model alone" if n == 1 else f"test-time augmentation: {n} views"
 
 
-def _metric(cfg: Config, key: str) -> Any:
-    """One value of the evaluation's ``metrics.json`` (None when absent)."""
-    path = Path(cfg.evaluate.out) / "metrics.json"
-    return runs.read_json(path).get(key) if path.is_file() else None
-
-
 def summary_markdown(cfg: Config, summaries: dict[str, dict[str, Any]], record: dict) -> str:
     """The run's Markdown summary: metrics, anchor coverage, debug findings, MLflow links."""
     metrics = runs.read_json(Path(cfg.evaluate.out) / "metrics.json")
@@ -410,14 +404,16 @@ def where_to_look(cfg: Config, record: dict[str, Any]) -> str:
         else f"make ui   (= mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000)"
     )
     name, version = cfg.tracking.model_name, record["version"]
+    metrics_path = Path(cfg.evaluate.out) / "metrics.json"
+    metrics = runs.read_json(metrics_path) if metrics_path.is_file() else {}
     aliases = [a for a, v in (("champion", record.get("champion")),) if v == version]
     state = "new version" if record["new"] else "unchanged, already registered"
     return "\n".join(
         [
             "polydet pipeline finished. Where to look:",
             f"  metrics   {out['metrics']}  ({cfg.evaluate.split} AP50 {_fmt(record['map50'])}, "
-            f"AP75 {_fmt(_metric(cfg, 'map75'))}; recall at IoU 0.75: "
-            f"{_fmt(_metric(cfg, 'recall75'))}; {_views(_metric(cfg, 'tta_views'))})",
+            f"AP75 {_fmt(metrics.get('map75'))}; recall at IoU 0.75: "
+            f"{_fmt(metrics.get('recall75'))}; {_views(metrics.get('tta_views'))})",
             f"  report    {out['report']}  (and {out['report_md']}; anchors: {out['anchors']})",
             f"  MLflow    {ui}",
             f"            run {record['run_link']}",
