@@ -42,18 +42,34 @@ def run_one(out: Path, name: str, overrides: list[str], params: str) -> None:
     (run / "args").write_text(" ".join(overrides) + "\n")
     polydet = str(Path(sys.executable).with_name("polydet"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = run.resolve()
     train = [polydet, "train", "--params", params, "--set", f"train.out={run / 'train'}"]
     evaluate = [polydet, "evaluate", "--params", params, "--model", str(run / "train/model.pt")]
     evaluate += ["--set", f"evaluate.out={run / 'eval'}"]
     for item in sets:
         train += ["--set", item]
         evaluate += ["--set", item]
+    # Each run works in its own directory (the project lock is per directory), reading the
+    # project's prepared data and anchors through links.
+    work = run / "work"
+    (work / "outputs").mkdir(parents=True, exist_ok=True)
+    for link, target in (
+        (work / "outputs/prepared", Path("outputs/prepared")),
+        (work / "outputs/anchors", Path("outputs/anchors")),
+        (work / Path(params).name, Path(params)),
+        (work / "data", Path("data")),
+    ):
+        if not link.is_symlink():
+            link.symlink_to(target.resolve())
+    train[3] = evaluate[3] = Path(params).name
     start = time.perf_counter()
     with (run / "train.log").open("w") as log:
-        subprocess.run(train, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        subprocess.run(train, check=True, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
     (run / "train_s").write_text(f"{time.perf_counter() - start:.0f}\n")
     with (run / "eval.log").open("w") as log:
-        subprocess.run(evaluate, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
+        subprocess.run(
+            evaluate, check=True, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work
+        )
 
 
 def table(out: Path) -> str:

@@ -27,6 +27,8 @@ KEYS = {
     "loss_refine",
     "loss_heading",  # the heading head (model.roi.heading_loss_weight > 0 by default)
     "loss_quality",  # the localisation-quality branch (zero without it)
+    "loss_quad_classifier",  # the quad-aligned second stage (zero with the hull stage)
+    "loss_quad_polybox",
 }
 
 

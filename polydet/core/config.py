@@ -209,7 +209,11 @@ class RoIConfig:
     order_free: bool  # polybox loss against the closest cyclic roll of the corners (coder.py)
     loss_weight: float  # multiplies loss_polybox
     iou_loss_weight: float  # multiplies loss_polybox_iou, 1 - polygon IoU of the decoded positives
-    refine_steps: int  # inference: passes of the box head over its own detections' hulls
+    # The second stage: "quad" pools each first-stage quad on a grid laid on the quad itself
+    # and regresses its corners in the quad's frame (polydet/model/quad_head.py); "hull"
+    # runs the box head again on the quads' axis-aligned hulls (the earlier design)
+    second_stage: Literal["quad", "hull"]
+    refine_steps: int  # inference: passes of the second stage over the first stage's quads
     # inference: refine the best N (RoI, class) candidates before NMS (0: refine the NMS
     # survivors after it)
     refine_candidates: int
@@ -230,6 +234,7 @@ class RoIConfig:
             "representation_size": self.representation_size >= 1,
             "detections_per_img": self.detections_per_img >= 1,
             "refine_steps": self.refine_steps >= 0,
+            "second_stage": self.second_stage in ("quad", "hull"),
             "refine_candidates": self.refine_candidates >= 0,
             "vote_iou": 0.0 <= self.vote_iou <= 1.0,
             "refine_loss_weight": self.refine_loss_weight >= 0,
@@ -326,6 +331,7 @@ def model_config_from_dict(raw: dict) -> ModelConfig:
             "vote_iou": 0.0,
             "quality_loss_weight": 0.0,
             "quality_power": 0.0,
+            "second_stage": "hull",
             **raw["roi"],
         }
         # Model files from before the heading head have no heading weights: heading off.

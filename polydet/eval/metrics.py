@@ -29,6 +29,12 @@ the mean; the official kit would count it as 0).
   of ``|angle mod 90 - 45|`` (:data:`ORIENTATIONS`: ``diagonal`` 0-15 degrees, i.e. objects
   near 45 degrees where the canonical first corner switches, ``oblique`` 15-30, ``axis``
   30-45), as :func:`orientation_offset` measures it.
+* ``dota_map75`` (``dota_ap75/<class>``): ``map50``'s rule (the kit's, VOC07 11-point) at IoU
+  > 0.75, the strict figure users compare with the kit's. ``found75`` (per class ``/<class>``
+  and per orientation bucket ``/orient_<bucket>``): the share of non-difficult objects that
+  some detection of their class scoring ``>= score_thresh`` overlaps by polygon IoU >= 0.75,
+  whatever the other detections (no one-to-one matching): how many objects the model draws
+  tightly at the operating point.
 * ``heading_acc45``, ``heading_acc10`` (per class ``/<class>`` and the mean over the classes
   with at least one): of the true positives at the operating point (IoU > t, ``score >=
   score_thresh``) whose ground truth has a known heading (``first_corner >= 0``: not a
@@ -545,6 +551,12 @@ def evaluate_detections(
         metrics.update(
             _coco_metrics(classes, gt, dets, (pd[same], pg[same], piou[same]), size_bounds)
         )
+        metrics.update(
+            _strict_metrics(
+                classes, gt, dets, (pd[same], pg[same], piou[same]), best_iou, best_gt, rank,
+                score_thresh,
+            )
+        )  # fmt: skip
     fp_kind, gt_kind, confusion = _confusion(
         classes, gt, dets, pairs, outcome, best_iou, best_gt, iou_threshold, score_thresh
     )
@@ -569,6 +581,55 @@ def evaluate_detections(
         gt_kind=gt_kind,
         confusion=confusion,
     )
+
+
+STRICT_IOU = 0.75  # the strict threshold of dota_map75 and found75
+
+
+def _strict_metrics(
+    classes: Sequence[str],
+    gt: GroundTruth,
+    dets: Detections,
+    same_pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    best_iou: np.ndarray,
+    best_gt: np.ndarray,
+    rank: np.ndarray,
+    score_thresh: float,
+) -> dict[str, Any]:
+    """``dota_map75`` (``dota_ap75/<class>``): the kit's rule (VOC07 11-point, IoU > 0.75);
+    ``found75`` (``/<class>``, ``/orient_<bucket>``): the share of non-difficult objects that
+    some detection of their class scoring ``>= score_thresh`` overlaps by IoU ``>= 0.75``,
+    by class and by the object's orientation (module docstring)."""
+    out: dict[str, Any] = {}
+    outcome = voc_outcome(best_iou, best_gt, rank, gt.difficult, STRICT_IOU)
+    aps = []
+    for c, name in enumerate(classes):
+        idx = np.flatnonzero(dets.label == c)
+        idx = idx[np.argsort(rank[idx])]
+        npos = int(((gt.label == c) & ~gt.difficult).sum())
+        if npos == 0:
+            out[f"dota_ap75/{name}"] = None
+            continue
+        tp = np.cumsum(outcome[idx] == TP, dtype=np.float64)
+        fp = np.cumsum(outcome[idx] == FP, dtype=np.float64)
+        prec = tp / np.maximum(tp + fp, np.finfo(np.float64).eps)
+        out[f"dota_ap75/{name}"] = voc07_ap(tp / float(npos), prec)
+        aps.append(out[f"dota_ap75/{name}"])
+    out["dota_map75"] = _mean(aps)
+    pd, pg, piou = same_pairs
+    hit = (piou >= STRICT_IOU) & (dets.score[pd] >= score_thresh)
+    found = np.zeros(gt.label.size, bool)
+    found[pg[hit]] = True
+    counted = ~gt.difficult
+    out["found75"] = float(found[counted].mean()) if counted.any() else None
+    for c, name in enumerate(classes):
+        sel = counted & (gt.label == c)
+        out[f"found75/{name}"] = float(found[sel].mean()) if sel.any() else None
+    orient = orientation_offset(gt.polyboxes)
+    for oname, (a, b) in ORIENTATIONS.items():
+        sel = counted & (orient >= a) & (orient <= b)
+        out[f"found75/orient_{oname}"] = float(found[sel].mean()) if sel.any() else None
+    return out
 
 
 HEADING_TOLERANCES = (45.0, 10.0)  # degrees

@@ -44,6 +44,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _setup_scales
 
 from polydet.geometry.coder import PolyBoxCoder
+from polydet.geometry.heading import first_edge_midpoint, nearest_edge
 from polydet.geometry.ops import intersection_area, intersection_area_autograd
 from polydet.geometry.polybox import (
     align_corners,
@@ -361,11 +362,12 @@ def detect_batched(
     valid: Tensor,
     image_sizes: Tensor,
     batch_hw: Any,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Detections of padded proposals ``boxes [B, P, 4]`` / ``valid [B, P]`` in images of
     ``image_sizes [B, 2]`` (h, w): ``polyboxes [B, K, 10]`` (canonical, clipped, the model's
-    input pixels), ``scores [B, K]``, ``labels [B, K]`` int64 and ``found [B, K]``, best first,
-    ``K = detections_per_img``; rows past an image's detections are zeros."""
+    input pixels), ``scores [B, K]``, ``labels [B, K]`` int64, ``found [B, K]``, best first,
+    ``K = detections_per_img``; rows past an image's detections are zeros. The last item is
+    the quad stage's first corner ``[B, K]`` (None without the quad stage's heading)."""
     cfg, num_c = roi_heads.cfg, roi_heads.num_classes
     num_b, num_p = boxes.shape[0], boxes.shape[1]
     boxes, logits, deltas, quality = box_head_on(roi_heads, features, boxes, valid, batch_hw)
@@ -383,8 +385,9 @@ def detect_batched(
     if quality is not None:
         quality = quality.view(num_b, num_p, num_c)[:, :, 1:]
     flat_scores = ranked(scores, quality, cfg.quality_power).reshape(num_b, -1)
+    first = None
     if cfg.refine_steps and cfg.refine_candidates:
-        out_poly, out_scores, label, found = refine_then_nms(
+        out_poly, out_scores, label, found, first = refine_then_nms(
             roi_heads, features, poly, scores, candidate, image_sizes, batch_hw
         )
     else:
@@ -401,21 +404,52 @@ def detect_batched(
             1, picks
         )
         for _ in range(cfg.refine_steps):
-            out_poly, out_scores, out_quality = refine_detections(
+            out_poly, out_scores, out_quality, first = refine_step(
                 roi_heads, features, out_poly, out_scores, label, found, image_sizes, batch_hw
             )
         if cfg.refine_steps:
             out_scores = ranked(out_scores, out_quality, cfg.quality_power)
-            out_poly, out_scores, label, found = renms(
-                out_poly, out_scores, label, found, cfg.nms_thresh
+            out_poly, out_scores, label, found, first = renms(
+                out_poly, out_scores, label, found, cfg.nms_thresh, first
             )
     zero = torch.zeros_like(out_scores)
+    if first is not None:
+        first = torch.where(found, first, torch.full_like(first, -1))
     return (
         torch.where(found[..., None], out_poly, torch.zeros_like(out_poly)),
         torch.where(found, out_scores, zero),
         torch.where(found, label, torch.zeros_like(label)),
         found,
+        first,
     )
+
+
+def refine_step(
+    roi_heads: nn.Module,
+    features: dict[str, Tensor],
+    polyboxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    found: Tensor,
+    image_sizes: Tensor,
+    batch_hw: Any,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """One pass of the second stage over detections ``[B, K, ...]``: the quad stage
+    (:func:`polydet.model.quad_head.refine_quads`) when the model has one, else the box head
+    on the hulls (:func:`refine_detections`). Returns the quads, the scores, the quality
+    branch's IoUs (hull stage; else None) and the quad stage's first corners (None without
+    its heading)."""
+    if roi_heads.quad_head is None:
+        poly, scores, quality = refine_detections(
+            roi_heads, features, polyboxes, scores, labels, found, image_sizes, batch_hw
+        )
+        return poly, scores, quality, None
+    from polydet.model.quad_head import refine_quads
+
+    poly, scores, first = refine_quads(
+        roi_heads, features, polyboxes, scores, labels, found, image_sizes, batch_hw
+    )
+    return poly, scores, None, (first if roi_heads.quad_head.heading is not None else None)
 
 
 def refine_detections(
@@ -487,9 +521,9 @@ def refine_then_nms(
     labels = (index % num_g + 1).to(torch.int64)
     quads = poly.reshape(num_b, -1, 10).gather(1, index[..., None].expand(-1, -1, 10))
     top = top.clamp_min(0.0)
-    quality = None
+    quality = first = None
     for _ in range(cfg.refine_steps):
-        quads, top, quality = refine_detections(
+        quads, top, quality, first = refine_step(
             roi_heads, features, quads, top, labels, ok, image_sizes, batch_hw
         )
     top = ranked(top, quality, cfg.quality_power)
@@ -501,6 +535,9 @@ def refine_then_nms(
     picks, found = greedy_select(top, ok, suppress, cfg.detections_per_img)
     found = found.to(top.dtype) > 0.5  # typed boolean for the ONNX exporter (renms)
     kept = quads.gather(1, picks[..., None].expand(-1, -1, 10))  # [B, K, 10]
+    if first is not None:
+        first = first.gather(1, picks)
+    picked = kept
     if vote:
         rows = overlap.gather(1, picks[..., None].expand(-1, -1, num_m))  # [B, K, M]
         itself = picks[..., None] == torch.arange(num_m, device=picks.device)  # [B, K, M]
@@ -511,12 +548,27 @@ def refine_then_nms(
         total = weight.sum(-1).clamp_min(1e-12)[..., None, None]  # [B, K, 1, 1]
         mean = (corners * weight[..., None, None]).sum(2) / total  # [B, K, 4, 2]
         kept = torch.where(found[..., None], from_corners(mean), kept)
-    return kept, top.gather(1, picks), labels.gather(1, picks), found
+        if first is not None:  # the pick's first edge, found again on the voted quad
+            first = move_first_corner(picked, kept, first)
+    return kept, top.gather(1, picks), labels.gather(1, picks), found, first
+
+
+def move_first_corner(old: Tensor, new: Tensor, first: Tensor) -> Tensor:
+    """``first [...]`` of canonical polyboxes ``old [..., 10]`` carried to ``new [..., 10]``
+    (the same object, moved a little): the edge of ``new`` whose midpoint is nearest the
+    midpoint of ``old``'s first edge; unknown (-1) stays unknown."""
+    k = nearest_edge(to_corners(new), first_edge_midpoint(to_corners(old), first))
+    return torch.where(first >= 0, k, first)
 
 
 def renms(
-    polyboxes: Tensor, scores: Tensor, labels: Tensor, found: Tensor, iou_threshold: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    polyboxes: Tensor,
+    scores: Tensor,
+    labels: Tensor,
+    found: Tensor,
+    iou_threshold: float,
+    first: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """Polygon NMS per class again over detections ``[B, K, ...]`` whose quads and scores
     changed after the first NMS (:func:`refine_detections` can move two neighbours onto the
     same object); returns them best first, the same shapes, dropped rows as padding."""
@@ -527,7 +579,8 @@ def renms(
     suppress = suppress & same[:, None]
     picks, kept = greedy_select(scores, found, suppress, num_k)
     poly = polyboxes.gather(1, picks[..., None].expand(-1, -1, 10))
-    return poly, scores.gather(1, picks), labels.gather(1, picks), kept
+    first = None if first is None else first.gather(1, picks)
+    return poly, scores.gather(1, picks), labels.gather(1, picks), kept, first
 
 
 def to_input_pixels(polyboxes: Tensor, sizes: Tensor, originals: Tensor) -> Tensor:

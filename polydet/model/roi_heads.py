@@ -24,6 +24,7 @@ from polydet.core.config import RoIConfig
 from polydet.geometry.coder import PolyBoxCoder, polybox_loss
 from polydet.geometry.polybox import hull_xyxy
 from polydet.model.heading import HeadingPredictor, heading_loss, predict_first_corner
+from polydet.model.quad_head import QuadHead, quad_stage_loss
 from polydet.model.inference import (
     MIN_PROPOSAL_SIZE,
     clip_polyboxes,
@@ -109,9 +110,18 @@ class PolyRoIHeads(nn.Module):
         self.sampler = det_utils.BalancedPositiveNegativeSampler(
             cfg.batch_size_per_image, cfg.positive_fraction
         )
-        # Heading hook (issue 15, polydet/model/heading.py): the first-corner classifier.
+        # The quad-aligned second stage (polydet/model/quad_head.py), which reads the heading
+        # in each quad's frame; with the hull second stage the heading hook (issue 15,
+        # polydet/model/heading.py) is a first-corner classifier on the box head.
+        self.quad_head = (
+            QuadHead(featmap_names, in_channels, num_classes, cfg)
+            if cfg.second_stage == "quad"
+            else None
+        )
         self.heading = (
-            HeadingPredictor(cfg.representation_size) if cfg.heading_loss_weight > 0 else None
+            HeadingPredictor(cfg.representation_size)
+            if cfg.heading_loss_weight > 0 and self.quad_head is None
+            else None
         )
         # Localisation quality: the IoU of each class's decoded polybox with the object, from
         # the box head's features (inference ranks by it, ``quality_power``; README).
@@ -234,12 +244,19 @@ class PolyRoIHeads(nn.Module):
             losses["loss_quality"] = loss_q * self.cfg.quality_loss_weight / max(labels.numel(), 1)
         else:  # no quality branch: the same keys
             losses["loss_quality"] = feats.float().sum() * 0.0
-        if self.heading is not None:  # heading hook (issue 15): cross-entropy of the positives
+        if self.quad_head is not None:  # the quad stage (with the heading, if any)
+            losses.update(
+                quad_stage_loss(self, features, samples, logits, deltas, image_sizes, targets)
+            )
+        elif self.heading is not None:  # heading hook (issue 15): cross-entropy of the positives
             first = torch.cat(samples.gt_first_corner)[pos]
             loss_h = heading_loss(self.heading(feats[pos]), first, labels.numel())
             losses["loss_heading"] = loss_h * self.cfg.heading_loss_weight
-        else:  # no heading head: the same keys
-            losses["loss_heading"] = feats.float().sum() * 0.0
+        if self.quad_head is None:  # no quad stage: the same keys
+            zero = feats.float().sum() * 0.0
+            losses["loss_quad_classifier"] = zero
+            losses["loss_quad_polybox"] = zero
+            losses.setdefault("loss_heading", zero)
         return losses, samples, RoIOutput(logits, deltas, targets_enc, pos_deltas)
 
     def quality_loss(
@@ -322,12 +339,17 @@ class PolyRoIHeads(nn.Module):
         sizes = torch.tensor(image_sizes, dtype=torch.float32, device=device)
         # RoIAlign's level scales are inferred from the largest image, as torchvision does.
         batch_hw = max(h for h, _ in image_sizes), max(w for _, w in image_sizes)
-        poly, scores, labels, found = detect_batched(self, features, boxes, valid, sizes, batch_hw)
+        poly, scores, labels, found, first = detect_batched(
+            self, features, boxes, valid, sizes, batch_hw
+        )
         out = [
             {"polyboxes": p[f], "scores": s[f], "labels": lab[f]}
             for p, s, lab, f in zip(poly, scores, labels, found)
         ]
-        if self.heading is not None:  # heading hook (issue 15): first corner of each detection
+        if first is not None:  # the quad stage's heading
+            for det, fc, f in zip(out, first, found):
+                det["first_corner"] = fc[f]
+        elif self.heading is not None:  # heading hook (issue 15): first corner of each detection
             first, _ = predict_first_corner(self, features, hull_xyxy(poly), batch_hw)
             for det, fc, f in zip(out, first, found):
                 det["first_corner"] = fc[f]

@@ -75,6 +75,8 @@ LOSS_TERMS = (
     "loss_refine",
     "loss_heading",
     "loss_quality",
+    "loss_quad_classifier",
+    "loss_quad_polybox",
 )
 HISTORY_COLUMNS = ("step", "epoch", "split", "lr", "loss", *LOSS_TERMS, "images_per_s")
 # Warm-up starts at this share of the learning rate (as torchvision's detection references).
