@@ -500,9 +500,7 @@ def export_for_registry(cfg: Config, model_path: str | Path, out_dir: str | Path
         parity, error = e.parity, f"failed the parity check against the eager model: {e}"
     except Exception as e:  # noqa: BLE001 - any failure of the export must not stop registering
         error = f"the export failed: {type(e).__name__}: {e}"
-    metrics = {
-        f"onnx/parity_{k}": float(v) for k, v in (parity or {}).items() if k != "failures"
-    }
+    metrics = {f"onnx/parity_{k}": float(v) for k, v in (parity or {}).items() if k != "failures"}
     metrics["onnx/export_seconds"] = round(time.perf_counter() - started, 3)
     if error:
         print(

@@ -24,7 +24,6 @@ from polydet.core.config import RoIConfig
 from polydet.geometry.coder import PolyBoxCoder, polybox_loss
 from polydet.geometry.polybox import hull_xyxy
 from polydet.model.heading import HeadingPredictor, heading_loss, predict_first_corner
-from polydet.model.quad_head import QuadHead, quad_stage_loss
 from polydet.model.inference import (
     MIN_PROPOSAL_SIZE,
     clip_polyboxes,
@@ -32,6 +31,7 @@ from polydet.model.inference import (
     pool_rois,
     quad_iou,
 )
+from polydet.model.quad_head import QuadHead, quad_stage_loss
 
 
 def polybox_iou_loss(deltas: Tensor, gt: Tensor, refs: Tensor, coder: PolyBoxCoder) -> Tensor:
