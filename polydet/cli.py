@@ -82,7 +82,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         )
         _print_json(result)
         return
-    _print_json(evaluate.evaluate_model(_cfg(args), model=args.model))
+    cfg, net = _cfg(args), None
+    if args.runtime == "onnx":  # the model as it ships: its export on ONNX Runtime
+        from polydet.deploy.export import OnnxDetector
+        from polydet.deploy.onnx_runtime import export_dir
+
+        if args.model is None:
+            raise UserError("--runtime onnx needs --model DIR (the output of `polydet export`)")
+        net = OnnxDetector(export_dir(args.model), device=cfg.train.device)
+    _print_json(evaluate.evaluate_model(cfg, model=args.model, net=net))
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -202,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotations", help="directory of DOTA labelTxt files")
     p.add_argument("--classes", help="comma-separated classes (default: those found)")
     p.add_argument("--iou-threshold", type=float, default=0.5)
+    p.add_argument(
+        "--runtime", choices=["torch", "onnx"], default="torch",
+        help="onnx: the model as it ships, on ONNX Runtime (--model DIR of `polydet export`,"
+        " or a models:/ URI whose version carries one)",
+    )  # fmt: skip
     p = add("predict", _cmd_predict, "detect polyboxes in an image or a directory of images")
     p.add_argument("input", help="an image file or a directory of images")
     p.add_argument("--model", required=True, help="model file or models:/NAME@ALIAS URI")

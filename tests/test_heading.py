@@ -343,9 +343,12 @@ def test_heading_loss_falls_on_a_tiny_overfit() -> None:
         for q, lb, fc in specs
     ]
     images = [_draw_marked(128, t["polyboxes"], t["first_corner"], g) for t in targets]
+    # The heading hook of the hull stage (the quad stage's heading is trained on its own
+    # moving output; tests/test_quad_head.py checks its targets, the README its accuracy).
     cfg = tiny_cfg(
-        "model.roi.heading_loss_weight=1", "model.roi.iou_loss_weight=0", "model.roi.refine_steps=0"
-    )
+        "model.roi.heading_loss_weight=1", "model.roi.iou_loss_weight=0",
+        "model.roi.refine_steps=0", "model.roi.second_stage=hull",
+    )  # fmt: skip
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()

@@ -32,14 +32,18 @@ def polygon_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return pa.intersection(pb).area / pa.union(pb).area
 
 
-def test_overfits_a_handful_of_images(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overfits_a_handful_of_images(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """The default detector (with its quad stage) learns 4 images, for several seeds of its
+    weights and of the images' noise: the overfit must not hang on one CPU's rounding (the
+    hull stage's run lost a class under AVX2 kernels; checked with ATEN_CPU_CAPABILITY=avx2)."""
     specs = [
         ([quad(45, 50, 50, 30, 20), quad(95, 90, 36, 36, 0)], [1, 2]),
         ([quad(64, 64, 70, 28, -35)], [2]),
         ([quad(40, 85, 30, 60, 10), quad(90, 35, 44, 26, 60)], [1, 1]),
         ([quad(70, 60, 56, 40, 45)], [1]),
     ]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     targets = [
         {"polyboxes": torch.stack(q), "labels": torch.tensor(lb, dtype=torch.int64)}
         for q, lb in specs
@@ -48,15 +52,17 @@ def test_overfits_a_handful_of_images(monkeypatch: pytest.MonkeyPatch) -> None:
     # The losses and inference this test was tuned with (150 Adam steps on 4 images is
     # numerically fragile): the IoU loss and the refinement pass have their own tests
     # (test_iou_loss.py, test_refine.py) and their measured effect is in the README.
+    # The quad stage (the default second stage) runs once on the first stage's quads.
     cfg = tiny_cfg(
-        "model.roi.iou_loss_weight=0", "model.roi.refine_steps=0", "model.roi.heading_loss_weight=0"
-    )
+        "model.roi.iou_loss_weight=0", "model.roi.refine_steps=1",
+        "model.roi.heading_loss_weight=0", "model.roi.second_stage=quad",
+    )  # fmt: skip
     # The trajectory is chaotic: the separable RoIAlign of training on CPU (equal to
     # torchvision's to 1e-12 in float64, tests/test_roi_align.py; its first gradients here agree
     # to 3e-6) ends this run with one class unlearnt, at 150 and at 200 steps. The tuned
     # trajectory is kept with torchvision's kernel.
     monkeypatch.setattr(inference, "use_separable", lambda *args: False)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model(cfg)
     model.train()
     steps = 150
@@ -64,7 +70,7 @@ def test_overfits_a_handful_of_images(monkeypatch: pytest.MonkeyPatch) -> None:
     # The late step down lets the weights settle, so BatchNorm's running statistics (used by
     # predict in eval mode) catch up with them.
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [105], 0.1)
-    history = []
+    history, quad_history = [], []
     for _ in range(steps):
         losses = model.loss(images, targets)
         total = sum(losses.values())
@@ -72,7 +78,10 @@ def test_overfits_a_handful_of_images(monkeypatch: pytest.MonkeyPatch) -> None:
         total.backward()
         optimizer.step()
         schedule.step()
-        history.append(total.item())
+        # The first stage's losses (the quad stage learns from its moving output: its own
+        # losses start low, with few positives, and are judged by the detections below).
+        history.append(sum(v.item() for k, v in losses.items() if "quad" not in k))
+        quad_history.append(losses["loss_quad_polybox"].item())
     assert sum(history[-5:]) / 5 < history[0] / 10, history
 
     model.eval()

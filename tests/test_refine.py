@@ -47,6 +47,7 @@ def x_map(h: int, w: int) -> Tensor:
 
 
 def heads(**roi: object) -> PolyRoIHeads:
+    roi = {"second_stage": "hull", **roi}  # the box head's second pass (not the quad stage)
     cfg = dataclasses.replace(load_config("params.yaml").model.roi, refine_steps=1, **roi)
     h = PolyRoIHeads(["0"], 2, NUM_C, cfg)
     h.box_head = nn.Flatten()  # any features: the stub predictor ignores them
@@ -107,7 +108,8 @@ def test_second_nms_drops_refined_duplicates_per_class_and_sorts() -> None:
     scores = torch.tensor([[0.5, 0.7, 0.6, 0.4, 0.0]])
     labels = torch.tensor([[1, 1, 2, 1, 0]])
     found = torch.tensor([[True, True, True, True, False]])
-    out, out_scores, out_labels, kept = renms(poly, scores, labels, found, 0.3)
+    out, out_scores, out_labels, kept, first = renms(poly, scores, labels, found, 0.3)
+    assert first is None  # no first corners given
     # b (0.7) suppresses a (0.5, same class); b of class 2 and c stay; best first.
     assert kept.tolist() == [[True, True, True, False, False]]
     assert out_scores[0, :3].tolist() == pytest.approx([0.7, 0.6, 0.4])
@@ -158,9 +160,10 @@ def test_refine_then_nms_refines_the_best_candidates_then_nms_then_votes(
         scores[0, p, g] = s
     candidate = scores > 0.05
     sizes = torch.tensor([[128.0, 128.0]])
-    out, out_scores, labels, found = refine_then_nms(
+    out, out_scores, labels, found, first = refine_then_nms(
         h, features, poly, scores, candidate, sizes, (128, 128)
     )
+    assert first is None  # the hull stage's heading head is separate (none here)
 
     # The reference: refine the 5 best, greedy NMS per class, vote.
     w0 = float(PolyBoxCoder(h.cfg.coder_weights).weights[0])

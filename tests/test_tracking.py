@@ -394,7 +394,7 @@ def _check_heading(row: pd.Series, known: bool) -> None:
 
 
 def test_the_served_torch_runtime_has_the_angle_view(store: Path, tmp_path: Path):
-    """The default test-time augmentation has a 45-degree view, which only the torch runtime
+    """The test-time augmentation's 45-degree view (when enabled) runs only on the torch runtime
     runs at the objects' size: the pyfunc still serves ONNX Runtime by default (the exported
     model alone, torch-free), and its torch runtime carries the logged TTA with the view."""
     import torch
@@ -402,7 +402,7 @@ def test_the_served_torch_runtime_has_the_angle_view(store: Path, tmp_path: Path
     from polydet.eval.tta import TTAModel, View
     from polydet.model import build_model, save_model
 
-    cfg = _cfg()
+    cfg = _cfg("evaluate.tta.enabled=true")  # off by default; its views: the 45-degree one
     assert cfg.evaluate.tta.enabled and cfg.evaluate.tta.angles
     torch.manual_seed(7)  # another model than model_file's: a new version
     path = save_model(build_model(cfg.model), tmp_path / "m.pt", cfg.model, cfg.data.classes, None)

@@ -254,7 +254,8 @@ def predict_records(
 
     preds: dict[str, dict] = {}
     dropped = 0
-    net.eval()
+    if hasattr(net, "eval"):  # a torch module (an ONNX Runtime session has no mode)
+        net.eval()
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
         images = [load_image(r.path, (r.width, r.height)) for r in batch]
@@ -266,7 +267,7 @@ def predict_records(
     return preds, dropped
 
 
-def evaluate_model(cfg: Config, model: str | None = None) -> dict[str, Any]:
+def evaluate_model(cfg: Config, model: str | None = None, net: Any = None) -> dict[str, Any]:
     """Evaluate a model on ``cfg.evaluate.split`` of the prepared dataset ``cfg.data.out``.
 
     The predictions are written as DOTA Task1 files and evaluated *from those files*, so
@@ -274,13 +275,26 @@ def evaluate_model(cfg: Config, model: str | None = None) -> dict[str, Any]:
     ``cfg.evaluate.out``: ``metrics.json``, ``confusion.json``, ``pr.csv``,
     ``detections/Task1_<class>.txt`` and plots. Returns the metrics plus ``split``,
     ``model`` and ``out``.
+
+    ``net``: another runtime of the model instead of the file ``model`` names, anything with
+    ``predict(images)``, ``path`` and ``classes`` (``polydet evaluate --runtime onnx`` passes
+    the export on ONNX Runtime, :class:`polydet.deploy.export.OnnxDetector`: the model as it
+    ships, whose fixed-size graph takes no angle views).
     """
-    path = resolve_model(cfg, model)
     ecfg = cfg.evaluate
     records = load_split(cfg, ecfg.split)
     from polydet.eval.tta import with_tta
 
-    net = with_tta(load_checked_model(cfg, path), ecfg.tta)  # off unless evaluate.tta.enabled
+    if net is not None:
+        if net.classes is not None and list(net.classes) != list(cfg.data.classes):
+            raise ModelError(
+                f"{net.path}: made for classes {list(net.classes)}, "
+                f"but data.classes is {list(cfg.data.classes)}"
+            )
+        path, net = net.path, with_tta(net, ecfg.tta)
+    else:
+        path = resolve_model(cfg, model)
+        net = with_tta(load_checked_model(cfg, path), ecfg.tta)  # off unless tta.enabled
     preds, nonfinite = predict_records(net, records, ecfg.batch_size)
     out = Path(ecfg.out)
     classes = list(cfg.data.classes)
