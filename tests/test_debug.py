@@ -70,6 +70,31 @@ def test_dominating_rising_and_stalled_losses_are_flagged() -> None:
     assert "loss_stalled" in codes(findings)  # flat total
 
 
+def test_rising_quad_stage_terms_are_a_note_not_a_divergence() -> None:
+    """The quad stage's terms grow with its positives (first-stage quads near an object): a
+    rise there is reported as that (info), while the same rise in a first-stage term, or in
+    loss_heading of a model without the quad stage, stays a warning."""
+    t = np.linspace(0, 1, 100)
+    falling = 1.0 * np.exp(-3 * t) + 0.1
+    rising = 0.1 + 0.5 * t**2
+    h = history(
+        loss_classifier=falling + 2.0, loss_quad_polybox=rising, loss_heading=rising / 2,
+        loss_quad_classifier=np.full(100, 0.05),
+    )  # fmt: skip
+    _, findings = analysis.analyze_losses(h, None)
+    notes = {f.evidence["term"]: f.severity for f in findings if f.code == "cascade_loss_rising"}
+    assert notes == {"loss_quad_polybox": "info", "loss_heading": "info"}
+    assert not [f for f in findings if f.code == "loss_rising"]
+    # without the quad stage (its terms all 0), a rising heading loss is a warning
+    h = history(
+        loss_classifier=falling, loss_heading=rising, loss_quad_polybox=np.zeros(100),
+        loss_quad_classifier=np.zeros(100),
+    )  # fmt: skip
+    _, findings = analysis.analyze_losses(h, None)
+    warned = {f.evidence["term"] for f in findings if f.code == "loss_rising"}
+    assert "loss_heading" in warned and "cascade_loss_rising" not in codes(findings)
+
+
 def test_nonfinite_loss_from_history_and_from_nonfinite_json() -> None:
     x = np.linspace(1, 0.5, 100)
     x[39] = np.nan  # step 40

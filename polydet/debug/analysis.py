@@ -264,9 +264,30 @@ def analyze_losses(
                     {"term": top, "share": share},
                 )
             )
+    # The quad stage learns from the first stage's output: its positives are the first
+    # stage's quads within polygon IoU 0.5 of an object, few early in training and up to half
+    # of its samples later, and its losses are sums over positives divided by the samples. So
+    # they rise while the first stage improves: a note with the reason, not a divergence.
+    quad_stage = "loss_quad_polybox" in cols and bool(
+        np.nanmax(np.abs(train["loss_quad_polybox"].to_numpy(np.float64)), initial=0.0) > 0
+    )
+    cascade = {"loss_quad_classifier", "loss_quad_polybox", "loss_heading"} if quad_stage else set()
     if n >= th.min_steps:
         for c in cols:
             s = stats["terms"][c]
+            if c in cascade and s["best"] and s["late"] and s["late"] > th.rising_ratio * s["best"]:
+                findings.append(
+                    Finding(
+                        "cascade_loss_rising",
+                        "info",
+                        f"{c} rose to {s['late']:.4g} over the last {w} steps from "
+                        f"{s['best']:.4g} at step {s['best_step']}: a quad-stage term, whose "
+                        "positives (first-stage quads within IoU 0.5 of an object) grow in "
+                        "number as the first stage learns; judge it by the evaluation's AP75.",
+                        {"term": c, "late": s["late"], "best": s["best"]},
+                    )
+                )
+                continue
             if s["best"] and s["late"] and s["late"] > th.rising_ratio * s["best"]:
                 findings.append(
                     Finding(
