@@ -2,7 +2,9 @@
 
 Each run is ``polydet train`` then ``polydet evaluate`` with its ``--set`` overrides (plus
 ``train.amp=false`` and ``train.checkpoint_every=0``), written to ``OUT/<name>/``; runs go
-``--jobs`` at a time with one thread each (2 on this machine's 2 cores). ``--collect`` only
+``--jobs`` at a time with one thread each (2 on this machine's 2 cores), each in its own
+working directory ``OUT/<name>/work`` (the project lock is per directory) that links the
+project's ``params.yaml``, ``data/`` and prepared data and anchors. ``--collect`` only
 reads finished runs and prints the table: it is how the README's table was made.
 
     .venv/bin/python bench/sweep.py --out outputs/sweep [--jobs 2] \\
