@@ -299,3 +299,20 @@ def test_level_count_must_match_the_backbone(dataset: Path) -> None:
     # Refused when params.yaml is loaded, before the stage runs.
     with pytest.raises(ConfigError, match=r"anchors\.sizes: 2 levels, but model\.returned_layers"):
         configure_anchors(config(dataset, "anchors.sizes=[[16],[32]]"))
+
+
+def test_the_fine_roi_level_has_no_anchors() -> None:
+    """model.fine_roi_level adds a stride-4 level that only RoI pooling reads: the anchors
+    stage sees the RPN's levels (strides 8, 16, 32, 64 with the default returned layers), as
+    the detector's RPN does."""
+    from helpers import tiny_cfg
+
+    from polydet.model import build_model
+
+    plain, fine = tiny_cfg("model.fine_roi_level=false"), tiny_cfg("model.fine_roi_level=true")
+    assert level_strides(fine) == level_strides(plain)
+    net = build_model(fine).eval()
+    with torch.no_grad():
+        features = net.backbone(torch.zeros(1, 3, 128, 128))
+    rpn_strides = tuple(128 // f.shape[-1] for f in net.rpn_features(features))
+    assert rpn_strides == level_strides(fine) and len(features) == len(rpn_strides) + 1

@@ -163,7 +163,7 @@ class ExportableDetector(nn.Module):
         sizes = new.to(torch.float32)[None].expand(num_b, 2)
         originals = hw.to(torch.float32)[None].expand(num_b, 2)
         features = model.backbone(batch)
-        levels = rpn_levels(model.rpn, batch, list(features.values()))
+        levels = rpn_levels(model.rpn, batch, model.rpn_features(features))
         boxes, _, _, valid = select_proposals(
             levels, sizes, model.rpn.coder, cfg.rpn.pre_nms_top_n_test,
             cfg.rpn.post_nms_top_n_test, cfg.rpn.score_thresh, cfg.rpn.nms_thresh,

@@ -154,12 +154,16 @@ def load_train_objects(prepared_dir: str | Path, min_size: int, max_size: int) -
 @torch.no_grad()
 def level_strides(model_cfg: ModelConfig) -> tuple[int, ...]:
     """Nominal stride (input pixels per feature cell) of each FPN level of the configured
-    backbone, measured on a 256 x 256 input (no weights are read; cached per config)."""
+    backbone that the RPN sees (so has anchors: not ``model.fine_roi_level``'s stride-4
+    level, which only RoI pooling reads), measured on a 256 x 256 input (no weights are
+    read; cached per config)."""
     from polydet.model.backbone import build_backbone
 
     backbone = build_backbone(model_cfg, load_weights=False).eval()
-    features = backbone(torch.zeros(1, 3, 256, 256))
-    return tuple(256 // f.shape[-1] for f in features.values())
+    features = list(backbone(torch.zeros(1, 3, 256, 256)).values())
+    if model_cfg.fine_roi_level:
+        features = features[1:]
+    return tuple(256 // f.shape[-1] for f in features)
 
 
 def base_anchors(sizes: list[list[int]], ratios: list[float]) -> list[torch.Tensor]:
