@@ -44,7 +44,7 @@ from torchvision.ops import roi_align
 from torchvision.ops.poolers import MultiScaleRoIAlign, _setup_scales
 
 from polydet.geometry.coder import PolyBoxCoder
-from polydet.geometry.heading import first_edge_midpoint, nearest_edge
+from polydet.geometry.heading import map_first_corner
 from polydet.geometry.ops import intersection_area, intersection_area_autograd
 from polydet.geometry.polybox import (
     align_corners,
@@ -69,10 +69,15 @@ MIN_DETECTION_SIZE = 1e-2
 def clip_polyboxes(polyboxes: Tensor, sizes: Tensor) -> Tensor:
     """Clamp each corner of polyboxes ``[N, 10]`` into its image, ``sizes [N, 2]`` = (h, w)
     (then re-canonicalise: clamping moves the centre and can move the first corner)."""
-    corners = to_corners(polyboxes)  # [N, 4, 2]
+    return from_corners(clip_corners(to_corners(polyboxes), sizes))
+
+
+def clip_corners(corners: Tensor, sizes: Tensor) -> Tensor:
+    """Corners ``[N, 4, 2]`` clamped into their images, ``sizes [N, 2]`` = (h, w), in the
+    order given (no re-canonicalisation)."""
     x = torch.minimum(corners[..., 0].clamp_min(0), sizes[:, 1:2])
     y = torch.minimum(corners[..., 1].clamp_min(0), sizes[:, 0:1])
-    return from_corners(torch.stack([x, y], dim=-1))
+    return torch.stack([x, y], dim=-1)
 
 
 def _cross(u: Tensor, v: Tensor) -> Tensor:
@@ -549,16 +554,8 @@ def refine_then_nms(
         mean = (corners * weight[..., None, None]).sum(2) / total  # [B, K, 4, 2]
         kept = torch.where(found[..., None], from_corners(mean), kept)
         if first is not None:  # the pick's first edge, found again on the voted quad
-            first = move_first_corner(picked, kept, first)
+            first = map_first_corner(to_corners(picked), to_corners(kept), first)
     return kept, top.gather(1, picks), labels.gather(1, picks), found, first
-
-
-def move_first_corner(old: Tensor, new: Tensor, first: Tensor) -> Tensor:
-    """``first [...]`` of canonical polyboxes ``old [..., 10]`` carried to ``new [..., 10]``
-    (the same object, moved a little): the edge of ``new`` whose midpoint is nearest the
-    midpoint of ``old``'s first edge; unknown (-1) stays unknown."""
-    k = nearest_edge(to_corners(new), first_edge_midpoint(to_corners(old), first))
-    return torch.where(first >= 0, k, first)
 
 
 def renms(

@@ -42,7 +42,10 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from polydet.core.config import RoIConfig
 from polydet.geometry import heading
 from polydet.geometry.coder import DEFAULT_CLAMP
+from polydet.geometry.ops import pairwise_iou
 from polydet.geometry.polybox import area, from_corners, hull_xyxy, to_corners
+from polydet.model.heading import heading_loss
+from polydet.model.inference import clip_corners, clip_polyboxes, quad_iou
 from polydet.model.quad_align import QuadRoIPool
 
 # Frame-relative deltas are divided by this weight, as the box coder's (torchvision's 10).
@@ -135,8 +138,6 @@ def _stage_inputs(
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Per image: the first stage's decoded quads ``[R_i, 10]`` of its sampled RoIs
     (canonical, clipped; detached) and whether each can be pooled ``[R_i]``."""
-    from polydet.model.inference import clip_polyboxes
-
     with torch.no_grad():
         labels = torch.cat(samples.labels)
         num_r, num_c = logits.shape[0], logits.shape[1]
@@ -159,8 +160,6 @@ def _match(
     """Per image ``(labels, matched gt [R, 10], first corner, quads, image index)`` of the
     poolable quads, each matched with the ground truth it overlaps most (polygon IoU; a
     positive from ``fg_iou``), as Cascade R-CNN re-matches each stage's boxes."""
-    from polydet.geometry.ops import pairwise_iou
-
     out = []
     for i, (q, ok, target) in enumerate(zip(quads, oks, targets)):
         q = q[ok]
@@ -192,9 +191,6 @@ def _pass_loss(
 ) -> tuple[dict[str, Tensor], Tensor]:
     """The quad stage's losses (summed over RoIs) on one pass's sampled ``batch = (labels,
     gt, first, quads, image)``, and the decoded quads ``[R, 4, 2]`` (frame order, detached)."""
-    from polydet.model.heading import heading_loss
-    from polydet.model.inference import quad_iou
-
     labels, gt, first, quads, image = batch
     ref = to_corners(quads)
     cls_logits, frame_deltas, head_logits = head(features, image, ref, batch_hw)
@@ -263,14 +259,9 @@ def quad_stage_loss(
             break
         labels, gt, first, quads, image = batch
         with torch.no_grad():  # the next pass's quads: this pass's output, re-matched
-            size_r = sizes[image]
-            x = torch.minimum(decoded[..., 0].clamp_min(0), size_r[:, 1:2])
-            y = torch.minimum(decoded[..., 1].clamp_min(0), size_r[:, 0:1])
-            moved = from_corners(torch.stack([x, y], -1))
+            moved = from_corners(clip_corners(decoded, sizes[image]))
             ok = torch.isfinite(moved).all(1) & (area(moved) >= MIN_QUAD_AREA)
             quads = torch.where(ok[:, None], moved, quads)
-            from polydet.model.inference import quad_iou
-
             iou = quad_iou(quads, gt)
             thresh = min(cfg.fg_iou_thresh + 0.1 * (p + 1), 0.95)
             labels = torch.where(iou >= thresh, labels, torch.zeros_like(labels))
@@ -312,17 +303,14 @@ def refine_quads(
     probs = F.softmax(logits, dim=-1).gather(1, cls).view(num_b, num_k)
     corners = head.coder.decode(deltas, ref.to(deltas.dtype))  # [B*K, 4, 2], frame order
     sizes = image_sizes.to(corners.dtype)[:, None].expand(-1, num_k, 2).reshape(-1, 2)
-    x = torch.minimum(corners[..., 0].clamp_min(0), sizes[:, 1:2])
-    y = torch.minimum(corners[..., 1].clamp_min(0), sizes[:, 0:1])
-    corners = torch.stack([x, y], -1)
+    corners = clip_corners(corners, sizes)
     refined = from_corners(corners)  # canonical
     if head_logits is None:
         first = torch.full((num_b * num_k,), heading.UNKNOWN, dtype=torch.int64,
                            device=scores.device)  # fmt: skip
     else:  # the frame's first edge, found again on the canonical ring
         k = head_logits.argmax(1)
-        mid = heading.first_edge_midpoint(corners, k)
-        first = heading.nearest_edge(to_corners(refined), mid)
+        first = heading.map_first_corner(corners, to_corners(refined), k)
     refined = refined.view(num_b, num_k, 10)
     first = first.view(num_b, num_k)
     unknown = torch.full_like(first, heading.UNKNOWN)
